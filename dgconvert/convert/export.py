@@ -1,0 +1,124 @@
+"""Export a :class:`GatedNetwork` to a verified staged ONNX bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dgconvert._io import atomic_directory
+from dgconvert.bundle import Bundle, new_manifest, now_iso, write_manifest
+from dgconvert.convert.flops import count_flops
+from dgconvert.convert.onnx_export import export_onnx
+from dgconvert.convert.stages import io_names, stage_modules
+from dgconvert.convert.verify import VerificationReport, verify_bundle
+from dgconvert.gating.network import GatedNetwork
+
+
+def _tensor_specs(names: list[str], values: list[torch.Tensor], batch: str) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "shape": [batch, *list(v.shape[1:])], "dtype": str(v.dtype).removeprefix("torch.")}
+        for n, v in zip(names, values, strict=True)
+    ]
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="export", unit="step", disable=not enabled, leave=False)
+
+
+def export(
+    net: GatedNetwork,
+    out: str | Path,
+    example_input: torch.Tensor | np.ndarray | None = None,
+    *,
+    verify_input: torch.Tensor | np.ndarray | None = None,
+    force: bool = False,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
+    on_report: Callable[[VerificationReport], None] | None = None,
+) -> Bundle:
+    """Write ``out`` (a ``.dg`` directory): one ONNX graph per stage, ``full.onnx``, manifest.
+
+    Every stage and the chain are checked against torch on ``verify_input`` (default:
+    ``example_input``, else random inputs); all mismatches are raised at once. The bundle
+    appears atomically: an interrupted or failed export leaves nothing behind, and an
+    existing ``out`` is replaced only with ``force=True``.
+    """
+    net.eval()
+    shape = net.input_shape
+    if example_input is None:
+        example_input = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    example = torch.as_tensor(example_input).float()
+    if list(example.shape[1:]) != shape:
+        raise ValueError(f"example_input has shape {tuple(example.shape)}, expected [N, {shape}]")
+    if len(example) < 4:  # dynamic dims must not be specialised on 0/1-sized examples
+        example = example.repeat((4 + len(example) - 1) // len(example), *([1] * len(shape)))
+    vin = example if verify_input is None else torch.as_tensor(verify_input).float()
+    mods = stage_modules(net)
+    last = len(mods) - 1
+    bar = _progress(len(mods) + 2 + int(verify), progress)
+    with atomic_directory(out, force=force) as tmp, torch.no_grad():
+        stages, x, x1 = [], example, example[:1]
+        for k, mod in enumerate(mods):
+            inputs, outputs = io_names(k, last)
+            if k == 0:
+                args, args1 = (x,), (x1,)
+            else:
+                keep = torch.arange(len(x) - 1, -1, -1)[: len(x) - 1]  # M != N, unordered
+                args, args1 = (x, keep), (x1, torch.zeros(1, dtype=torch.long))
+            outs = list(mod(*args))
+            body_flops = count_flops(net.stages[k], x1 if k == 0 else args1[0])
+            gate_spec = None
+            if k < last:
+                gate_flops = count_flops(net.gates[k], net.stages[k](args1[0]))
+                gate_spec = {**net.gates[k].spec(), "flops": gate_flops}
+            fname = f"stage{k}.onnx"
+            export_onnx(mod, args, tmp / fname, inputs, outputs)
+            stages.append(
+                {
+                    "index": k,
+                    "file": fname,
+                    "inputs": _tensor_specs(inputs, list(args), "N"),
+                    "outputs": _tensor_specs(outputs, outs, "M" if k else "N"),
+                    "flops": body_flops,
+                    "gate": gate_spec,
+                }
+            )
+            bar.update(1)
+            if k < last:
+                x, x1 = outs[0], mod(*args1)[0]
+        export_onnx(net, (example,), tmp / "full.onnx", ["images"], ["logits"])
+        bar.update(1)
+        manifest = new_manifest(
+            input={
+                "name": "images",
+                "shape": [None, *shape],
+                "dtype": "float32",
+                "normalization": net.normalization,
+            },
+            classes=net.classes,
+            num_classes=net.num_classes,
+            stages=stages,
+            full={"file": "full.onnx", "flops": count_flops(net, example[:1])},
+            thresholds={"values": list(net.thresholds), "source": "export", "updated": now_iso()},
+            source=source or {},
+            opset=18,
+        )
+        write_manifest(tmp, manifest)
+        bar.update(1)
+        bundle = Bundle.load(tmp)
+        if verify:
+            report = verify_bundle(net, bundle, vin, atol=atol, rtol=rtol)
+            if on_report:
+                on_report(report)
+            bar.update(1)
+    bar.close()
+    return Bundle.load(out)

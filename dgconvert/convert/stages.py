@@ -1,0 +1,67 @@
+"""Torch modules with exactly the stage-graph contract's inputs and outputs.
+
+Stage 0: ``images -> (features, score, label, gate_logits)``.
+Stage k >= 1: ``(x, keep) -> Gather(x, keep, axis=0) -> body -> gate``.
+Last stage: ``(x, keep) -> (logits, label, score)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dgconvert.gating.heads import FinalHead
+from dgconvert.gating.network import GatedNetwork
+
+FIRST_INPUTS = ["images"]
+NEXT_INPUTS = ["x", "keep"]
+GATED_OUTPUTS = ["features", "score", "label", "gate_logits"]
+LAST_OUTPUTS = ["logits", "label", "score"]
+
+
+class FirstStage(nn.Module):
+    def __init__(self, body: nn.Module, gate: nn.Module) -> None:
+        super().__init__()
+        self.body, self.gate = body, gate
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.body(images)
+        score, label, logits = self.gate(f)
+        return f, score, label, logits
+
+
+class NextStage(nn.Module):
+    def __init__(self, body: nn.Module, gate: nn.Module) -> None:
+        super().__init__()
+        self.body, self.gate = body, gate
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.body(x.index_select(0, keep))
+        score, label, logits = self.gate(f)
+        return f, score, label, logits
+
+
+class LastStage(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body, self.head = body, FinalHead()
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.body(x.index_select(0, keep))
+        score, label, _ = self.head(logits)
+        return logits, label, score
+
+
+def stage_modules(net: GatedNetwork) -> list[nn.Module]:
+    """One contract-shaped module per stage of ``net``."""
+    k = net.num_gates
+    mods: list[nn.Module] = [FirstStage(net.stages[0], net.gates[0])]
+    mods += [NextStage(net.stages[i], net.gates[i]) for i in range(1, k)]
+    mods.append(LastStage(net.stages[k]))
+    return mods
+
+
+def io_names(k: int, last: int) -> tuple[list[str], list[str]]:
+    """Input and output names of stage ``k`` of a bundle whose last stage is ``last``."""
+    inputs = FIRST_INPUTS if k == 0 else NEXT_INPUTS
+    return inputs, (LAST_OUTPUTS if k == last else GATED_OUTPUTS)

@@ -1,0 +1,162 @@
+"""Check every exported stage (and the whole chain) against PyTorch; report all mismatches.
+
+Per stage, on real inputs and several ``keep`` vectors (all rows, a random subset,
+``M = 0``, ``M = 1``, repeated and unordered indices) we compare every output: float
+outputs within ``atol + rtol * |ref|``; labels exactly, except where the reference's two
+best logits are closer than the tolerance (a tie that float noise may break). Then the
+runtime chain is compared with :meth:`GatedNetwork.gated_forward` sample by sample, with
+thresholds at which samples exit at every gate. Mismatches are collected and raised once
+as :class:`~dgconvert.errors.ExportVerificationError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dgconvert.bundle import Bundle
+from dgconvert.convert.stages import stage_modules
+from dgconvert.errors import ExportVerificationError
+from dgconvert.gating.network import GatedNetwork
+
+
+@dataclass
+class VerificationReport:
+    """What was compared and the worst differences seen."""
+
+    checks: int = 0
+    max_abs: dict[str, float] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+    def record(self, key: str, diff: float) -> None:
+        self.max_abs[key] = max(self.max_abs.get(key, 0.0), diff)
+
+
+def keep_vectors(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The ``keep`` cases each stage is checked with."""
+    cases = {
+        "all": np.arange(n),
+        "subset": np.sort(rng.choice(n, size=max(1, n // 2), replace=False)),
+        "empty": np.zeros(0, np.int64),
+        "single": np.array([n - 1]),
+        "repeated-unordered": rng.integers(0, n, size=n + 3),
+    }
+    return {k: v.astype(np.int64) for k, v in cases.items()}
+
+
+def _tie_rows(logits: np.ndarray, tol: float) -> np.ndarray:
+    if logits.shape[1] < 2 or len(logits) == 0:
+        return np.zeros(len(logits), bool)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) <= tol
+
+
+def _compare(
+    report: VerificationReport,
+    where: str,
+    names: list[str],
+    got: list[np.ndarray],
+    ref: list[np.ndarray],
+    atol: float,
+    rtol: float,
+) -> None:
+    logits_name = "gate_logits" if "gate_logits" in names else "logits"
+    ref_by = dict(zip(names, ref, strict=True))
+    for name, g, r in zip(names, got, ref, strict=True):
+        report.checks += 1
+        if g.shape != r.shape:
+            report.mismatches.append(f"{where} {name}: shape {g.shape}, torch {r.shape}")
+            continue
+        if g.size == 0:
+            continue
+        if name == "label":
+            bad = (g != r) & ~_tie_rows(ref_by[logits_name], atol + rtol)
+            if bad.any():
+                report.mismatches.append(
+                    f"{where} label: {int(bad.sum())}/{g.size} rows differ (first rows "
+                    f"{np.flatnonzero(bad)[:5].tolist()})"
+                )
+            continue
+        diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
+        report.record(name, float(diff.max()))
+        limit = atol + rtol * np.abs(r)
+        if (diff > limit).any():
+            rel = diff / np.maximum(np.abs(r), 1e-12)
+            report.mismatches.append(
+                f"{where} {name}: max abs diff {diff.max():.3g}, max rel diff {rel.max():.3g} "
+                f"(atol {atol:g}, rtol {rtol:g})"
+            )
+
+
+def spread_thresholds(net: GatedNetwork, x: torch.Tensor) -> list[float]:
+    """Thresholds at which a similar share of samples exits at every gate and at the end."""
+    with torch.no_grad():
+        scores = net.all_exits(x).scores.numpy()
+    k = scores.shape[1]
+    # gate j lets through the top 1/(k+1-j) of the samples still there: quantile per gate
+    return [float(np.quantile(scores[:, j], 1 - 1 / (k + 1 - j))) for j in range(k)]
+
+
+@torch.no_grad()
+def verify_bundle(
+    net: GatedNetwork,
+    bundle: Bundle,
+    inputs: torch.Tensor,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    seed: int = 0,
+    raise_on_mismatch: bool = True,
+) -> VerificationReport:
+    """Compare each stage graph, ``full.onnx`` and the runtime chain with torch."""
+    from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from dgconvert.runtime.runner import GatedRunner
+
+    rng = np.random.default_rng(seed)
+    report = VerificationReport()
+    backend = OnnxRuntimeBackend(bundle)
+    sessions = backend._sessions
+    mods = stage_modules(net)
+    x = inputs.float()
+    x_np = x.numpy()
+    # stage 0 on the real inputs
+    names0 = [o.name for o in sessions[0].get_outputs()]
+    got = sessions[0].run(names0, {"images": x_np})
+    ref = [t.numpy() for t in mods[0](x)]
+    _compare(report, "stage 0", names0, got, ref, atol, rtol)
+    feats = ref[0]
+    for k in range(1, bundle.num_stages):
+        names = [o.name for o in sessions[k].get_outputs()]
+        nxt = None
+        for case, keep in keep_vectors(len(feats), rng).items():
+            got = sessions[k].run(names, {"x": feats, "keep": keep})
+            ref_t = mods[k](torch.from_numpy(feats), torch.from_numpy(keep))
+            ref = [t.numpy() for t in ref_t]
+            _compare(report, f"stage {k} keep={case}[M={keep.size}]", names, got, ref, atol, rtol)
+            if case == "all":
+                nxt = ref[0]
+        feats = nxt
+    full = backend.run_full(x_np)
+    _compare(report, "full.onnx", ["logits"], [full], [net(x).numpy()], atol, rtol)
+    # the chain: runtime vs gated_forward, samples exiting at every gate
+    t = spread_thresholds(net, x)
+    ref_out = net.gated_forward(x, t, return_scores=True)
+    all_scores = net.all_exits(x).scores.numpy()
+    near = (np.abs(all_scores - np.asarray(t, np.float32)) <= atol + rtol).any(axis=1)
+    for batch in sorted({1, 7, len(x)}):
+        runner = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch)
+        res = runner.predict(x_np)
+        bad = ((res.labels != ref_out.labels.numpy()) | (res.exit_stage != ref_out.exit_stage.numpy())) & ~near
+        report.checks += 1
+        if bad.any():
+            report.mismatches.append(
+                f"chain (max_batch={batch}, thresholds {np.round(t, 4).tolist()}): "
+                f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from "
+                f"gated_forward (first rows {np.flatnonzero(bad)[:5].tolist()})"
+            )
+    backend.close()
+    if report.mismatches and raise_on_mismatch:
+        raise ExportVerificationError(report.mismatches)
+    return report

@@ -1,0 +1,211 @@
+"""`GatedNetwork`: a backbone cut into stages with a gate head after each but the last."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from dgconvert.gating.cut import cut_backbone
+from dgconvert.gating.heads import FinalHead, GateHead, make_gate, pool_features
+
+
+class GatedOutput(NamedTuple):
+    labels: torch.Tensor  # int64 [N]
+    exit_stage: torch.Tensor  # int64 [N]; K means the final stage
+    scores: torch.Tensor  # float32 [N]; the exiting gate's score (final: max softmax)
+
+
+class AllExits(NamedTuple):
+    """Every gate evaluated on every sample (no early exit)."""
+
+    scores: torch.Tensor  # [N, K]
+    labels: torch.Tensor  # [N, K]
+    gate_logits: list[torch.Tensor]  # K x [N, C]
+    final_logits: torch.Tensor  # [N, C]
+    features: list[torch.Tensor]  # K x gate inputs (stage outputs)
+
+
+def _check_thresholds(thresholds: Sequence[float], k: int) -> list[float]:
+    t = [float(v) for v in thresholds]
+    if len(t) != k:
+        raise ValueError(f"got {len(t)} thresholds {t}; expected one per gate ({k})")
+    return t
+
+
+class GatedNetwork(nn.Module):
+    """Stages ``S0 … SK`` and gates ``G0 … G(K-1)``; sample exits at the first gate with
+    ``score >= threshold[k]`` and takes that gate's label, else the final stage's label.
+
+    Build it from explicit stages and gates, or with :meth:`from_backbone`.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        gates: Sequence[GateHead],
+        num_classes: int,
+        *,
+        input_shape: Sequence[int],
+        normalization: dict[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+        thresholds: Sequence[float] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(stages) != len(gates) + 1:
+            raise ValueError(
+                f"got {len(stages)} stages and {len(gates)} gates; expected one gate after "
+                "every stage but the last (len(stages) == len(gates) + 1)"
+            )
+        self.stages = nn.ModuleList(stages)
+        self.gates = nn.ModuleList(gates)
+        self.final_head = FinalHead()
+        self.num_classes = int(num_classes)
+        self.input_shape = [int(s) for s in input_shape]
+        self.normalization = dict(normalization) if normalization else None
+        self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"got {len(self.classes)} class names for {num_classes} classes")
+        self.thresholds = (
+            _check_thresholds(thresholds, len(gates))
+            if thresholds is not None
+            else [self.default_threshold(g) for g in gates]
+        )
+        # How to rebuild: {"arch": {"factory", "kwargs"}, "cuts": [...]} (see checkpoint.py)
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._backbone: nn.Module | None = None
+
+    @staticmethod
+    def default_threshold(gate: GateHead) -> float:
+        """A conservative starting threshold per gate type (calibrate to do better)."""
+        return {"dgate": 2.0, "softmax": 0.99, "confidence": 0.5}.get(gate.gate_type, 1.0)
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.gates)
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The backbone the stages were cut from (shares its parameters), if any."""
+        return self._backbone
+
+    @classmethod
+    def from_backbone(
+        cls,
+        model: nn.Module,
+        cuts: Sequence[str],
+        gate: str | dict[str, Any] | Sequence[str | dict[str, Any]] = "dgate",
+        num_classes: int | None = None,
+        example_input: torch.Tensor | None = None,
+        *,
+        input_shape: Sequence[int] | None = None,
+        normalization: dict[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+        arch: dict[str, Any] | None = None,
+    ) -> GatedNetwork:
+        """Cut ``model`` at the outputs of the named modules and attach a gate after each.
+
+        ``gate`` is one spec for all gates or one per cut. ``example_input`` (or
+        ``input_shape``, without the batch dim) fixes the gate input sizes. ``arch``
+        (``{"factory": "module:callable", "kwargs": {...}}``) lets :func:`dgconvert.save`
+        write a pickle-free checkpoint.
+        """
+        if example_input is None:
+            if input_shape is None:
+                raise ValueError("from_backbone needs example_input or input_shape")
+            example_input = torch.zeros(2, *input_shape)
+        if input_shape is None:
+            input_shape = list(example_input.shape[1:])
+        stages = cut_backbone(model, cuts)
+        specs = [gate] * len(cuts) if isinstance(gate, str | dict) else list(gate)
+        if len(specs) != len(cuts):
+            raise ValueError(f"got {len(specs)} gate specs for {len(cuts)} cuts")
+        was_training = model.training
+        model.eval()
+        gates = []
+        with torch.no_grad():
+            x = example_input
+            for stage in stages[:-1]:
+                x = stage(x)
+                gates.append((x.shape, pool_features(x).shape[1]))
+            logits = stages[-1](x)
+        model.train(was_training)
+        if num_classes is None:
+            num_classes = int(logits.shape[1])
+        elif logits.shape[1] != num_classes:
+            raise ValueError(
+                f"the backbone outputs {logits.shape[1]} logits, but num_classes={num_classes}"
+            )
+        heads = [make_gate(s, c, num_classes) for s, (_, c) in zip(specs, gates, strict=True)]
+        net = cls(
+            stages,
+            heads,
+            num_classes,
+            input_shape=input_shape,
+            normalization=normalization,
+            classes=classes,
+            meta={"cuts": list(cuts), **({"arch": arch} if arch else {})},
+        )
+        net._backbone = model
+        return net
+
+    def stage_forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage k's body (no gate)."""
+        return self.stages[k](x)
+
+    def all_exits(self, x: torch.Tensor) -> AllExits:
+        """Run every sample through every stage and every gate."""
+        scores, labels, logits, feats = [], [], [], []
+        for k, gate in enumerate(self.gates):
+            x = self.stages[k](x)
+            s, lab, lg = gate(x)
+            scores.append(s)
+            labels.append(lab)
+            logits.append(lg)
+            feats.append(x)
+        final = self.stages[-1](x)
+        n = final.shape[0]
+        return AllExits(
+            torch.stack(scores, 1) if scores else final.new_zeros(n, 0),
+            torch.stack(labels, 1) if labels else torch.zeros(n, 0, dtype=torch.long),
+            logits,
+            final,
+            feats,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ungated model: the final stage's logits."""
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    @torch.no_grad()
+    def gated_forward(
+        self,
+        x: torch.Tensor,
+        thresholds: Sequence[float] | None = None,
+        return_scores: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | GatedOutput:
+        """Reference semantics, sample by sample: ``(labels, exit_stage)``.
+
+        Computes every stage for every sample and picks each sample's first exit; this is
+        the slow, obviously-correct definition the exported runtime is tested against.
+        """
+        t = _check_thresholds(self.thresholds if thresholds is None else thresholds, self.num_gates)
+        out = self.all_exits(x)
+        n = out.final_logits.shape[0]
+        fs, fl, _ = self.final_head(out.final_logits)
+        labels, exit_stage, scores = fl.clone(), torch.full((n,), self.num_gates), fs.clone()
+        done = torch.zeros(n, dtype=torch.bool)
+        for k in range(self.num_gates):
+            hit = (out.scores[:, k] >= t[k]) & ~done
+            labels[hit] = out.labels[hit, k]
+            scores[hit] = out.scores[hit, k]
+            exit_stage[hit] = k
+            done |= hit
+        if return_scores:
+            return GatedOutput(labels, exit_stage, scores)
+        return labels, exit_stage

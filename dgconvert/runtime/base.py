@@ -1,0 +1,53 @@
+"""The backend interface: every backend runs one stage graph at a time."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dgconvert.bundle import Bundle
+
+
+@dataclass
+class StageOutput:
+    """What a stage hands back to the runner.
+
+    ``features`` is opaque to the runner (a host array on CPU, a device buffer on a GPU)
+    and only ever passed back to the same backend's next stage; ``score`` and ``label``
+    are small host arrays, all the runner needs to decide the next ``keep``.
+    """
+
+    features: Any | None
+    score: np.ndarray
+    label: np.ndarray
+
+
+class Backend(abc.ABC):
+    """Runs a bundle's stage graphs. One instance per runner; safe to call from threads."""
+
+    name: str = ""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    @abc.abstractmethod
+    def run_stage(self, k: int, inputs: Any, keep: np.ndarray | None) -> StageOutput:
+        """Run stage ``k``: images (``k == 0``) or the previous features gathered by ``keep``."""
+
+    @abc.abstractmethod
+    def run_full(self, images: np.ndarray) -> np.ndarray:
+        """Logits of the ungated model (``full.onnx``) for float32 images."""
+
+    def max_batch(self) -> int | None:
+        """Largest batch a stage accepts (an engine profile's max), or None if unbounded."""
+        return None
+
+    def describe(self) -> str:
+        """One line saying what this backend runs on (providers, device, precision)."""
+        return self.name
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions / device memory."""

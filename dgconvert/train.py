@@ -1,0 +1,424 @@
+"""Reference backbone recipe: :func:`dgconvert.zoo.resnet` trained on Fashion-MNIST.
+
+The recipe (:class:`Recipe`) is fixed and seeded: SGD + Nesterov momentum under a
+one-cycle learning-rate schedule, random-crop (zero padding) and horizontal-flip
+augmentation, channels-last convolutions, 2 CPU threads. :func:`reference_checkpoint`
+trains it once and caches the checkpoint under ``$DGCONVERT_CACHE`` (default
+``~/.cache/dgconvert``), keyed by the recipe's hyper-parameters.
+
+Checkpoints are plain containers (``torch.load(..., weights_only=True)`` reads them)::
+
+    {"format": "dgconvert-backbone", "version": 1,
+     "arch": {"factory": "dgconvert.zoo:resnet", "kwargs": {...}},
+     "state_dict": {...}, "input": {"shape": [1, 28, 28], "normalization": {...}},
+     "classes": [...], "metrics": {"test_accuracy": ..., "train_seconds": ...}, "recipe": {...}}
+
+Run ``python -m dgconvert.train --out backbone.pt`` to train one explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dgconvert.data import DataError, Dataset, load_dataset
+from dgconvert.zoo import resnet
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "DEFAULT_RECIPE",
+    "INPUT_SHAPE",
+    "MEAN",
+    "NORMALIZATION",
+    "STD",
+    "Recipe",
+    "build_model",
+    "resolve_cache_dir",
+    "evaluate",
+    "fit",
+    "normalize_batch",
+    "reference_checkpoint",
+    "save_checkpoint",
+    "train_reference",
+]
+
+#: Fashion-MNIST pixel statistics (of ``uint8 / 255`` over the 60k training images).
+MEAN = 0.2860
+STD = 0.3530
+SCALE = 255.0
+NORMALIZATION: dict[str, Any] = {"scale": SCALE, "mean": [MEAN], "std": [STD]}
+INPUT_SHAPE: list[int] = [1, 28, 28]
+CHECKPOINT_FORMAT = "dgconvert-backbone"
+CHECKPOINT_VERSION = 1
+ARCH_FACTORY = "dgconvert.zoo:resnet"
+CACHE_ENV = "DGCONVERT_CACHE"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters of the reference training run (all part of the cache key)."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    blocks: tuple[int, ...] = (1, 1, 1, 1)
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.1  # peak of the one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: float = 0.25  # fraction of steps spent rising to the peak
+    crop_pad: int = 2  # random crop after zero-padding this many pixels per side
+    hflip: bool = True
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
+
+    def arch_kwargs(self, num_classes: int = 10) -> dict[str, Any]:
+        """Keyword arguments of :func:`dgconvert.zoo.resnet` for this recipe."""
+        return {
+            "in_channels": INPUT_SHAPE[0],
+            "num_classes": num_classes,
+            "widths": list(self.widths),
+            "blocks": list(self.blocks),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON/``weights_only``-safe dict (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def cache_key(self, data: str, test_data: str) -> str:
+        """Short hash of everything that changes the trained weights."""
+        blob = json.dumps(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "arch": ARCH_FACTORY,
+                "recipe": self.as_dict(),
+                "normalization": NORMALIZATION,
+                "data": data,
+                "test_data": test_data,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+DEFAULT_RECIPE = Recipe()
+
+
+def build_model(recipe: Recipe = DEFAULT_RECIPE, num_classes: int = 10) -> nn.Module:
+    """A freshly initialised backbone for ``recipe`` (seeded by ``recipe.seed``)."""
+    torch.manual_seed(recipe.seed)
+    return resnet(**recipe.arch_kwargs(num_classes))
+
+
+def normalize_batch(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``[B, C, H, W]`` -> float32 network input ``((x / 255) - MEAN) / STD``."""
+    return (x.float() / SCALE - MEAN) / STD
+
+
+def _augment(x: torch.Tensor, pad: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip of uint8 ``[B, C, H, W]``."""
+    b, _, h, w = x.shape
+    if pad > 0:
+        padded = nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
+        bi = torch.arange(b)[:, None, None, None]
+        ci = torch.arange(x.shape[1])[None, :, None, None]
+        x = padded[bi, ci, rows, cols]
+    if hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    recipe: Recipe = DEFAULT_RECIPE,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train ``model`` in place on uint8 ``train`` with ``recipe``; return per-step losses."""
+    labels = train.require_labels("training")
+    if train.images.dtype != np.uint8:
+        raise DataError(
+            f"training images are {train.images.dtype}; expected uint8 pixels (the recipe "
+            "normalizes with NORMALIZATION). Fix: load raw images, e.g. fashion-mnist:train."
+        )
+    x_all = torch.from_numpy(train.images)
+    y_all = torch.from_numpy(labels)
+    n, bs = len(train), recipe.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    total = recipe.epochs * steps_per_epoch
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    if total < 1:
+        raise DataError(f"recipe gives {total} training steps; expected epochs >= 1.")
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.momentum > 0,
+        weight_decay=recipe.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, total_steps=total, pct_start=recipe.warmup
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    step = 0
+    try:
+        for epoch in range(recipe.epochs):
+            perm = torch.randperm(n, generator=gen)
+            epoch_losses: list[float] = []
+            for i in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = perm[i * bs : (i + 1) * bs]
+                xb = _augment(x_all[idx], recipe.crop_pad, recipe.hflip, gen)
+                xb = normalize_batch(xb).contiguous(memory_format=torch.channels_last)
+                loss = nn.functional.cross_entropy(model(xb), y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss.item())
+                epoch_losses.append(losses[-1])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{recipe.epochs}", loss=f"{losses[-1]:.3f}")
+            if epoch_losses and on_epoch is not None:
+                on_epoch(epoch, float(np.mean(epoch_losses)))
+            if step >= total:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        model.to(memory_format=torch.contiguous_format)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on uint8 ``data`` (normalized with NORMALIZATION)."""
+    labels = data.require_labels("evaluation")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for xb, yb in data.batches(batch_size):
+            x = normalize_batch(torch.from_numpy(xb)).contiguous(memory_format=torch.channels_last)
+            correct += int((model(x).argmax(1).numpy() == yb).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(labels)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    recipe: Recipe,
+    classes: list[str],
+    metrics: dict[str, Any],
+) -> Path:
+    """Write a ``dgconvert-backbone`` checkpoint atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ckpt: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": {"factory": ARCH_FACTORY, "kwargs": recipe.arch_kwargs(len(classes))},
+        "state_dict": state,
+        "input": {
+            "shape": list(INPUT_SHAPE),
+            "normalization": {"scale": SCALE, "mean": [MEAN], "std": [STD]},
+        },
+        "classes": list(classes),
+        "metrics": _plain(metrics),
+        "recipe": recipe.as_dict(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    """Copy ``obj`` with only dict/list/str/int/float/bool/None (``weights_only``-loadable)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj)
+    return str(obj)
+
+
+def train_reference(
+    out: str | os.PathLike[str],
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    data: str = "fashion-mnist:train",
+    test_data: str | None = "fashion-mnist:test",
+    recipe: Recipe | None = None,
+    threads: int | None = 2,
+    progress: bool = True,
+) -> Path:
+    """Train the reference backbone and write its checkpoint to ``out``; return ``out``.
+
+    ``recipe`` defaults to :data:`DEFAULT_RECIPE`; ``epochs``/``seed`` override it.
+    ``test_data=None`` skips the test-set evaluation (``metrics.test_accuracy`` is then
+    absent). ``threads`` sets torch's CPU threads for the run (restored afterwards).
+    """
+    recipe = recipe or DEFAULT_RECIPE
+    recipe = replace(recipe, seed=seed, epochs=recipe.epochs if epochs is None else epochs)
+    train = load_dataset(data)
+    with _threads(threads):
+        model = build_model(recipe, num_classes=len(train.classes))
+        epoch_loss: list[float] = []
+        t0 = time.perf_counter()
+        losses = fit(
+            model, train, recipe, progress=progress, on_epoch=lambda _, v: epoch_loss.append(v)
+        )
+        train_seconds = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "train_seconds": round(train_seconds, 2),
+            "train_steps": len(losses),
+            "epoch_loss": [round(v, 5) for v in epoch_loss],
+            "first_loss": losses[0],
+            "final_loss": float(np.mean(losses[-20:])),
+            "train_data": data,
+            "train_fingerprint": train.fingerprint(),
+            "threads": torch.get_num_threads(),
+            "torch": str(torch.__version__),
+        }
+        if test_data is not None:
+            test = load_dataset(test_data, num_classes=len(train.classes))
+            t1 = time.perf_counter()
+            metrics["test_accuracy"] = evaluate(model, test)
+            metrics["test_data"] = test_data
+            metrics["eval_seconds"] = round(time.perf_counter() - t1, 2)
+    return save_checkpoint(out, model, recipe, train.classes, metrics)
+
+
+def resolve_cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """The checkpoint cache: ``override``, else ``$DGCONVERT_CACHE``, else ``~/.cache/dgconvert``."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dgconvert"
+
+
+def reference_checkpoint(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    recipe: Recipe = DEFAULT_RECIPE,
+    data: str = "fashion-mnist:train",
+    test_data: str = "fashion-mnist:test",
+    progress: bool = True,
+) -> Path:
+    """Path of the cached reference backbone, training it first if it is missing
+    (about 7 minutes on 2 CPU cores)."""
+    root = resolve_cache_dir(cache_dir)
+    path = root / f"backbone-resnet-{recipe.cache_key(data, test_data)}.pt"
+    if not path.is_file():
+        print(
+            f"dgconvert: training the reference backbone (cached afterwards at {path}); "
+            "this takes about 7 minutes on 2 CPU cores.",
+            file=sys.stderr,
+        )
+        train_reference(
+            path,
+            epochs=recipe.epochs,
+            seed=recipe.seed,
+            data=data,
+            test_data=test_data,
+            recipe=recipe,
+            progress=progress,
+        )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dgconvert.train``: train the reference backbone, print its metrics."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dgconvert.train", description=main.__doc__)
+    p.add_argument("--out", type=Path, help="checkpoint path (default: the cache entry)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_RECIPE.epochs)
+    p.add_argument("--seed", type=int, default=DEFAULT_RECIPE.seed)
+    p.add_argument("--data", default="fashion-mnist:train")
+    p.add_argument("--test-data", default="fashion-mnist:test")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.out is None:
+        recipe = replace(DEFAULT_RECIPE, epochs=a.epochs, seed=a.seed)
+        path = reference_checkpoint(
+            recipe=recipe, data=a.data, test_data=a.test_data, progress=not a.no_progress
+        )
+    else:
+        path = train_reference(
+            a.out,
+            epochs=a.epochs,
+            seed=a.seed,
+            data=a.data,
+            test_data=a.test_data,
+            threads=a.threads,
+            progress=not a.no_progress,
+        )
+    metrics = torch.load(path, weights_only=True)["metrics"]
+    print(json.dumps({"checkpoint": str(path), **metrics}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
