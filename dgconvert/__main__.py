@@ -1,0 +1,3 @@
+from dgconvert.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""Small helpers shared by the CLI commands (errors, output files, option parsing)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from dgconvert.errors import DGConvertError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn dgconvert's typed errors into a clean ``Error: …`` and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DGConvertError, FileExistsError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_floats(text: str | None, what: str = "thresholds") -> list[float] | None:
+    """``"1.0,1.8,inf"`` -> ``[1.0, 1.8, inf]``."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{what} must be comma-separated numbers (use inf to disable a gate), got {text!r}"
+        ) from exc
+
+
+def parse_ints(text: str, what: str = "batch sizes") -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise click.BadParameter(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    from dgconvert._io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def backend_option(fn: F) -> F:
+    return click.option(
+        "--backend",
+        type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+        default="auto",
+        show_default=True,
+        help="Runtime backend; auto = TensorRT engines for this GPU, else onnxruntime-gpu, else CPU.",
+    )(fn)
+
+
+def threads_option(fn: F) -> F:
+    return click.option(
+        "--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)."
+    )(fn)

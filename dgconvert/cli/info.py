@@ -1,0 +1,57 @@
+"""``dgconvert info``: a readable summary of a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dgconvert.cli.common import friendly_errors
+
+
+def describe_bundle(path: Path) -> str:
+    """Stages, FLOPs share, gates, thresholds, calibration, engines."""
+    from dgconvert.bundle import Bundle
+
+    b = Bundle.load(path)
+    m = b.manifest
+    full = b.exit_costs()[-1] or 1.0
+    lines = [
+        f"bundle {b.path} (schema {m['schema_version']}, dgconvert {m.get('dgconvert_version')}, "
+        f"created {m.get('created')})",
+        f"input: {m['input']['shape']} {m['input']['dtype']}, normalization "
+        f"{m['input'].get('normalization')}",
+        f"classes ({b.num_classes}): {', '.join(b.classes)}",
+        f"full model: {b.full_flops / 1e6:.2f} MFLOPs/image",
+        "",
+        "stage  file           MFLOPs  cum.share  gate                      threshold",
+    ]
+    acc = 0.0
+    for k, s in enumerate(m["stages"]):
+        acc += s["flops"] + (s["gate"] or {}).get("flops", 0)
+        g = s["gate"]
+        gate = f"{g['type']} (score {g['score']}, {g['flops']} FLOPs)" if g else "final"
+        thr = f"{b.thresholds[k]:.4g}" if k < b.num_gates else "-"
+        lines.append(
+            f"{k:5d}  {s['file']:<13s}  {s['flops'] / 1e6:6.2f}  {100 * acc / full:8.1f} %  "
+            f"{gate:<24s}  {thr}"
+        )
+    t = m["thresholds"]
+    lines.append(f"\nthresholds from: {t.get('source')} ({t.get('updated')})")
+    cal = m.get("calibration")
+    if cal:
+        lines.append(
+            f"calibration: target {cal.get('target_accuracy')}, accuracy {cal.get('accuracy')}, "
+            f"cost fraction {cal.get('cost_fraction')}, method {cal.get('method')}"
+        )
+    engines = m.get("engines") or {}
+    lines.append(f"engines: {', '.join(engines) if engines else 'none (run `dgconvert build` on a GPU)'}")
+    return "\n".join(lines)
+
+
+@click.command("info")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@friendly_errors
+def info_cmd(bundle: Path) -> None:
+    """Summarise a bundle: stages, FLOPs share, gates, thresholds, engines."""
+    click.echo(describe_bundle(bundle))

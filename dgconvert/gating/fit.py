@@ -1,0 +1,691 @@
+"""Fit gate heads on a frozen backbone (d-gate paper, sec. 2.2 and "Training Setup").
+
+One pass of the frozen backbone (eval mode) over the data caches every gate's input —
+the globally pooled features at each cut — and the final logits. Each gate is then
+trained on those cached vectors, which takes seconds:
+
+- ``dgate``: one linear layer, ``d = wᵀx − b``, trained with the one-vs-all hinge loss and
+  an L2 term by mini-batch sub-gradient descent (paper eq. 1–3), each gate independently on
+  all training data; ``hinge="crammer-singer"`` uses the multi-class hinge instead.
+- ``softmax``: the same linear layer trained with cross-entropy (the paper's baseline).
+- ``confidence``: EENet ``pool`` exit blocks trained together with the cost-aware loss
+  ``L_v2`` (costs are FLOP fractions); ``joint=True`` also fine-tunes the backbone (no
+  feature cache then: the backbone runs every step).
+
+``standardize=True`` trains on standardized features and folds the standardization into
+the linear layers afterwards (``W' = W/σ``, ``b' = b − W'μ``): the gate heads — and so the
+exported graphs — are unchanged. The backbone's own classifier stays the final exit.
+
+A held-out share of the data (``holdout``) gives each gate's coverage/accuracy curve (share
+of samples with ``score ≥ t`` and the gate's accuracy on them) and its initial threshold:
+the lowest ``t`` at which exiting costs no held-out accuracy — on the samples with
+``score ≥ t`` the gate is right at least as often as the final classifier (``inf``, gate
+disabled, if no ``t`` qualifies). ``dgconvert calibrate`` then trades accuracy for speed. All of it is returned in a
+:class:`FitResult` and recorded in ``net.meta["fit"]``, which :func:`dgconvert.save` keeps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dgconvert.errors import DGConvertError
+from dgconvert.gating.heads import GATE_TYPES, SCORE_KINDS, GateHead, pool_features
+from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
+from dgconvert.gating.network import GatedNetwork
+
+if TYPE_CHECKING:
+    from dgconvert.data import Dataset
+
+__all__ = [
+    "DEFAULT_GATE",
+    "DEFAULT_SCORE",
+    "HINGES",
+    "PAPER_DGATE",
+    "FitError",
+    "FitResult",
+    "Features",
+    "GateReport",
+    "coverage_curve",
+    "exit_costs",
+    "extract_features",
+    "fit_gates",
+    "gate_outputs",
+    "initial_threshold",
+    "train_heads",
+]
+
+#: Default gate of :func:`fit_gates` and ``dgconvert gates fit`` (see benchmarks/results/
+#: gate_comparison.md for the measurement behind the choice).
+DEFAULT_GATE = "softmax"
+#: Default score kind per gate type.
+DEFAULT_SCORE = {"dgate": "margin", "softmax": "margin", "confidence": "sigmoid"}
+HINGES = ("ovr", "crammer-singer")
+#: The d-gate paper's exact formulation, as keyword arguments of :func:`fit_gates`.
+PAPER_DGATE: dict[str, Any] = {"gate": "dgate", "score": "max", "hinge": "ovr", "standardize": False}
+
+_DEFAULT_L2 = {"dgate": 1e-4, "softmax": 1e-4, "confidence": 1e-4}
+_DEFAULT_LR = 0.05
+_JOINT_LR = 1e-3
+
+
+class FitError(DGConvertError, ValueError):
+    """Gate fitting got options or data it cannot use."""
+
+
+@dataclass
+class Features:
+    """Cached gate inputs: pooled features per cut (``K x [N, F_k]``) and final logits."""
+
+    pooled: list[torch.Tensor]
+    logits: torch.Tensor
+
+    def subset(self, idx: torch.Tensor) -> Features:
+        return Features([p[idx] for p in self.pooled], self.logits[idx])
+
+
+@dataclass
+class GateReport:
+    """One gate's fit: options, final training loss, held-out curve and threshold."""
+
+    index: int
+    cut: str
+    type: str
+    score: str
+    in_features: int
+    train_loss: float
+    threshold: float
+    holdout_accuracy: float | None = None  # the gate's own top-1 accuracy on held-out data
+    exit_rate: float | None = None  # share of held-out samples with score >= threshold
+    exit_accuracy: float | None = None  # gate accuracy on those samples
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_gates` returns: the gated network and per-gate reports."""
+
+    net: GatedNetwork
+    gates: list[GateReport]
+    final_accuracy: float | None  # the backbone classifier on the held-out data
+    exit_costs: list[float]  # per-sample FLOPs of exiting at gate k (k = K: final)
+    options: dict[str, Any]
+    seconds: float = 0.0
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [g.threshold for g in self.gates]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able record (what ``net.meta["fit"]`` holds)."""
+        return {
+            "options": self.options,
+            "final_accuracy": self.final_accuracy,
+            "exit_costs": self.exit_costs,
+            "seconds": round(self.seconds, 2),
+            "gates": [asdict(g) for g in self.gates],
+        }
+
+    def table(self) -> str:
+        """A small text table: per gate, accuracy at a few coverages and the threshold."""
+        covs = (0.1, 0.25, 0.5, 0.75, 1.0)
+        lines = []
+        if self.final_accuracy is not None:
+            n = self.options.get("holdout_samples")
+            lines.append(f"held-out samples: {n}; final classifier accuracy {100 * self.final_accuracy:.2f} %")
+        full = self.exit_costs[-1] if self.exit_costs else 0
+        for g in self.gates:
+            cost = f"{100 * self.exit_costs[g.index] / full:.0f} % of the FLOPs" if full else ""
+            head = f"gate {g.index} after {g.cut} ({g.type}, score {g.score}; {cost})"
+            if g.holdout_accuracy is None:
+                lines.append(f"{head}: threshold {g.threshold:.4g} (no held-out data)")
+                continue
+            lines.append(f"{head}: top-1 {100 * g.holdout_accuracy:.2f} %")
+            pts = [_at_coverage(g.curve, c) for c in covs]
+            lines.append("  coverage  " + "".join(f"{100 * c:>8.0f}%" for c in covs))
+            lines.append("  accuracy  " + "".join(f"{100 * p['accuracy']:>8.2f}%" for p in pts))
+            lines.append("  score >=  " + "".join(f"{p['threshold']:>9.4g}" for p in pts))
+            if math.isinf(g.threshold):
+                lines.append("  threshold inf: exiting here always costs accuracy (gate off)")
+            else:
+                lines.append(
+                    f"  threshold {g.threshold:.4g}: exits {100 * (g.exit_rate or 0):.1f} % "
+                    f"at {100 * (g.exit_accuracy or 0):.2f} % accuracy"
+                )
+        return "\n".join(lines)
+
+
+def _at_coverage(curve: list[dict[str, float]], cov: float) -> dict[str, float]:
+    return min(curve, key=lambda p: abs(p["coverage"] - cov))
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+@torch.no_grad()
+def extract_features(
+    net: GatedNetwork,
+    images: np.ndarray,
+    normalization: dict[str, Any] | None,
+    batch_size: int = 512,
+    progress: bool | str = False,
+) -> Features:
+    """Run the (eval-mode) stages once over ``images`` and cache the gate inputs."""
+    from dgconvert.preprocess import normalize
+
+    was = [s.training for s in net.stages]
+    for s in net.stages:
+        s.eval()
+    pooled: list[list[torch.Tensor]] = [[] for _ in range(net.num_gates)]
+    logits = []
+    bar = _bar(len(images), progress, "features", "img")
+    try:
+        for start in range(0, len(images), batch_size):
+            xb = images[start : start + batch_size]
+            x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
+            for k in range(net.num_gates):
+                x = net.stages[k](x)
+                pooled[k].append(pool_features(x).float())
+            logits.append(net.stages[-1](x).float())
+            bar.update(len(xb))
+    finally:
+        bar.close()
+        for s, w in zip(net.stages, was, strict=True):
+            s.train(w)
+    return Features([torch.cat(p) for p in pooled], torch.cat(logits))
+
+
+@torch.no_grad()
+def gate_outputs(heads: Sequence[nn.Module], pooled: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels ``[N, K]`` of the heads on cached pooled features."""
+    scores, labels = [], []
+    for head, x in zip(heads, pooled, strict=True):
+        head.eval()
+        s, lab, _ = head(x)
+        scores.append(s.numpy())
+        labels.append(lab.numpy())
+    return np.stack(scores, 1).astype(np.float32), np.stack(labels, 1).astype(np.int64)
+
+
+@torch.no_grad()
+def exit_costs(net: GatedNetwork) -> list[float]:
+    """Cumulative per-sample FLOPs of exiting at gate k (gates included); last: the final stage."""
+    from dgconvert.convert.flops import count_flops
+
+    x = torch.zeros(1, *net.input_shape)
+    total, costs = 0.0, []
+    for k, stage in enumerate(net.stages):
+        total += count_flops(stage, x)
+        x = stage(x)
+        if k < net.num_gates:
+            total += count_flops(net.gates[k], x)
+        costs.append(total)
+    return costs
+
+
+def coverage_curve(scores: np.ndarray, correct: np.ndarray, points: int = 20) -> list[dict[str, float]]:
+    """``points`` rows ``{coverage, threshold, accuracy}``: the share of samples with
+    ``score >= threshold`` and the accuracy on them, at coverages ``1/points … 1``."""
+    order = np.argsort(-scores, kind="stable")
+    s, c = scores[order], np.cumsum(correct[order])
+    n, rows = len(s), []
+    for q in np.linspace(1.0 / points, 1.0, points):
+        t = float(s[max(math.ceil(q * n), 1) - 1])
+        m = int(np.searchsorted(-s, -t, side="right"))  # ties included: all scores >= t
+        rows.append({"coverage": m / n, "threshold": t, "accuracy": float(c[m - 1] / m)})
+    return rows
+
+
+def initial_threshold(scores: np.ndarray, gate_correct: np.ndarray, final_correct: np.ndarray) -> float:
+    """The lowest threshold at which exiting costs no accuracy on these samples: among the
+    samples with ``score >= t`` the gate is right at least as often as the final classifier.
+    ``inf`` (gate disabled) if no threshold qualifies."""
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order].astype(np.float64)
+    gain = np.cumsum(gate_correct[order].astype(np.int64) - final_correct[order].astype(np.int64))
+    last = np.r_[s[1:] != s[:-1], True]  # only cut between distinct scores
+    ok = np.flatnonzero(last & (gain >= 0))
+    return float(s[ok[-1]]) if ok.size else float("inf")
+
+
+def _bar(total: int, progress: bool | str, desc: str, unit: str) -> Any:
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else desc
+    return tqdm(total=total, desc=label, unit=unit, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def _linears(head: nn.Module) -> list[nn.Linear]:
+    return [m for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def _fold_standardization(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make a head trained on ``(x − mean) / std`` take raw ``x``: ``W' = W/σ``, ``b' = b − W'μ``."""
+    for lin in _linears(head):
+        lin.weight.div_(std)
+        lin.bias.sub_(lin.weight @ mean)
+
+
+def _data_loss(head: GateHead, x: torch.Tensor, y: torch.Tensor, hinge: str) -> torch.Tensor:
+    _, _, logits = head(x)
+    if head.gate_type == "softmax":
+        return nn.functional.cross_entropy(logits, y)
+    return ovr_hinge(logits, y) if hinge == "ovr" else crammer_singer_hinge(logits, y)
+
+
+def _schedule(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1), pct_start=0.1
+    )
+
+
+def train_heads(
+    heads: Sequence[GateHead],
+    features: Features,
+    y: torch.Tensor,
+    *,
+    hinge: str = "ovr",
+    l2: float = 1e-4,
+    standardize: bool = True,
+    epochs: int = 20,
+    batch_size: int = 256,
+    lr: float = _DEFAULT_LR,
+    costs: Sequence[float] | None = None,
+    cost_weight: float = 1.0,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> list[float]:
+    """Train gate heads in place on cached features; return each head's final-epoch loss.
+
+    ``dgate``/``softmax`` heads are trained one after another, independently;
+    ``confidence`` heads together with ``L_v2`` (``costs``: K+1 cumulative cost fractions).
+    """
+    kinds = {h.gate_type for h in heads}
+    if len(kinds) != 1:
+        raise FitError(f"got gate types {sorted(kinds)}; expected one type for all gates")
+    kind = kinds.pop()
+    stats = []
+    for x in features.pooled:
+        mean = x.mean(0) if standardize else torch.zeros(x.shape[1])
+        std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
+        stats.append((mean, std))
+    xs = [(x - m) / s for x, (m, s) in zip(features.pooled, stats, strict=True)]
+    gen = torch.Generator().manual_seed(seed)
+    n = len(y)
+    steps = math.ceil(n / batch_size)
+    if kind == "confidence":
+        if costs is None:
+            raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
+        final_p = torch.softmax(features.logits, 1)
+        params = [p for h in heads for p in h.parameters()]
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+        sched = _schedule(opt, epochs * steps)
+        bar = _bar(epochs * steps, progress, "fit confidence gates", "step")
+        last = 0.0
+        for _ in range(epochs):
+            perm, tot = torch.randperm(n, generator=gen), 0.0
+            for i in range(steps):
+                idx = perm[i * batch_size : (i + 1) * batch_size]
+                loss = _lv2_step(heads, [x[idx] for x in xs], final_p[idx], y[idx], costs, cost_weight)
+                loss = loss + sum(l2_penalty(lin.weight, l2) for h in heads for lin in _linears(h))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += loss.item() * len(idx)
+                bar.update(1)
+            last = tot / n
+        bar.close()
+        losses = [last] * len(heads)
+    else:
+        losses = []
+        bar = _bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
+        for head, x in zip(heads, xs, strict=True):
+            head.train()
+            opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
+            sched = _schedule(opt, epochs * steps)
+            last = 0.0
+            for _ in range(epochs):
+                perm, tot = torch.randperm(n, generator=gen), 0.0
+                for i in range(steps):
+                    idx = perm[i * batch_size : (i + 1) * batch_size]
+                    data = _data_loss(head, x[idx], y[idx], hinge)
+                    loss = data + sum(l2_penalty(lin.weight, l2) for lin in _linears(head))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    tot += data.item() * len(idx)
+                    bar.update(1)
+                last = tot / n
+            losses.append(last)
+        bar.close()
+    for head, (mean, std) in zip(heads, stats, strict=True):
+        head.eval()
+        if standardize:
+            _fold_standardization(head, mean, std)
+    return losses
+
+
+def _lv2_step(
+    heads: Sequence[GateHead],
+    xs: Sequence[torch.Tensor],
+    final_p: torch.Tensor,
+    y: torch.Tensor,
+    costs: Sequence[float],
+    cost_weight: float,
+) -> torch.Tensor:
+    probs, confs = [], []
+    for head, x in zip(heads, xs, strict=True):
+        h, _, logits = head(x)
+        probs.append(torch.softmax(logits, 1))
+        confs.append(h)
+    return eenet_lv2([*probs, final_p], confs, costs, y, cost_weight)
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def fit_gates(
+    backbone: nn.Module | str | Path,
+    data: str | Dataset,
+    cuts: Sequence[str] = ("layer1", "layer2", "layer3"),
+    gate: str = DEFAULT_GATE,
+    *,
+    score: str | None = None,
+    hinge: str = "ovr",
+    l2: float | None = None,
+    standardize: bool = True,
+    epochs: int = 20,
+    batch_size: int = 256,
+    lr: float | None = None,
+    holdout: float = 0.1,
+    joint: bool = False,
+    joint_epochs: int = 1,
+    cost_weight: float = 1.0,
+    arch: str | dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    input_shape: Sequence[int] | None = None,
+    normalization: dict[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
+    feature_batch_size: int = 512,
+    progress: bool = True,
+) -> FitResult:
+    """Cut ``backbone`` at ``cuts``, attach a ``gate`` head after each and fit the heads.
+
+    ``backbone``: a module (pass ``arch`` — ``"module:callable"`` or ``{"factory", "kwargs"}``
+    — so :func:`dgconvert.save` can write it weights-only) or a checkpoint path (read with
+    :func:`dgconvert.load_backbone`; ``arch`` for plain state_dicts, ``trust_pickle`` for
+    whole pickles). ``data``: a ``--data`` spec or a :class:`~dgconvert.data.Dataset` with
+    labels (uint8 images are normalized with the backbone's normalization).
+
+    ``score`` defaults to :data:`DEFAULT_SCORE`; ``hinge`` (``"ovr"``, ``"crammer-singer"``),
+    ``l2`` and ``standardize`` shape the training (``PAPER_DGATE`` is the paper's exact
+    setting). ``joint`` (confidence gates only) fine-tunes the backbone with ``L_v2`` for
+    ``joint_epochs`` epochs after the heads are fitted. ``holdout`` is the share of ``data``
+    kept out of training for the coverage/accuracy report and the initial thresholds.
+    """
+    t0 = time.perf_counter()
+    opts = _check_options(gate, score, hinge, holdout, epochs, batch_size, joint, cost_weight)
+    score = opts["score"]
+    l2 = _DEFAULT_L2[gate] if l2 is None else float(l2)
+    lr = _DEFAULT_LR if lr is None else float(lr)
+    model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
+    spec_in = info.get("input") or {}
+    input_shape = list(input_shape or spec_in.get("shape") or [])
+    normalization = normalization if normalization is not None else spec_in.get("normalization")
+    ds = _resolve_data(data)
+    if not input_shape:
+        input_shape = list(ds.sample_shape)
+    if list(ds.sample_shape) != [int(s) for s in input_shape]:
+        raise FitError(
+            f"{ds.source or 'the data'} has samples of shape {list(ds.sample_shape)}; the "
+            f"backbone expects {list(input_shape)}. Fix: pass data of the backbone's input "
+            "shape (or input_shape=... if the checkpoint does not record it)."
+        )
+    y_all = ds.require_labels("gate fitting")
+    classes = list(classes or info.get("classes") or ds.classes or [])
+    model.eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = GatedNetwork.from_backbone(
+            model,
+            list(cuts),
+            gate={"type": gate, "score": score},
+            input_shape=input_shape,
+            normalization=normalization,
+            classes=classes or None,
+            arch=arch_spec,
+        )
+    if int(y_all.min()) < 0 or int(y_all.max()) >= net.num_classes:
+        raise FitError(
+            f"labels of {ds.source or 'the data'} span {int(y_all.min())}..{int(y_all.max())}; "
+            f"the backbone has {net.num_classes} outputs (expected labels 0..{net.num_classes - 1})."
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    costs = exit_costs(net)
+    fractions = [c / costs[-1] for c in costs]
+    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    if len(train_idx) < 2:
+        raise FitError(f"only {len(train_idx)} training samples after the holdout; expected at least 2")
+    feats = extract_features(net, ds.images, normalization, feature_batch_size, "backbone features" if progress else False)
+    y = torch.from_numpy(y_all)
+    tr = feats.subset(torch.from_numpy(train_idx))
+    losses = train_heads(
+        list(net.gates), tr, y[train_idx], hinge=hinge, l2=l2, standardize=standardize,
+        epochs=epochs, batch_size=batch_size, lr=lr, costs=fractions,
+        cost_weight=cost_weight, seed=seed, progress=progress,
+    )  # fmt: skip
+    if joint:
+        losses = _fine_tune_jointly(
+            net, ds.images[train_idx], y[train_idx], normalization, fractions, l2=l2,
+            epochs=joint_epochs, batch_size=batch_size, lr=_JOINT_LR, cost_weight=cost_weight,
+            seed=seed, progress=progress,
+        )  # fmt: skip
+        feats = extract_features(net, ds.images, normalization, feature_batch_size, "held-out features" if progress else False)
+    reports, final_acc = _reports(net, list(cuts), feats, y_all, hold_idx, losses, opts)
+    net.thresholds = [r.threshold for r in reports]
+    options = {
+        **opts,
+        "l2": l2,
+        "standardize": bool(standardize),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": lr,
+        "joint_epochs": int(joint_epochs) if joint else 0,
+        "seed": int(seed),
+        "data": ds.source,
+        "train_samples": len(train_idx),
+        "holdout_samples": len(hold_idx),
+        "cuts": list(cuts),
+    }
+    result = FitResult(net, reports, final_acc, costs, options, time.perf_counter() - t0)
+    net.meta["fit"] = result.as_dict()
+    return result
+
+
+def _check_options(
+    gate: str, score: str | None, hinge: str, holdout: float, epochs: int, batch_size: int,
+    joint: bool, cost_weight: float,
+) -> dict[str, Any]:  # fmt: skip
+    if gate not in GATE_TYPES:
+        raise FitError(f"gate {gate!r} is unknown; expected one of {', '.join(GATE_TYPES)}")
+    score = score or DEFAULT_SCORE[gate]
+    if score not in SCORE_KINDS[gate]:
+        raise FitError(
+            f"score {score!r} does not exist for {gate} gates; expected one of "
+            f"{', '.join(SCORE_KINDS[gate])}"
+        )
+    if hinge not in HINGES:
+        raise FitError(f"hinge {hinge!r} is unknown; expected one of {', '.join(HINGES)}")
+    if not 0.0 <= holdout < 1.0:
+        raise FitError(f"holdout is {holdout}; expected a share in [0, 1), e.g. 0.1")
+    if epochs < 1 or batch_size < 1:
+        raise FitError(f"epochs={epochs}, batch_size={batch_size}; expected positive integers")
+    if joint and gate != "confidence":
+        raise FitError(
+            f"joint fine-tuning was asked for {gate} gates; it exists for confidence gates "
+            "(EENet's L_v2 trains backbone and exits together). d-gates and softmax gates "
+            "are fitted on a frozen backbone, as in the d-gate paper. Fix: drop --joint or "
+            "use --gate confidence."
+        )
+    if cost_weight < 0:
+        raise FitError(f"cost_weight is {cost_weight}; expected >= 0 (EENets use 1)")
+    return {"gate": gate, "score": score, "hinge": hinge if gate == "dgate" else None,
+            "holdout": float(holdout), "joint": bool(joint), "cost_weight": float(cost_weight)}  # fmt: skip
+
+
+def _resolve_backbone(
+    backbone: nn.Module | str | Path, arch: str | dict[str, Any] | None, trust_pickle: bool
+) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    from dgconvert.gating.checkpoint import load_backbone
+
+    if isinstance(backbone, nn.Module):
+        spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
+        return backbone, spec, {}
+    if isinstance(arch, dict):
+        model, info = load_backbone(backbone, arch=arch["factory"], arch_kwargs=arch.get("kwargs"), trust_pickle=trust_pickle)
+    else:
+        model, info = load_backbone(backbone, arch=arch, trust_pickle=trust_pickle)
+    return model, info.get("arch"), info
+
+
+def _resolve_data(data: str | Dataset) -> Dataset:
+    from dgconvert.data import Dataset, load_dataset
+
+    if isinstance(data, str):
+        return load_dataset(data)
+    if not isinstance(data, Dataset):
+        raise FitError(
+            f"data is a {type(data).__name__}; expected a --data spec such as "
+            "'fashion-mnist:train' or a dgconvert.data.Dataset"
+        )
+    return data
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(holdout * n))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def _reports(
+    net: GatedNetwork,
+    cuts: list[str],
+    feats: Features,
+    y_all: np.ndarray,
+    hold_idx: np.ndarray,
+    losses: list[float],
+    opts: dict[str, Any],
+) -> tuple[list[GateReport], float | None]:
+    reports = []
+    if len(hold_idx) == 0:
+        for k, g in enumerate(net.gates):
+            reports.append(GateReport(k, cuts[k], g.gate_type, g.score_kind, g.in_features,
+                                      losses[k], GatedNetwork.default_threshold(g)))  # fmt: skip
+        return reports, None
+    idx = torch.from_numpy(hold_idx)
+    yh = y_all[hold_idx]
+    final_correct = feats.logits[idx].argmax(1).numpy() == yh
+    final_acc = float(final_correct.mean())
+    scores, labels = gate_outputs(list(net.gates), [p[idx] for p in feats.pooled])
+    for k, g in enumerate(net.gates):
+        correct = labels[:, k] == yh
+        t = initial_threshold(scores[:, k], correct, final_correct)
+        hit = scores[:, k] >= t
+        reports.append(
+            GateReport(
+                index=k,
+                cut=cuts[k],
+                type=g.gate_type,
+                score=g.score_kind,
+                in_features=g.in_features,
+                train_loss=float(losses[k]),
+                threshold=t,
+                holdout_accuracy=float(correct.mean()),
+                exit_rate=float(hit.mean()),
+                exit_accuracy=float(correct[hit].mean()) if hit.any() else None,
+                curve=coverage_curve(scores[:, k], correct),
+            )
+        )
+    return reports, final_acc
+
+
+def _fine_tune_jointly(
+    net: GatedNetwork,
+    images: np.ndarray,
+    y: torch.Tensor,
+    normalization: dict[str, Any] | None,
+    costs: Sequence[float],
+    *,
+    l2: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    cost_weight: float,
+    seed: int,
+    progress: bool,
+) -> list[float]:
+    """EENet-style joint training of backbone and confidence exits with ``L_v2``.
+
+    BatchNorm layers keep their running statistics (eval mode): fine-tuning a trained
+    backbone on top of them is stabler than re-estimating them batch by batch.
+    """
+    from dgconvert.preprocess import normalize
+
+    params = [p for s in net.stages for p in s.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    heads = list(net.gates)
+    opt = torch.optim.SGD(
+        [{"params": params, "lr": lr}, {"params": [p for h in heads for p in h.parameters()], "lr": lr}],
+        momentum=0.9,
+        nesterov=True,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    n = len(y)
+    steps = math.ceil(n / batch_size)
+    sched = _schedule(opt, epochs * steps)
+    bar = _bar(epochs * steps, "fine-tune jointly" if progress else False, "joint", "step")
+    net.eval()
+    last = 0.0
+    try:
+        for _ in range(epochs):
+            perm, tot = torch.randperm(n, generator=gen), 0.0
+            for i in range(steps):
+                idx = perm[i * batch_size : (i + 1) * batch_size]
+                xb = images[idx.numpy()]
+                x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
+                probs, confs = [], []
+                for k, head in enumerate(heads):
+                    x = net.stages[k](x)
+                    h, _, logits = head(x)
+                    probs.append(torch.softmax(logits, 1))
+                    confs.append(h)
+                probs.append(torch.softmax(net.stages[-1](x), 1))
+                loss = eenet_lv2(probs, confs, costs, y[idx], cost_weight)
+                loss = loss + sum(l2_penalty(lin.weight, l2) for h in heads for lin in _linears(h))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += loss.item() * len(idx)
+                bar.update(1)
+            last = tot / n
+    finally:
+        bar.close()
+        for p in params:
+            p.requires_grad_(False)
+        net.eval()
+    return [last] * len(heads)

@@ -1,0 +1,38 @@
+"""Shared fixtures. Exported bundles are cached per session: exporting costs seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FASHION_DIR = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests with a reason unless a CUDA GPU and TensorRT are present."""
+    reason = _gpu_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _gpu_skip_reason() -> str | None:
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (pip install tensorrt cuda-python on a GPU machine)"
+    if importlib.util.find_spec("cuda") is None:
+        return "cuda-python is not installed (pip install cuda-python)"
+    if shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists():
+        return "no NVIDIA GPU visible on this machine"
+    return None
+
+
+@pytest.fixture(scope="session")
+def fashion_available() -> bool:
+    return (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file()
