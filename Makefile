@@ -28,8 +28,21 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check dgconvert tests benchmarks
 
+# The main job end to end on the CPU. The backbone is trained on train[:50000] (cached);
+# gates are fitted on the same part; thresholds are calibrated on train[50000:], which
+# neither the backbone nor the gates saw; predict and bench use the test set.
+DG := $(BIN)/dgconvert
 demo: $(STAMP) data
-	$(BIN)/python -m dgconvert.demo --out $(OUT)
+	$(DG) train-reference -o $(OUT)/backbone.pt
+	$(DG) gates fit $(OUT)/backbone.pt --cut layer1,layer2,layer3 \
+	    --data 'fashion-mnist:train[:50000]' -o $(OUT)/gated.pt --force
+	$(DG) export $(OUT)/gated.pt -o $(OUT)/reference.dg --force --data 'fashion-mnist:test[:512]'
+	$(DG) calibrate $(OUT)/reference.dg --data 'fashion-mnist:train[50000:]' --max-drop 0.3 \
+	    --json $(OUT)/calibration.json --plot $(OUT)/frontier.png
+	$(DG) predict $(OUT)/reference.dg --data fashion-mnist:test
+	$(DG) info $(OUT)/reference.dg
+	$(DG) bench $(OUT)/reference.dg --data fashion-mnist:test --model $(OUT)/gated.pt \
+	    --batch-size 1,8,64,256 --json $(OUT)/bench.json --plot $(OUT)/bench.png
 
 clean:
 	rm -rf $(OUT) .pytest_cache

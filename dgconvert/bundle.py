@@ -6,6 +6,7 @@ Torch-free: the runtime reads bundles with numpy + onnxruntime only.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,7 +120,8 @@ class Bundle:
 
     @property
     def thresholds(self) -> list[float]:
-        return [float(t) for t in self.manifest["thresholds"]["values"]]
+        """Per-gate thresholds; ``null`` in the manifest means +inf (gate disabled)."""
+        return [math.inf if t is None else float(t) for t in self.manifest["thresholds"]["values"]]
 
     @property
     def stage_flops(self) -> list[int]:
@@ -167,7 +169,7 @@ class Bundle:
 
         def fn(m: dict[str, Any]) -> None:
             m["thresholds"] = {
-                "values": [float(v) for v in values],
+                "values": [None if math.isinf(v) and v > 0 else float(v) for v in values],
                 "source": source,
                 "updated": now_iso(),
             }

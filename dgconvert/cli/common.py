@@ -71,7 +71,7 @@ def _jsonable(o: Any) -> Any:
 def backend_option(fn: F) -> F:
     return click.option(
         "--backend",
-        type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+        type=click.Choice(["auto", "onnxruntime", "onnxruntime-gpu", "tensorrt"]),
         default="auto",
         show_default=True,
         help="Runtime backend; auto = TensorRT engines for this GPU, else onnxruntime-gpu, else CPU.",

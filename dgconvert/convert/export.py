@@ -19,8 +19,13 @@ from dgconvert.gating.network import GatedNetwork
 
 
 def _tensor_specs(names: list[str], values: list[torch.Tensor], batch: str) -> list[dict[str, Any]]:
+    """Name, shape (dynamic batch dim named ``batch``; ``keep`` is always ``M``) and dtype."""
     return [
-        {"name": n, "shape": [batch, *list(v.shape[1:])], "dtype": str(v.dtype).removeprefix("torch.")}
+        {
+            "name": n,
+            "shape": ["M" if n == "keep" else batch, *list(v.shape[1:])],
+            "dtype": str(v.dtype).removeprefix("torch."),
+        }
         for n, v in zip(names, values, strict=True)
     ]
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from dgconvert.bundle import Bundle
 from dgconvert.errors import BackendUnavailableError, BundleError
 
 #: Graph inputs/outputs that stay float32: what the runtime feeds and reads on the host.
@@ -221,7 +222,7 @@ def _constants_to_initializers(g: Any, numpy_helper: Any) -> None:
 
 
 # -- calibration data ----------------------------------------------------------------------
-def stage_calibration_inputs(bundle: Any, images: np.ndarray) -> list[dict[str, np.ndarray]]:
+def stage_calibration_inputs(bundle: Bundle, images: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Each stage's inputs on calibration ``images`` (float32, normalized), computed with the
     FP32 stage graphs on ONNX Runtime CPU: ``[{"images"}, {"x", "keep"}, ...]``.
 

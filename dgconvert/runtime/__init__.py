@@ -10,10 +10,11 @@ from typing import Any
 
 from dgconvert.bundle import Bundle
 from dgconvert.runtime.base import Backend, StageOutput
-from dgconvert.runtime.runner import GatedResult, GatedRunner, GateRecords
+from dgconvert.runtime.runner import GatedResult, GatedRunner
 
 BACKENDS = {
     "onnxruntime": "dgconvert.runtime.onnxruntime_backend:OnnxRuntimeBackend",
+    "onnxruntime-gpu": "dgconvert.runtime.onnxruntime_gpu:OnnxRuntimeGpuBackend",
     "tensorrt": "dgconvert.runtime.tensorrt_backend:TensorRTBackend",
 }
 
@@ -42,7 +43,6 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "Bundle",
-    "GateRecords",
     "GatedResult",
     "GatedRunner",
     "StageOutput",

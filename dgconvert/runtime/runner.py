@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from dgconvert.bundle import Bundle
 from dgconvert.errors import InputError
 from dgconvert.preprocess import prepare_images
 from dgconvert.runtime.base import Backend
+
+if TYPE_CHECKING:
+    from dgconvert.calibrate.records import GateRecords
 
 
 @dataclass
@@ -33,13 +36,8 @@ class GatedResult:
         return np.bincount(self.exit_stage, minlength=num_stages)
 
 
-@dataclass
-class GateRecords:
-    """Every gate evaluated on every sample (the calibration pass)."""
-
-    scores: np.ndarray  # float32 [N, K]
-    labels: np.ndarray  # int64 [N, K]
-    final_labels: np.ndarray  # int64 [N]
+_KEEP_ONE = np.zeros(1, np.int64)  # keep = [0] for one continuing row (never written to)
+_KEEP_ONE.flags.writeable = False
 
 
 def _empty_result() -> GatedResult:
@@ -83,6 +81,8 @@ class GatedRunner:
         self.max_batch = max_batch
         self._lock = threading.Lock()
         self._stats = [0] * self.bundle.num_stages
+        self._sample_shape = tuple(self.bundle.input_shape)
+        self._norm_ops: list[tuple[Any, np.ndarray]] | None = None
 
     @property
     def backend_name(self) -> str:
@@ -123,7 +123,32 @@ class GatedRunner:
 
     def prepare(self, images: Any) -> np.ndarray:
         """Validate and normalize a batch (see :func:`dgconvert.preprocess.prepare_images`)."""
+        if (type(images) is np.ndarray and images.dtype == np.uint8
+                and images.shape[1:] == self._sample_shape and len(images)):
+            return self._normalize_u8(images)
         return prepare_images(images, self.bundle.input_shape, self.bundle.normalization)
+
+    def _normalize_u8(self, images: np.ndarray) -> np.ndarray:
+        """:func:`dgconvert.preprocess.normalize` with its constants prepared once (same
+        operations in the same order, so the same bits; the hot path of small batches)."""
+        ops = self._norm_ops
+        if ops is None:
+            norm = self.bundle.normalization or {}
+            c, extra = self._sample_shape[0], (1,) * (len(self._sample_shape) - 1)
+            ops = []
+            if float(norm.get("scale", 1.0)) != 1.0:
+                ops.append((np.divide, np.float32(norm["scale"])))
+            for key, op in (("mean", np.subtract), ("std", np.divide)):
+                if norm.get(key) is not None:
+                    v = np.asarray(norm[key], dtype=np.float32)
+                    if v.size not in (1, c):
+                        return prepare_images(images, self.bundle.input_shape, norm)
+                    ops.append((op, v.reshape((1, -1) + extra)))
+            self._norm_ops = ops
+        x = images.astype(np.float32)
+        for op, v in ops:
+            op(x, v, out=x)
+        return x
 
     def predict(self, images: Any) -> GatedResult:
         """Labels, exit stages and scores for a batch, in the caller's order."""
@@ -139,46 +164,75 @@ class GatedRunner:
         return res
 
     def _predict_chunk(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
-        t, last = self._thresholds, self.bundle.num_stages - 1
-        rows = np.arange(offset, offset + len(x))  # caller rows of the current stage rows
-        out = self.backend.run_stage(0, x, None)
-        self._count(0, len(x))
-        for k in range(1, last + 1):
-            exits = out.score >= t[k - 1]
-            if exits.any():
-                done = rows[exits]
-                res.labels[done] = out.label[exits]
-                res.scores[done] = out.score[exits]
-                res.exit_stage[done] = k - 1
-            keep = np.flatnonzero(~exits)
-            if keep.size == 0:
-                return
-            out = self.backend.run_stage(k, out.features, keep.astype(np.int64, copy=False))
-            self._count(k, int(keep.size))
-            rows = rows[keep]
-        res.labels[rows] = out.label
-        res.scores[rows] = out.score
-        res.exit_stage[rows] = last
+        # Hot path (batch 1 pays it per image): few numpy calls per stage, one lock per chunk.
+        t, last, run = self._thresholds, self.bundle.num_stages - 1, self.backend.run_stage
+        n = len(x)
+        counts = [n] + [0] * last
+        out = run(0, x, None)
+        if n == 1:  # batch 1: scalar decisions, no index arithmetic
+            try:
+                for k in range(1, last + 1):
+                    score = out.score[0]
+                    if score >= t[k - 1]:
+                        res.labels[offset], res.scores[offset] = out.label[0], score
+                        res.exit_stage[offset] = k - 1
+                        return
+                    out = run(k, out.features, _KEEP_ONE)
+                    counts[k] = 1
+                res.labels[offset], res.scores[offset] = out.label[0], out.score[0]
+                res.exit_stage[offset] = last
+            finally:
+                self._add_counts(counts)
+            return
+        rows = np.arange(offset, offset + n)  # caller rows of the current stage rows
+        try:
+            for k in range(1, last + 1):
+                exits = out.score >= t[k - 1]
+                keep = (~exits).nonzero()[0]
+                if keep.size < n:
+                    done = rows[exits]
+                    res.labels[done] = out.label[exits]
+                    res.scores[done] = out.score[exits]
+                    res.exit_stage[done] = k - 1
+                    if keep.size == 0:
+                        return
+                    rows = rows[keep]
+                    n = keep.size
+                if keep.dtype != np.int64:  # pragma: no cover - 32-bit platforms
+                    keep = keep.astype(np.int64)
+                out = run(k, out.features, keep)
+                counts[k] = n
+            res.labels[rows] = out.label
+            res.scores[rows] = out.score
+            res.exit_stage[rows] = last
+        finally:
+            self._add_counts(counts)
+
+    def _add_counts(self, counts: list[int]) -> None:
+        with self._lock:
+            for k, c in enumerate(counts):
+                self._stats[k] += c
 
     def collect(self, images: Any) -> GateRecords:
-        """Every gate's score and label and the final label for every sample (no exits)."""
+        """Every gate's score and label and the final label for every sample (no exits):
+        the calibration pass."""
+        from dgconvert.calibrate.records import GateRecords
+
         x = self.prepare(images)
         n, k_gates = len(x), self.bundle.num_gates
-        rec = GateRecords(
-            np.empty((n, k_gates), np.float32),
-            np.empty((n, k_gates), np.int64),
-            np.empty(n, np.int64),
-        )
+        scores = np.empty((n, k_gates), np.float32)
+        labels = np.empty((n, k_gates), np.int64)
+        final = np.empty(n, np.int64)
         for sl in self._chunks(n):
             m = sl.stop - sl.start
             keep = np.arange(m, dtype=np.int64)
             out = self.backend.run_stage(0, x[sl], None)
             for k in range(1, self.bundle.num_stages):
-                rec.scores[sl, k - 1] = out.score
-                rec.labels[sl, k - 1] = out.label
+                scores[sl, k - 1] = out.score
+                labels[sl, k - 1] = out.label
                 out = self.backend.run_stage(k, out.features, keep)
-            rec.final_labels[sl] = out.label
-        return rec
+            final[sl] = out.label
+        return GateRecords(scores, labels, final)
 
     def full_logits(self, images: Any) -> np.ndarray:
         """Logits of the ungated model (for comparisons and benchmarks)."""

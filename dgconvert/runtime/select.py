@@ -1,22 +1,114 @@
 """``backend="auto"``: TensorRT engines for this GPU if built, else onnxruntime-gpu, else
-ONNX Runtime on the CPU."""
+ONNX Runtime on the CPU, with a sentence saying what was chosen and why the better options
+were not.
+
+:func:`probe` looks at the machine once (imports, GPUs, ONNX Runtime providers) without
+creating any session; :func:`pick_backend` is a pure decision on a :class:`Probe`, so it is
+tested on any machine.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from dgconvert.bundle import Bundle
+from dgconvert.errors import BackendUnavailableError
 
 
-def pick_backend(bundle: Bundle) -> tuple[str, dict[str, Any], str]:
-    """Return ``(backend name, backend options, reason)``."""
-    import onnxruntime as ort
+@dataclass
+class Probe:
+    """What this machine offers to the backends."""
 
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        return (
-            "onnxruntime",
-            {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
-            "onnxruntime-gpu with the CUDA execution provider",
-        )
-    return "onnxruntime", {}, "ONNX Runtime on the CPU (no GPU backend available)"
+    trt_version: str | None = None  # None: tensorrt not importable
+    cuda_python: bool = False
+    gpus: list[Any] = field(default_factory=list)  # runtime.cuda.GpuInfo
+    ort_providers: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # component -> why unavailable
+
+
+def probe(device: int = 0) -> Probe:
+    """Inspect the machine: TensorRT and cuda-python imports, GPUs, ONNX Runtime providers."""
+    from dgconvert.runtime import cuda
+
+    p = Probe()
+    try:
+        import onnxruntime as ort
+
+        p.ort_providers = list(ort.get_available_providers())
+    except ImportError:
+        p.notes["onnxruntime"] = "onnxruntime is not installed (pip install onnxruntime)"
+    try:
+        import tensorrt
+
+        p.trt_version = str(tensorrt.__version__)
+    except ImportError:
+        p.notes["tensorrt"] = "tensorrt is not installed (pip install tensorrt cuda-python)"
+    except Exception as exc:  # a broken install (missing libnvinfer) must not break auto
+        p.notes["tensorrt"] = f"tensorrt is installed but fails to import: {exc}"
+    try:
+        cuda.load_runtime()
+        p.cuda_python = True
+        p.gpus = cuda.list_gpus()
+    except BackendUnavailableError as exc:
+        p.notes["cuda"] = str(exc)
+        p.gpus = cuda.nvidia_smi()[0]
+    if not p.gpus:
+        p.notes.setdefault("gpu", "no NVIDIA GPU visible")
+    return p
+
+
+def _registered(name: str) -> bool:
+    from dgconvert.runtime import BACKENDS
+
+    return name in BACKENDS
+
+
+def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
+                 device: int = 0) -> tuple[str, dict[str, Any], str]:
+    """Return ``(backend name, backend options, reason)`` for ``bundle`` on this machine."""
+    from dgconvert.runtime.tensorrt_backend import engine_key
+
+    p = probe_result if probe_result is not None else probe(device)
+    skipped: list[str] = []
+    engines = bundle.manifest.get("engines") or {}
+    gpu = p.gpus[device] if 0 <= device < len(p.gpus) else None
+
+    # 1. TensorRT engines built for this GPU and TensorRT version
+    if p.trt_version is None:
+        skipped.append(f"TensorRT: {p.notes.get('tensorrt', 'not installed')}")
+    elif not p.cuda_python:
+        skipped.append("TensorRT: cuda-python is not installed (pip install cuda-python)")
+    elif gpu is None:
+        skipped.append("TensorRT: no GPU visible")
+    else:
+        key = engine_key(gpu.name, gpu.major, gpu.minor, p.trt_version)
+        rec = engines.get(key)
+        if rec is not None and str(rec.get("tensorrt")) == p.trt_version:
+            return ("tensorrt", {"device": device},
+                    f"TensorRT {p.trt_version} engines built for this GPU ({key}, "
+                    f"{rec.get('precision', '?')})")
+        if rec is not None:
+            skipped.append(f"TensorRT: engines {key} were built with TensorRT {rec.get('tensorrt')}, "
+                           f"this is {p.trt_version} (rebuild: dgconvert build {bundle.path})")
+        else:
+            built = ", ".join(engines) or "none"
+            skipped.append(f"TensorRT: no engines for {key} (built: {built}; run "
+                           f"`dgconvert build {bundle.path}`)")
+
+    # 2. onnxruntime-gpu
+    cuda_ep = "CUDAExecutionProvider" in p.ort_providers
+    if cuda_ep and gpu is not None:
+        providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+        why = f"onnxruntime-gpu with the CUDA execution provider on {gpu.name}"
+        if _registered("onnxruntime-gpu"):
+            return ("onnxruntime-gpu", {"providers": providers, "device_id": device},
+                    f"{why}, features kept on the GPU (I/O binding); " + "; ".join(skipped))
+        return ("onnxruntime", {"providers": providers}, f"{why}; " + "; ".join(skipped))
+    skipped.append(
+        "onnxruntime-gpu: " + ("no GPU visible" if cuda_ep else
+                               "CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
+    )
+
+    # 3. ONNX Runtime on the CPU
+    return "onnxruntime", {}, "ONNX Runtime on the CPU; " + "; ".join(skipped)

@@ -1,0 +1,202 @@
+"""Gate records from the collection pass, and the exact simulation of an exit rule.
+
+A sample exits at the first gate ``k`` with ``scores[i, k] >= thresholds[k]`` and takes
+``labels[i, k]``; otherwise it takes ``final_labels[i]``. ``+inf`` disables a gate.
+``exit_costs[k]`` (length K+1, non-decreasing) is the cumulative cost paid by a sample
+leaving at exit point ``k``; ``k = K`` is the final stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dgconvert.calibrate.errors import CalibrationError
+
+
+def _int_array(name: str, value: Any, ndim: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != ndim:
+        raise CalibrationError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise CalibrationError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and arr.min() < 0:
+        raise CalibrationError(
+            f"{name} holds a negative class index ({int(arr.min())}); class indices start at 0"
+        )
+    return arr
+
+
+@dataclass(frozen=True)
+class GateRecords:
+    """Every gate's score and label, and the final label, for each of n samples.
+
+    ``scores`` is stored as float32 [n, K] (what the runtime compares), ``labels`` as
+    int64 [n, K] and ``final_labels`` as int64 [n]. NaN scores are rejected.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    final_labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        scores = np.asarray(self.scores)
+        if scores.ndim != 2 or scores.shape[1] < 1:
+            raise CalibrationError(
+                f"scores must be [n, K] with K >= 1 gates, got shape {scores.shape}"
+            )
+        if scores.dtype == bool or not np.issubdtype(scores.dtype, np.number):
+            raise CalibrationError(f"scores must be real numbers, got dtype {scores.dtype}")
+        scores = scores.astype(np.float32, copy=False)
+        if not np.isfinite(scores).all():
+            raise CalibrationError(
+                "scores contain NaN or infinities (a +inf score would exit even at a disabled "
+                "gate); fix the gate head before calibrating"
+            )
+        labels = _int_array("labels", self.labels, 2)
+        final = _int_array("final_labels", self.final_labels, 1)
+        if labels.shape != scores.shape:
+            raise CalibrationError(
+                f"labels have shape {labels.shape}, scores {scores.shape}; both must be [n, K]"
+            )
+        if final.shape != (scores.shape[0],):
+            raise CalibrationError(
+                f"final_labels have shape {final.shape}, expected ({scores.shape[0]},) "
+                "(one per sample)"
+            )
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "final_labels", final)
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return int(self.scores.shape[0])
+
+    @property
+    def num_gates(self) -> int:
+        """Number of gates K."""
+        return int(self.scores.shape[1])
+
+    def subset(self, index: np.ndarray) -> GateRecords:
+        """The records of the samples ``index`` (integer or boolean index)."""
+        return GateRecords(self.scores[index], self.labels[index], self.final_labels[index])
+
+
+def as_records(obj: Any) -> GateRecords:
+    """``obj`` as :class:`GateRecords` (accepts any object with the three arrays)."""
+    if isinstance(obj, GateRecords):
+        return obj
+    try:
+        return GateRecords(obj.scores, obj.labels, obj.final_labels)
+    except AttributeError as exc:
+        raise CalibrationError(
+            f"expected gate records (scores, labels, final_labels), got {type(obj).__name__}"
+        ) from exc
+
+
+def check_ground_truth(records: GateRecords, y: Any, num_classes: int | None = None) -> np.ndarray:
+    """Validated ``y`` (int64 [n]); with ``num_classes``, every label must be below it."""
+    y = _int_array("y", y, 1)
+    if y.shape != (records.n,):
+        raise CalibrationError(
+            f"y has {y.shape[0]} labels but the records hold {records.n} samples"
+        )
+    if num_classes is not None:
+        for name, arr in (
+            ("y", y),
+            ("labels", records.labels),
+            ("final_labels", records.final_labels),
+        ):
+            if arr.size and arr.max() >= num_classes:
+                raise CalibrationError(
+                    f"{name} holds class {int(arr.max())}, outside the model's {num_classes} "
+                    f"classes (0..{num_classes - 1}); check the data set's label mapping"
+                )
+    return y
+
+
+def check_exit_costs(records: GateRecords, exit_costs: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Validated ``exit_costs`` (float64 [K+1], finite, >= 0, non-decreasing, last > 0)."""
+    costs = np.asarray(exit_costs, dtype=np.float64)
+    k = records.num_gates
+    if costs.shape != (k + 1,):
+        raise CalibrationError(
+            f"exit_costs has shape {costs.shape}, expected ({k + 1},): one cumulative cost per "
+            f"exit point for {k} gates plus the final stage"
+        )
+    if not np.isfinite(costs).all() or costs.min() < 0 or costs[-1] <= 0:
+        raise CalibrationError(
+            f"exit_costs must be finite, >= 0, with a positive last entry: {costs.tolist()}"
+        )
+    if np.any(np.diff(costs) < 0):
+        raise CalibrationError(
+            f"exit_costs must be non-decreasing (cumulative cost per exit point): {costs.tolist()}"
+        )
+    return costs
+
+
+def check_thresholds(records: GateRecords, thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Validated thresholds (float64 [K], no NaN; +inf disables a gate)."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (records.num_gates,):
+        raise CalibrationError(
+            f"got {t.size} thresholds for {records.num_gates} gates; pass one per gate "
+            "(+inf disables a gate)"
+        )
+    if np.isnan(t).any():
+        raise CalibrationError(f"thresholds contain NaN: {t.tolist()}")
+    return t
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of running the exit rule on labelled records."""
+
+    accuracy: float
+    cost: float  # mean cost per sample
+    cost_fraction: float  # cost / exit_costs[K]
+    exit_fractions: np.ndarray  # float64 [K+1]
+    exit_point: np.ndarray  # int64 [n], K = final stage
+    prediction: np.ndarray  # int64 [n]
+    correct: int  # number of correct predictions
+
+
+def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """First gate with ``score >= threshold`` per sample, ``K`` when none fires."""
+    fires = scores >= thresholds[None, :]
+    return np.where(fires.any(axis=1), fires.argmax(axis=1), scores.shape[1]).astype(np.int64)
+
+
+def simulate(
+    records: GateRecords,
+    y: Any,
+    thresholds: Sequence[float] | np.ndarray,
+    exit_costs: Sequence[float] | np.ndarray,
+) -> Outcome:
+    """Apply the exit rule with ``thresholds`` to every sample (vectorised)."""
+    records = as_records(records)
+    y = check_ground_truth(records, y)
+    t = check_thresholds(records, thresholds)
+    costs = check_exit_costs(records, exit_costs)
+    k = records.num_gates
+    point = exit_points(records.scores, t)
+    all_labels = np.concatenate([records.labels, records.final_labels[:, None]], axis=1)
+    pred = np.take_along_axis(all_labels, point[:, None], axis=1)[:, 0]
+    n = max(records.n, 1)
+    counts = np.bincount(point, minlength=k + 1)
+    correct = int(np.count_nonzero(pred == y))
+    cost = float(counts @ costs) / n
+    return Outcome(
+        accuracy=correct / n,
+        cost=cost,
+        cost_fraction=cost / float(costs[-1]),
+        exit_fractions=counts / n,
+        exit_point=point,
+        prediction=pred,
+        correct=correct,
+    )

@@ -1,0 +1,134 @@
+"""`calibrate_bundle`: the collection pass, the search, the report and the write-back.
+
+This is what ``dgconvert calibrate`` runs; the CLI only parses options.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dgconvert.bundle import Bundle, now_iso
+from dgconvert.calibrate.collect import bundle_digest, collect_records, latency_exit_costs
+from dgconvert.calibrate.pipeline import calibrate
+from dgconvert.calibrate.report import CalibrationResult, markdown_table
+
+
+@dataclass
+class CalibrationOutcome:
+    result: CalibrationResult
+    record: dict[str, Any]  # the JSON report / manifest calibration record
+    table: str  # Markdown, d-gate paper Table 1 style
+    summary: str  # one paragraph for the terminal
+
+
+def _time_per_image(fn: Any, x: np.ndarray, batch_size: int, repeats: int = 3) -> float:
+    fn(x[:batch_size])  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in range(0, len(x), batch_size):
+            fn(x[s : s + batch_size])
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times)) / len(x)
+
+
+def measure_rows(
+    bundle: Bundle, images: np.ndarray, result: CalibrationResult, batch_size: int,
+    backend: str, **backend_options: Any,
+) -> dict[str, float]:
+    """Measured ms/image of the full model and of each row's thresholds on the backend."""
+    from dgconvert.runtime import GatedRunner
+
+    runner = GatedRunner(bundle, backend=backend, max_batch=batch_size, **backend_options)
+    x = runner.prepare(images[:2048])
+    ms = {"full": _time_per_image(runner.full_logits, x, batch_size)}
+    for name in ("ours", "sequential", "shared"):
+        runner.thresholds = list(getattr(result, name).thresholds)
+        ms[name] = _time_per_image(runner.predict, x, batch_size)
+    runner.close()
+    return ms
+
+
+def calibrate_bundle(
+    bundle: str | Path | Bundle,
+    data: str,
+    *,
+    target_acc: float | None = None,
+    max_drop: float | None = None,
+    confidence: float | None = None,
+    holdout: float = 0.3,
+    cost: str = "flops",
+    batch_size: int = 64,
+    measure: bool = False,
+    backend: str = "auto",
+    seed: int = 0,
+    write: bool = True,
+    progress: bool = False,
+    **backend_options: Any,
+) -> CalibrationOutcome:
+    """Calibrate ``bundle`` on labelled ``data`` (a ``--data`` spec).
+
+    ``target_acc`` is in percent (94.7) and ``max_drop`` in points (0.3), as on the command
+    line. With ``write`` the thresholds and the calibration record go into the manifest.
+    """
+    from dgconvert.data import load_dataset
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    ds = load_dataset(data, num_classes=b.num_classes)
+    y = ds.require_labels("calibration")
+    fingerprint = ds.fingerprint()
+    records, cached = collect_records(
+        b, ds.images, fingerprint, backend=backend, progress=progress, **backend_options
+    )
+    if cost == "latency":
+        exit_costs = latency_exit_costs(
+            b, ds.images, backend=backend, batch_size=batch_size, **backend_options
+        )
+        unit = "ms"
+    else:
+        exit_costs, unit = b.exit_costs(), "flops"
+    result = calibrate(
+        records, y, exit_costs,
+        target_acc=None if target_acc is None else target_acc / 100.0,
+        max_drop=None if max_drop is None else max_drop / 100.0,
+        confidence=confidence, holdout=holdout, seed=seed,
+        num_classes=b.num_classes, cost_unit=unit,
+    )
+    latency = None
+    if measure:
+        latency = measure_rows(b, ds.images, result, batch_size, backend, **backend_options)
+    record = {
+        **result.to_dict(),
+        "data": data,
+        "data_hash": fingerprint,
+        "bundle_digest": bundle_digest(b),
+        "cost": cost,
+        "requested": {"target_acc": target_acc, "max_drop": max_drop, "confidence": confidence},
+        "records_cached": cached,
+        "measured_ms_per_image": latency,
+        "created": now_iso(),
+    }
+    if write:
+        def update(m: dict[str, Any]) -> None:
+            m["thresholds"] = {
+                "values": record["thresholds"],
+                "source": f"calibration ({data}, target {result.target_accuracy:.4f})",
+                "updated": record["created"],
+            }
+            m["calibration"] = {k: v for k, v in record.items() if k != "frontier"}
+
+        b.update_manifest(update)
+    held = result.heldout_accuracy
+    summary = (
+        f"thresholds {[round(t, 4) for t in result.thresholds]} ({result.method}): accuracy "
+        f"{100 * result.accuracy:.2f} % (full {100 * result.full_accuracy:.2f} %)"
+        + (f", held-out {100 * held:.2f} %" if held is not None else "")
+        + f", cost {100 * result.cost_fraction:.1f} % of the full model"
+        + ("; written to the manifest" if write else "; dry run: manifest unchanged")
+    )
+    return CalibrationOutcome(result, record, markdown_table(result, latency_ms=latency), summary)
