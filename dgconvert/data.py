@@ -197,6 +197,8 @@ class Dataset:
             sel: Any = idx
         else:
             sel = np.asarray(idx)
+            if sel.size == 0 and sel.dtype == np.float64:  # an empty list
+                sel = sel.astype(np.int64)
             if sel.dtype == bool:
                 if sel.shape != (len(self),):
                     raise DataError(
@@ -558,7 +560,7 @@ def _decode_png(data: bytes, where: Path | str = "<png>") -> np.ndarray:
         elif ctype == b"IEND":
             break
     if ihdr is None or not idat:
-        raise DataError(f"{where}: PNG lacks IHDR or IDAT chunks. Fix: replace the file.")
+        raise DataError(f"{where}: PNG lacks IHDR or IDAT chunks (truncated?). Fix: replace it.")
     w, h, depth, color, _, _, interlace = ihdr
     if depth != 8 or color not in _PNG_CHANNELS or interlace:
         raise DataError(
