@@ -33,7 +33,7 @@ lint: $(STAMP)
 # neither the backbone nor the gates saw; predict and bench use the test set.
 DG := $(BIN)/dgconvert
 demo: $(STAMP) data
-	$(DG) train-reference -o $(OUT)/backbone.pt
+	$(DG) train-reference --data 'fashion-mnist:train[:50000]' -o $(OUT)/backbone.pt
 	$(DG) gates fit $(OUT)/backbone.pt --cut layer1,layer2,layer3 \
 	    --data 'fashion-mnist:train[:50000]' -o $(OUT)/gated.pt --force
 	$(DG) export $(OUT)/gated.pt -o $(OUT)/reference.dg --force --data 'fashion-mnist:test[:512]'

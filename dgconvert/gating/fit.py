@@ -4,9 +4,10 @@ One pass of the frozen backbone (eval mode) over the data caches every gate's in
 the globally pooled features at each cut — and the final logits. Each gate is then
 trained on those cached vectors, which takes seconds:
 
-- ``dgate``: one linear layer, ``d = wᵀx − b``, trained with the one-vs-all hinge loss and
-  an L2 term by mini-batch sub-gradient descent (paper eq. 1–3), each gate independently on
-  all training data; ``hinge="crammer-singer"`` uses the multi-class hinge instead.
+- ``dgate``: one linear layer, ``d = wᵀx − b``, trained with a hinge loss and an L2 term by
+  mini-batch sub-gradient descent, each gate independently on all training data (paper eq.
+  1–3). ``hinge="ovr"`` is the paper's one-vs-all hinge; the default, ``"crammer-singer"``,
+  the multi-class hinge (scored by its ``margin``: ≥ 1 means outside the margin).
 - ``softmax``: the same linear layer trained with cross-entropy (the paper's baseline).
 - ``confidence``: EENet ``pool`` exit blocks trained together with the cost-aware loss
   ``L_v2`` (costs are FLOP fractions); ``joint=True`` also fine-tunes the backbone (no
@@ -20,15 +21,17 @@ A held-out share of the data (``holdout``) gives each gate's coverage/accuracy c
 of samples with ``score ≥ t`` and the gate's accuracy on them) and its initial threshold:
 the lowest ``t`` at which exiting costs no held-out accuracy — on the samples with
 ``score ≥ t`` the gate is right at least as often as the final classifier (``inf``, gate
-disabled, if no ``t`` qualifies). ``dgconvert calibrate`` then trades accuracy for speed. All of it is returned in a
-:class:`FitResult` and recorded in ``net.meta["fit"]``, which :func:`dgconvert.save` keeps.
+disabled, if no ``t`` qualifies); ``dgconvert calibrate`` then trades accuracy for speed.
+All of it is returned in a :class:`FitResult` and recorded in ``net.meta["fit"]``, which
+:func:`dgconvert.save` keeps. :data:`PAPER_DGATE` is the paper's exact setting.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GATE",
+    "DEFAULT_HINGE",
     "DEFAULT_SCORE",
     "HINGES",
     "PAPER_DGATE",
@@ -63,9 +67,13 @@ __all__ = [
     "train_heads",
 ]
 
-#: Default gate of :func:`fit_gates` and ``dgconvert gates fit`` (see benchmarks/results/
-#: gate_comparison.md for the measurement behind the choice).
-DEFAULT_GATE = "softmax"
+#: Defaults of :func:`fit_gates` and ``dgconvert gates fit``: a d-gate trained with the
+#: Crammer–Singer hinge on standardized features, scored by the margin between its two
+#: largest distances. Measured in benchmarks/results/gate_comparison.md: it ties with
+#: standardized cross-entropy gates for the most FLOPs saved at equal accuracy, and both
+#: beat the paper's exact setting (raw features, one-vs-all, max distance) and EENet exits.
+DEFAULT_GATE = "dgate"
+DEFAULT_HINGE = "crammer-singer"
 #: Default score kind per gate type.
 DEFAULT_SCORE = {"dgate": "margin", "softmax": "margin", "confidence": "sigmoid"}
 HINGES = ("ovr", "crammer-singer")
@@ -73,7 +81,7 @@ HINGES = ("ovr", "crammer-singer")
 PAPER_DGATE: dict[str, Any] = {"gate": "dgate", "score": "max", "hinge": "ovr", "standardize": False}
 
 _DEFAULT_L2 = {"dgate": 1e-4, "softmax": 1e-4, "confidence": 1e-4}
-_DEFAULT_LR = 0.05
+_DEFAULT_LR = 0.2
 _JOINT_LR = 1e-3
 
 
@@ -150,9 +158,9 @@ class FitResult:
                 continue
             lines.append(f"{head}: top-1 {100 * g.holdout_accuracy:.2f} %")
             pts = [_at_coverage(g.curve, c) for c in covs]
-            lines.append("  coverage  " + "".join(f"{100 * c:>8.0f}%" for c in covs))
-            lines.append("  accuracy  " + "".join(f"{100 * p['accuracy']:>8.2f}%" for p in pts))
-            lines.append("  score >=  " + "".join(f"{p['threshold']:>9.4g}" for p in pts))
+            lines.append("  coverage " + "".join(f"{100 * p['coverage']:>9.1f}%" for p in pts))
+            lines.append("  accuracy " + "".join(f"{100 * p['accuracy']:>9.2f}%" for p in pts))
+            lines.append("  score >= " + "".join(f"{p['threshold']:>10.3g}" for p in pts))
             if math.isinf(g.threshold):
                 lines.append("  threshold inf: exiting here always costs accuracy (gate off)")
             else:
@@ -277,7 +285,7 @@ def _fold_standardization(head: nn.Module, mean: torch.Tensor, std: torch.Tensor
 
 def _data_loss(head: GateHead, x: torch.Tensor, y: torch.Tensor, hinge: str) -> torch.Tensor:
     _, _, logits = head(x)
-    if head.gate_type == "softmax":
+    if head.gate_type != "dgate":  # softmax gates, confidence gates' classifier branch
         return nn.functional.cross_entropy(logits, y)
     return ovr_hinge(logits, y) if hinge == "ovr" else crammer_singer_hinge(logits, y)
 
@@ -307,7 +315,8 @@ def train_heads(
     """Train gate heads in place on cached features; return each head's final-epoch loss.
 
     ``dgate``/``softmax`` heads are trained one after another, independently;
-    ``confidence`` heads together with ``L_v2`` (``costs``: K+1 cumulative cost fractions).
+    ``confidence`` heads together with ``L_v2`` (``costs``: K+1 cumulative cost fractions),
+    after a cross-entropy warm start of their classifier branches.
     """
     kinds = {h.gate_type for h in heads}
     if len(kinds) != 1:
@@ -319,61 +328,86 @@ def train_heads(
         std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
         stats.append((mean, std))
     xs = [(x - m) / s for x, (m, s) in zip(features.pooled, stats, strict=True)]
-    gen = torch.Generator().manual_seed(seed)
     n = len(y)
     steps = math.ceil(n / batch_size)
-    if kind == "confidence":
-        if costs is None:
-            raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
-        final_p = torch.softmax(features.logits, 1)
-        params = [p for h in heads for p in h.parameters()]
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-        sched = _schedule(opt, epochs * steps)
-        bar = _bar(epochs * steps, progress, "fit confidence gates", "step")
-        last = 0.0
-        for _ in range(epochs):
-            perm, tot = torch.randperm(n, generator=gen), 0.0
-            for i in range(steps):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
-                loss = _lv2_step(heads, [x[idx] for x in xs], final_p[idx], y[idx], costs, cost_weight)
-                loss = loss + sum(l2_penalty(lin.weight, l2) for h in heads for lin in _linears(h))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                tot += loss.item() * len(idx)
-                bar.update(1)
-            last = tot / n
-        bar.close()
-        losses = [last] * len(heads)
-    else:
-        losses = []
-        bar = _bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
-        for head, x in zip(heads, xs, strict=True):
-            head.train()
-            opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
-            sched = _schedule(opt, epochs * steps)
-            last = 0.0
-            for _ in range(epochs):
-                perm, tot = torch.randperm(n, generator=gen), 0.0
-                for i in range(steps):
-                    idx = perm[i * batch_size : (i + 1) * batch_size]
-                    data = _data_loss(head, x[idx], y[idx], hinge)
-                    loss = data + sum(l2_penalty(lin.weight, l2) for lin in _linears(head))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    tot += data.item() * len(idx)
-                    bar.update(1)
-                last = tot / n
-            losses.append(last)
-        bar.close()
+    with _threads(1):  # tiny matmuls: more threads only add synchronisation
+        if kind == "confidence":
+            if costs is None:
+                raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
+            bar = _bar((len(heads) + 1) * epochs * steps, progress, "fit confidence gates", "step")
+            # Warm start: each classifier branch is first fitted with cross-entropy. With a
+            # frozen, accurate final classifier, L_v2 alone drives h -> 0 at early exits and
+            # then starves their classifier branches (their gradient scales with h).
+            for head, x in zip(heads, xs, strict=True):
+                warm = lambda i, h=head, x=x: _data_loss(h, x[i], y[i], hinge)  # noqa: E731
+                _sgd(list(head.classifier.parameters()), warm, n, epochs, batch_size, lr, l2,
+                     [head.classifier], seed, bar)  # fmt: skip
+            final_p = torch.softmax(features.logits, 1)
+            last = _sgd(
+                [p for h in heads for p in h.parameters()],
+                lambda i: _lv2_step(heads, [x[i] for x in xs], final_p[i], y[i], costs, cost_weight),
+                n, epochs, batch_size, lr, l2, [m for h in heads for m in _linears(h)], seed, bar,
+            )  # fmt: skip
+            bar.close()
+            losses = [last] * len(heads)
+        else:
+            losses = []
+            bar = _bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
+            for head, x in zip(heads, xs, strict=True):
+                loss_fn = lambda i, h=head, x=x: _data_loss(h, x[i], y[i], hinge)  # noqa: E731
+                losses.append(_sgd(list(head.parameters()), loss_fn, n, epochs, batch_size, lr, l2,
+                                   _linears(head), seed, bar))  # fmt: skip
+            bar.close()
     for head, (mean, std) in zip(heads, stats, strict=True):
         head.eval()
         if standardize:
             _fold_standardization(head, mean, std)
     return losses
+
+
+def _sgd(
+    params: list[nn.Parameter],
+    loss_fn: Any,
+    n: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    l2: float,
+    decayed: Sequence[nn.Linear],
+    seed: int,
+    bar: Any,
+) -> float:
+    """Mini-batch (sub-)gradient descent, Nesterov momentum, one-cycle schedule; L2 on the
+    ``decayed`` layers' weights. Returns the mean data loss of the last epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = math.ceil(n / batch_size)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    sched = _schedule(opt, epochs * steps)
+    last = 0.0
+    for _ in range(epochs):
+        perm, tot = torch.randperm(n, generator=gen), 0.0
+        for i in range(steps):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            data = loss_fn(idx)
+            loss = data + sum(l2_penalty(m.weight, l2) for m in decayed) if l2 else data
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += data.item() * len(idx)
+            bar.update(1)
+        last = tot / n
+    return last
+
+
+@contextmanager
+def _threads(k: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(k, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _lv2_step(
@@ -402,7 +436,7 @@ def fit_gates(
     gate: str = DEFAULT_GATE,
     *,
     score: str | None = None,
-    hinge: str = "ovr",
+    hinge: str = DEFAULT_HINGE,
     l2: float | None = None,
     standardize: bool = True,
     epochs: int = 20,
@@ -411,6 +445,7 @@ def fit_gates(
     holdout: float = 0.1,
     joint: bool = False,
     joint_epochs: int = 1,
+    joint_lr: float = _JOINT_LR,
     cost_weight: float = 1.0,
     arch: str | dict[str, Any] | None = None,
     trust_pickle: bool = False,
@@ -431,8 +466,9 @@ def fit_gates(
 
     ``score`` defaults to :data:`DEFAULT_SCORE`; ``hinge`` (``"ovr"``, ``"crammer-singer"``),
     ``l2`` and ``standardize`` shape the training (``PAPER_DGATE`` is the paper's exact
-    setting). ``joint`` (confidence gates only) fine-tunes the backbone with ``L_v2`` for
-    ``joint_epochs`` epochs after the heads are fitted. ``holdout`` is the share of ``data``
+    setting). ``joint`` (confidence gates only) then fine-tunes backbone and exits together
+    with ``L_v2`` for ``joint_epochs`` epochs at learning rate ``joint_lr``. Otherwise the
+    backbone is frozen (``requires_grad`` off, eval mode) and shared with the returned network. ``holdout`` is the share of ``data``
     kept out of training for the coverage/accuracy report and the initial thresholds.
     """
     t0 = time.perf_counter()
@@ -490,11 +526,13 @@ def fit_gates(
     if joint:
         losses = _fine_tune_jointly(
             net, ds.images[train_idx], y[train_idx], normalization, fractions, l2=l2,
-            epochs=joint_epochs, batch_size=batch_size, lr=_JOINT_LR, cost_weight=cost_weight,
+            epochs=joint_epochs, batch_size=batch_size, lr=joint_lr, cost_weight=cost_weight,
             seed=seed, progress=progress,
         )  # fmt: skip
-        feats = extract_features(net, ds.images, normalization, feature_batch_size, "held-out features" if progress else False)
-    reports, final_acc = _reports(net, list(cuts), feats, y_all, hold_idx, losses, opts)
+        hold = extract_features(net, ds.images[hold_idx], normalization, feature_batch_size, "held-out features" if progress else False)
+    else:
+        hold = feats.subset(torch.from_numpy(hold_idx))
+    reports, final_acc = _reports(net, list(cuts), hold, y_all[hold_idx], losses)
     net.thresholds = [r.threshold for r in reports]
     options = {
         **opts,
@@ -504,6 +542,7 @@ def fit_gates(
         "batch_size": int(batch_size),
         "lr": lr,
         "joint_epochs": int(joint_epochs) if joint else 0,
+        "joint_lr": float(joint_lr) if joint else None,
         "seed": int(seed),
         "data": ds.source,
         "train_samples": len(train_idx),
@@ -554,11 +593,15 @@ def _resolve_backbone(
     if isinstance(backbone, nn.Module):
         spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
         return backbone, spec, {}
-    if isinstance(arch, dict):
-        model, info = load_backbone(backbone, arch=arch["factory"], arch_kwargs=arch.get("kwargs"), trust_pickle=trust_pickle)
+    spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
+    if spec is None:
+        model, info = load_backbone(backbone, trust_pickle=trust_pickle)
     else:
-        model, info = load_backbone(backbone, arch=arch, trust_pickle=trust_pickle)
-    return model, info.get("arch"), info
+        model, info = load_backbone(
+            backbone, arch=spec["factory"], arch_kwargs=spec.get("kwargs"), trust_pickle=trust_pickle
+        )
+    # a whole pickle records no architecture: the given one (if any) lets dg.save rebuild it
+    return model, info.get("arch") or spec, info
 
 
 def _resolve_data(data: str | Dataset) -> Dataset:
@@ -581,27 +624,19 @@ def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reports(
-    net: GatedNetwork,
-    cuts: list[str],
-    feats: Features,
-    y_all: np.ndarray,
-    hold_idx: np.ndarray,
-    losses: list[float],
-    opts: dict[str, Any],
+    net: GatedNetwork, cuts: list[str], hold: Features, y: np.ndarray, losses: list[float]
 ) -> tuple[list[GateReport], float | None]:
+    """Per-gate held-out curves and initial thresholds (defaults when nothing is held out)."""
     reports = []
-    if len(hold_idx) == 0:
+    if len(y) == 0:
         for k, g in enumerate(net.gates):
             reports.append(GateReport(k, cuts[k], g.gate_type, g.score_kind, g.in_features,
                                       losses[k], GatedNetwork.default_threshold(g)))  # fmt: skip
         return reports, None
-    idx = torch.from_numpy(hold_idx)
-    yh = y_all[hold_idx]
-    final_correct = feats.logits[idx].argmax(1).numpy() == yh
-    final_acc = float(final_correct.mean())
-    scores, labels = gate_outputs(list(net.gates), [p[idx] for p in feats.pooled])
+    final_correct = hold.logits.argmax(1).numpy() == y
+    scores, labels = gate_outputs(list(net.gates), hold.pooled)
     for k, g in enumerate(net.gates):
-        correct = labels[:, k] == yh
+        correct = labels[:, k] == y
         t = initial_threshold(scores[:, k], correct, final_correct)
         hit = scores[:, k] >= t
         reports.append(
@@ -619,7 +654,7 @@ def _reports(
                 curve=coverage_curve(scores[:, k], correct),
             )
         )
-    return reports, final_acc
+    return reports, float(final_correct.mean())
 
 
 def _fine_tune_jointly(
@@ -648,11 +683,8 @@ def _fine_tune_jointly(
     for p in params:
         p.requires_grad_(True)
     heads = list(net.gates)
-    opt = torch.optim.SGD(
-        [{"params": params, "lr": lr}, {"params": [p for h in heads for p in h.parameters()], "lr": lr}],
-        momentum=0.9,
-        nesterov=True,
-    )
+    head_params = [p for h in heads for p in h.parameters()]
+    opt = torch.optim.SGD(params + head_params, lr=lr, momentum=0.9, nesterov=True)
     gen = torch.Generator().manual_seed(seed)
     n = len(y)
     steps = math.ceil(n / batch_size)

@@ -1,0 +1,165 @@
+"""``dgconvert gates fit`` (attach and fit gate heads) and ``dgconvert train-reference``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dgconvert.cli.common import friendly_errors, write_json
+
+_GATES = ("dgate", "softmax", "confidence")
+# keep equal to dgconvert.gating.fit.DEFAULT_GATE / DEFAULT_HINGE (tested; the CLI module
+# must not import torch, so it cannot import them)
+_DEFAULT_GATE = "dgate"
+_DEFAULT_HINGE = "crammer-singer"
+
+
+@click.group("gates", context_settings={"help_option_names": ["-h", "--help"]})
+def gates_group() -> None:
+    """Attach gate heads to a trained backbone and fit them."""
+
+
+def _parse_kwargs(text: str | None, hint: str) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"expected a JSON object such as '{{\"widths\": [8, 16, 16, 32]}}', got {text!r} ({exc})",
+            param_hint=hint,
+        ) from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter(
+            f"expected a JSON object, got {type(value).__name__}: {text!r}", param_hint=hint
+        )
+    return value
+
+
+@gates_group.command("fit")
+@click.argument("backbone", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="Labelled training data, e.g. fashion-mnist:train.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Gated checkpoint to write (weights-only, read by dgconvert.load / export).")
+@click.option("--arch", default=None,
+              help="Architecture 'module:callable' (needed for a plain state_dict; overrides the "
+                   "one a dgconvert checkpoint records), e.g. dgconvert.zoo:resnet.")
+@click.option("--arch-kwargs", default=None, help="JSON keyword arguments for --arch.")
+@click.option("--normalization", default=None,
+              help='uint8 -> float input normalization as JSON, e.g. \'{"scale": 255, "mean": [0.286], '
+                   '"std": [0.353]}\' (default: the one the checkpoint records; none for a state_dict).')
+@click.option("--cut", "cuts", default="layer1,layer2,layer3", show_default=True,
+              help="Comma-separated module names; a gate follows each.")
+@click.option("--gate", type=click.Choice(_GATES), default=_DEFAULT_GATE, show_default=True,
+              help="Gate head: dgate (hinge loss), softmax (cross-entropy), confidence (EENet L_v2).")
+@click.option("--score", type=click.Choice(["max", "margin", "sigmoid"]), default=None,
+              help="Exit score (default: margin for dgate/softmax, sigmoid for confidence).")
+@click.option("--hinge", type=click.Choice(["ovr", "crammer-singer"]), default=_DEFAULT_HINGE,
+              show_default=True, help="dgate loss: Crammer-Singer multi-class or one-vs-all (the paper).")
+@click.option("--standardize/--no-standardize", default=True, show_default=True,
+              help="Train on standardized pooled features (folded into the weights afterwards).")
+@click.option("--paper", is_flag=True,
+              help="The d-gate paper's exact setting: --gate dgate --score max --hinge ovr "
+                   "--no-standardize.")
+@click.option("--l2", type=float, default=None, help="L2 strength on the gate weights (default 1e-4).")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Epochs over the cached features.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 0.2; standardized features).")
+@click.option("--holdout", type=float, default=0.1, show_default=True,
+              help="Share of --data held out for the coverage/accuracy report and thresholds.")
+@click.option("--joint", is_flag=True,
+              help="Confidence gates: also fine-tune the backbone with L_v2 (slow: runs the backbone).")
+@click.option("--joint-epochs", type=int, default=1, show_default=True)
+@click.option("--joint-lr", type=float, default=1e-3, show_default=True,
+              help="Learning rate of the joint fine-tuning.")
+@click.option("--cost-weight", type=float, default=1.0, show_default=True,
+              help="Confidence gates: lambda of L_v2 (weight of the FLOPs term).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow a whole pickled model (runs code from the file: trusted files only).")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fit report as JSON.")
+@friendly_errors
+def fit_cmd(
+    backbone: Path, data: str, output: Path, arch: str | None, arch_kwargs: str | None,
+    normalization: str | None, cuts: str, gate: str, score: str | None, hinge: str,
+    standardize: bool, paper: bool, l2: float | None, epochs: int, batch_size: int, lr: float | None, holdout: float,
+    joint: bool, joint_epochs: int, joint_lr: float, cost_weight: float, seed: int, trust_pickle: bool,
+    force: bool, json_path: Path | None,
+) -> None:  # fmt: skip
+    """Fit a gate after each --cut of BACKBONE (frozen) on --data and write the gated model."""
+    import dgconvert as dg
+    from dgconvert.gating.fit import PAPER_DGATE
+
+    if output.exists() and not force:
+        raise click.ClickException(
+            f"{output} exists; expected a new file. Fix: pass --force to overwrite it, or "
+            "choose another -o."
+        )
+    cut_list = [c.strip() for c in cuts.split(",") if c.strip()]
+    if not cut_list:
+        raise click.BadParameter(f"expected comma-separated module names, got {cuts!r}", param_hint="--cut")
+    options: dict[str, Any] = {"gate": gate, "score": score, "hinge": hinge, "standardize": standardize}
+    if paper:
+        options.update(PAPER_DGATE)
+    kwargs = _parse_kwargs(arch_kwargs, "--arch-kwargs")
+    arch_spec: str | dict[str, Any] | None = arch
+    if arch and kwargs is not None:
+        arch_spec = {"factory": arch, "kwargs": kwargs}
+    elif kwargs is not None:
+        raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
+    result = dg.fit_gates(
+        backbone, data, cut_list, **options, l2=l2, epochs=epochs, batch_size=batch_size,
+        lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
+        cost_weight=cost_weight, arch=arch_spec, trust_pickle=trust_pickle, seed=seed,
+        normalization=_parse_kwargs(normalization, "--normalization"), progress=True,
+    )  # fmt: skip
+    click.echo(result.table())
+    dg.save(result.net, output)
+    if json_path is not None:
+        write_json(json_path, result.as_dict())
+    t = ", ".join(f"{v:.4g}" for v in result.thresholds)
+    click.echo(f"wrote {output} ({len(cut_list)} {options['gate']} gates; thresholds {t}) "
+               f"in {result.seconds:.1f} s")  # fmt: skip
+
+
+@click.command("train-reference", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also copy the checkpoint here (it is always cached in $DGCONVERT_CACHE or ~/.cache/dgconvert).")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data", default="fashion-mnist:train", show_default=True)
+@click.option("--test-data", default="fashion-mnist:test", show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads for training.")
+@friendly_errors
+def train_reference_cmd(
+    output: Path | None, epochs: int | None, seed: int, data: str, test_data: str, threads: int
+) -> None:
+    """Train the reference ResNet backbone on Fashion-MNIST (cached; ~7 min on 2 CPU cores)."""
+    from dataclasses import replace
+
+    import torch
+
+    from dgconvert import train
+
+    recipe = replace(
+        train.DEFAULT_RECIPE,
+        seed=seed,
+        epochs=train.DEFAULT_RECIPE.epochs if epochs is None else epochs,
+    )
+    path = train.reference_checkpoint(
+        recipe=recipe, data=data, test_data=test_data, threads=threads
+    )
+    if output is not None:  # a copy of the cached checkpoint: reruns are instant
+        import shutil
+
+        from dgconvert._io import atomic_write
+
+        path = atomic_write(output, lambda tmp: shutil.copyfile(path, tmp))
+    metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics", {})
+    acc = metrics.get("test_accuracy")
+    click.echo(f"backbone: {path}" + (f" (test accuracy {100 * acc:.2f} %)" if acc is not None else ""))
