@@ -197,3 +197,29 @@ def test_confidence_needs_held_out_data() -> None:
         calibrate(rec, y, COSTS, target_acc=0.8, confidence=0.9, holdout=0.0)
     with pytest.raises(CalibrationError, match="confidence must be in"):
         calibrate(rec, y, COSTS, target_acc=0.8, confidence=95)
+
+
+def test_max_drop_bound_counts_paired_losses() -> None:
+    """With max_drop, a vector is tested on the samples the full model gets right and the
+    vector gets wrong: p-value = P(Binomial(n, max_drop) <= losses)."""
+    from scipy.stats import binom
+
+    from dgconvert.calibrate import GateRecords, fixed_sequence_test, simulate
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    y = rng.integers(0, 10, n)
+    final = np.where(rng.random(n) < 0.9, y, (y + 1) % 10)
+    gate_label = np.where(rng.random(n) < 0.8, y, (y + 2) % 10)
+    scores = rng.random((n, 1)).astype(np.float32)
+    rec = GateRecords(scores, gate_label[:, None], final)
+    family = [[np.inf], [0.9], [0.5]]
+    costs = [1.0, 2.0]
+    res = fixed_sequence_test(rec, y, family, costs, target=0.0, confidence=0.9, max_drop=0.01)
+    for j, t in enumerate(family):
+        pred = simulate(rec, y, t, costs).prediction
+        losses = int(((final == y) & (pred != y)).sum())
+        assert res.pvalues[j] == pytest.approx(binom.cdf(losses, n, 0.01), rel=1e-6)
+    assert res.pvalues[0] == pytest.approx(binom.cdf(0, n, 0.01))  # the full model loses nothing
+    # vector 2 exits ~half the samples at a 20 % error rate: far above a 1-point drop
+    assert res.rejected < 3 and res.selected < 2

@@ -111,9 +111,10 @@ def test_bad_options_say_how_to_fix(backbone: Path, tmp_path: Path) -> None:
     assert code != 0 and "'nope'" in text and "not modules" in text
 
 
-def test_train_reference_writes_a_backbone(tmp_path: Path) -> None:
+def test_train_reference_writes_a_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+    monkeypatch.setenv("DGCONVERT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ref.pt"
     code, text = _run("train-reference", "-o", str(out), "--epochs", "1", "--threads", "1",
                       "--data", "fashion-mnist:train[:256]", "--test-data", "fashion-mnist:test[:100]")  # fmt: skip
@@ -121,6 +122,8 @@ def test_train_reference_writes_a_backbone(tmp_path: Path) -> None:
     assert f"backbone: {out} (test accuracy" in text
     model, info = dg.load_backbone(out)  # the recipe's checkpoint format, loaded safely
     assert info["arch"]["factory"] == "dgconvert.zoo:resnet" and info["input"]["shape"] == [1, 28, 28]
+    cached = list((tmp_path / "cache").glob("backbone-resnet-*.pt"))
+    assert len(cached) == 1 and cached[0].read_bytes() == out.read_bytes()  # -o copies the cache
 
 
 def test_help_and_default_gate() -> None:

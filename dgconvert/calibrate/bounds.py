@@ -119,8 +119,15 @@ def fixed_sequence_test(
     *,
     target: float,
     confidence: float,
+    max_drop: float | None = None,
 ) -> BoundResult:
     """Test ``family`` (ordered, fitted on other data) on these samples; see the module doc.
+
+    With ``max_drop`` the hypothesis is about the drop below the full model, tested paired
+    on the same samples: H0_j "true drop > max_drop". A vector's drop is at most the rate
+    ``p_j`` of samples the full model gets right and the vector gets wrong, so the exact
+    binomial p-value ``P(Binomial(n, max_drop) <= L_j)`` of those losses ``L_j`` is valid
+    (conservative: it gives no credit for samples the early exits fix).
 
     Raises :class:`CalibrationError` when not even the first vector is certified.
     """
@@ -129,9 +136,21 @@ def fixed_sequence_test(
         raise CalibrationError("the family of threshold vectors to test is empty")
     n = records.n
     outcomes = [simulate(records, y, t, exit_costs) for t in family]
-    pvals = binomial_pvalue([n - o.correct for o in outcomes], n, target)
+    if max_drop is None:
+        pvals = binomial_pvalue([n - o.correct for o in outcomes], n, target)
+    else:
+        full_right = records.final_labels == y
+        losses = [int(np.count_nonzero(full_right & (o.prediction != y))) for o in outcomes]
+        pvals = binomial_pvalue(losses, n, 1.0 - max_drop)
     failed = np.flatnonzero(pvals > delta)
     rejected = int(failed[0]) if failed.size else len(family)
+    if rejected == 0 and max_drop is not None:
+        raise CalibrationError(
+            f"cannot certify a drop <= {max_drop:.4%} below the full model with confidence "
+            f"{1 - delta:.3g} on {n} held-out samples: the most accurate candidate loses "
+            f"{losses[0]} samples the full model gets right (p-value {pvals[0]:.3g}). Allow a "
+            "larger --max-drop, use more held-out data (--holdout) or drop --confidence."
+        )
     if rejected == 0:
         lb = float(accuracy_lower_bound(outcomes[0].correct, n, delta))
         raise CalibrationError(

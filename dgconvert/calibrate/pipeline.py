@@ -123,7 +123,9 @@ def calibrate(
     if conf is not None:
         family = [prob.to_thresholds(s.idx) for s in fronts]
         held_rec, held_y = ev.parts[1]
-        bound = fixed_sequence_test(held_rec, held_y, family, costs, target=target, confidence=conf)
+        bound = fixed_sequence_test(
+            held_rec, held_y, family, costs, target=target, confidence=conf, max_drop=max_drop
+        )
         chosen = bound.thresholds
     kind = "exact" if exact else "heuristic"
     return CalibrationResult(
