@@ -1,0 +1,29 @@
+"""Small decisions the ``bench`` command delegates here (kept out of the CLI module)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from dgconvert.bundle import Bundle
+
+
+def pick_torch_model(bundle: Bundle, model: Path | None, no_torch: bool) -> tuple[Path | None, str]:
+    """The checkpoint for the PyTorch systems and a note saying why (or why none)."""
+    if no_torch:
+        return None, ""
+    has_torch = importlib.util.find_spec("torch") is not None
+    if model is not None:
+        return model, ""
+    src = (bundle.manifest.get("source") or {}).get("checkpoint")
+    if not src:
+        return None, ("note: no --model given and the bundle names no source checkpoint; "
+                      "the PyTorch systems are skipped")
+    path = Path(src)
+    if not path.is_absolute() and not path.exists():
+        path = bundle.path.parent / path
+    if not path.is_file():
+        return None, f"note: the bundle's source checkpoint {src} is missing; PyTorch systems skipped"
+    if not has_torch:
+        return None, "note: PyTorch is not installed; the PyTorch systems are skipped"
+    return path, f"note: PyTorch systems use the bundle's source checkpoint {path}"

@@ -1,0 +1,170 @@
+"""The systems a benchmark compares, behind one small interface.
+
+=================  =====================================================================
+``full``           ``full.onnx`` (the ungated model) on the same backend and sessions' options
+``gated``          :class:`~dgconvert.runtime.GatedRunner`: staged graphs, batch compaction (ours)
+``torch-full``     the PyTorch eager ungated model (``GatedNetwork.forward``)
+``torch-masked``   the naive PyTorch gated model: every sample through every stage and gate,
+                   exits applied as a mask afterwards (``GatedNetwork.gated_forward``, what
+                   the papers' code does)
+=================  =====================================================================
+
+Every system receives the same batches (uint8 pixels or float32) and does its own
+preprocessing, so that cost is in every measurement alike. :class:`StageProbe` times each
+stage graph alone on full batches (no exits), for the time-based ideal.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dgconvert.runtime.base import Backend
+from dgconvert.runtime.runner import GatedRunner
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # int64 [n]
+    exit_stage: np.ndarray  # int64 [n]; K = the final stage
+
+
+class System(abc.ABC):
+    """One thing to time: takes a batch of images, returns labels and exit stages."""
+
+    id: str = ""
+    label: str = ""
+    kind: str = "full"  # "full" or "gated"
+    framework: str = "onnx"  # "onnx" or "torch"
+    reference: str | None = None  # id of the full system speed-up / efficiency refer to
+    thresholds: list[float] | None = None
+
+    @abc.abstractmethod
+    def predict(self, images: np.ndarray) -> Prediction:
+        """Labels and exit stages for one batch."""
+
+    def reset_rows(self) -> None:  # noqa: B027 - optional hook
+        """Start counting the rows each stage processes."""
+
+    def rows_per_stage(self, n: int, num_stages: int) -> list[int]:
+        """Rows each stage processed since :meth:`reset_rows` (``n`` images went in)."""
+        return [n] + [0] * (num_stages - 1) if self.kind == "gated" else [n] * num_stages
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the system holds."""
+
+
+class OnnxFull(System):
+    """``full.onnx`` through the runner's backend (same sessions' options as the stages)."""
+
+    kind, framework = "full", "onnx"
+
+    def __init__(self, runner: GatedRunner, id: str = "full") -> None:
+        self.runner, self.id = runner, id
+        self.label = f"full model ({runner.backend_name})"
+        self._last = runner.bundle.num_stages - 1
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        labels = self.runner.full_logits(images).argmax(axis=1).astype(np.int64)
+        return Prediction(labels, np.full(len(labels), self._last, np.int64))
+
+
+class OnnxGated(System):
+    """The staged runner with batch compaction (exited rows never reach deeper stages)."""
+
+    kind, framework = "gated", "onnx"
+
+    def __init__(self, runner: GatedRunner, id: str = "gated", reference: str = "full",
+                 label: str | None = None) -> None:
+        self.runner, self.id, self.reference = runner, id, reference
+        self.thresholds = runner.thresholds
+        self.label = label or f"gated, compacted ({runner.backend_name}, ours)"
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        res = self.runner.predict(images)
+        return Prediction(res.labels, res.exit_stage)
+
+    def reset_rows(self) -> None:
+        self.runner.reset_stats()
+
+    def rows_per_stage(self, n: int, num_stages: int) -> list[int]:
+        return self.runner.stats
+
+
+class TorchFull(System):
+    """PyTorch eager, the ungated model."""
+
+    kind, framework = "full", "torch"
+
+    def __init__(self, net: Any, id: str = "torch-full") -> None:
+        self.net, self.id = net.eval(), id
+        self.label = "full model (PyTorch eager)"
+        self._last = net.num_gates
+
+    def _input(self, images: np.ndarray) -> Any:
+        import torch
+
+        from dgconvert.preprocess import prepare_images
+
+        x = prepare_images(images, self.net.input_shape, self.net.normalization)
+        return torch.from_numpy(x)
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        import torch
+
+        with torch.inference_mode():
+            labels = self.net(self._input(images)).argmax(dim=1).numpy().astype(np.int64)
+        return Prediction(labels, np.full(len(labels), self._last, np.int64))
+
+
+class TorchMasked(TorchFull):
+    """PyTorch eager, gated the naive way: all stages for all samples, then mask."""
+
+    kind = "gated"
+
+    def __init__(self, net: Any, thresholds: list[float], id: str = "torch-masked",
+                 reference: str = "torch-full") -> None:
+        super().__init__(net, id)
+        self.thresholds, self.reference = [float(t) for t in thresholds], reference
+        self.label = "gated, masked (PyTorch eager, naive)"
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        import torch
+
+        with torch.inference_mode():
+            labels, exits = self.net.gated_forward(self._input(images), self.thresholds)
+        return Prediction(labels.numpy().astype(np.int64), exits.numpy().astype(np.int64))
+
+    def rows_per_stage(self, n: int, num_stages: int) -> list[int]:
+        return [n] * num_stages  # that is the point: every stage sees every row
+
+
+@dataclass
+class StageProbe:
+    """Times each stage graph alone on full batches: the chain with nobody exiting."""
+
+    runner: GatedRunner
+    seconds: list[float] = field(default_factory=list)
+    id: str = "stages"
+    label: str = "stage graphs alone (no exits)"
+
+    def reset(self) -> None:
+        self.seconds = [0.0] * self.runner.bundle.num_stages
+
+    def run(self, images: np.ndarray) -> None:
+        backend: Backend = self.runner.backend
+        x = self.runner.prepare(images)
+        keep = np.arange(len(x), dtype=np.int64)
+        clock = time.perf_counter
+        t0 = clock()
+        out = backend.run_stage(0, x, None)
+        t1 = clock()
+        self.seconds[0] += t1 - t0
+        for k in range(1, len(self.seconds)):
+            t0 = clock()
+            out = backend.run_stage(k, out.features, keep)
+            self.seconds[k] += clock() - t0
