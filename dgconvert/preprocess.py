@@ -7,7 +7,7 @@ floats: ``((x / scale) - mean) / std`` per channel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,28 +15,42 @@ import numpy as np
 from dgconvert.errors import InputError
 
 
-def normalize(images: np.ndarray, normalization: dict[str, Any] | None) -> np.ndarray:
-    """Turn uint8 images ``[N, C, ...]`` into the network's float32 input."""
-    x = images.astype(np.float32)
-    if not normalization:
-        return x
-    scale = float(normalization.get("scale", 1.0))
+def make_normalizer(
+    normalization: dict[str, Any] | None, channels: int, spatial_dims: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``uint8 [N, C, ...] -> float32`` with the constants prepared once (the
+    runtime's hot path calls it per batch)."""
+    norm = normalization or {}
+    extra = (1,) * spatial_dims
+    ops: list[tuple[Any, np.ndarray]] = []
+    scale = float(norm.get("scale", 1.0))
     if scale != 1.0:
-        x /= scale
-    c = x.shape[1] if x.ndim > 1 else 1
-    extra = (1,) * max(x.ndim - 2, 0)
+        ops.append((np.divide, np.float32(scale)))
     for key, op in (("mean", np.subtract), ("std", np.divide)):
-        vals = normalization.get(key)
+        vals = norm.get(key)
         if vals is None:
             continue
         v = np.asarray(vals, dtype=np.float32)
-        if v.size not in (1, c):
+        if v.size not in (1, channels):
             raise InputError(
-                f"normalization {key} has {v.size} values but the images have {c} channels; "
-                "expected 1 or one per channel. Fix the bundle's input.normalization."
+                f"normalization {key} has {v.size} values but the images have {channels} "
+                "channels; expected 1 or one per channel. Fix the bundle's input.normalization."
             )
-        op(x, v.reshape((1, -1) + extra), out=x)
-    return x
+        ops.append((op, v.reshape((1, -1) + extra)))
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32)
+        for fn, v in ops:
+            fn(x, v, out=x)
+        return x
+
+    return apply
+
+
+def normalize(images: np.ndarray, normalization: dict[str, Any] | None) -> np.ndarray:
+    """Turn uint8 images ``[N, C, ...]`` into the network's float32 input."""
+    c = images.shape[1] if images.ndim > 1 else 1
+    return make_normalizer(normalization, c, max(images.ndim - 2, 0))(images)
 
 
 def prepare_images(

@@ -8,6 +8,7 @@ exited samples never reach deeper stages and no stage runs when nobody reaches i
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from dgconvert.bundle import Bundle
 from dgconvert.errors import InputError
-from dgconvert.preprocess import prepare_images
+from dgconvert.preprocess import make_normalizer, prepare_images
 from dgconvert.runtime.base import Backend
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class GatedRunner:
         self._lock = threading.Lock()
         self._stats = [0] * self.bundle.num_stages
         self._sample_shape = tuple(self.bundle.input_shape)
-        self._norm_ops: list[tuple[Any, np.ndarray]] | None = None
+        self._normalizer: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def backend_name(self) -> str:
@@ -129,26 +130,12 @@ class GatedRunner:
         return prepare_images(images, self.bundle.input_shape, self.bundle.normalization)
 
     def _normalize_u8(self, images: np.ndarray) -> np.ndarray:
-        """:func:`dgconvert.preprocess.normalize` with its constants prepared once (same
-        operations in the same order, so the same bits; the hot path of small batches)."""
-        ops = self._norm_ops
-        if ops is None:
-            norm = self.bundle.normalization or {}
-            c, extra = self._sample_shape[0], (1,) * (len(self._sample_shape) - 1)
-            ops = []
-            if float(norm.get("scale", 1.0)) != 1.0:
-                ops.append((np.divide, np.float32(norm["scale"])))
-            for key, op in (("mean", np.subtract), ("std", np.divide)):
-                if norm.get(key) is not None:
-                    v = np.asarray(norm[key], dtype=np.float32)
-                    if v.size not in (1, c):
-                        return prepare_images(images, self.bundle.input_shape, norm)
-                    ops.append((op, v.reshape((1, -1) + extra)))
-            self._norm_ops = ops
-        x = images.astype(np.float32)
-        for op, v in ops:
-            op(x, v, out=x)
-        return x
+        """:func:`dgconvert.preprocess.normalize` with its constants prepared once."""
+        if self._normalizer is None:
+            self._normalizer = make_normalizer(
+                self.bundle.normalization, self._sample_shape[0], len(self._sample_shape) - 1
+            )
+        return self._normalizer(images)
 
     def predict(self, images: Any) -> GatedResult:
         """Labels, exit stages and scores for a batch, in the caller's order."""
