@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,14 @@ def _gpu_skip_reason() -> str | None:
 @pytest.fixture(scope="session")
 def fashion_available() -> bool:
     return (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: one torch thread is faster than two fighting over 2 busy cores."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

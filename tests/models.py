@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,3 +33,16 @@ def build(name: str, gate: str = "dgate", seed: int = 0) -> GatedNetwork:
         backbone, cuts, gate=gate, input_shape=[1, 28, 28], normalization=NORMALIZATION,
         arch={"factory": factory, "kwargs": kwargs},
     ).eval()
+
+
+def train_tiny_backbone(path: Path, steps: int = 150, data: str = "fashion-mnist:train[:2000]") -> Path:
+    """A small zoo ResNet trained ``steps`` SGD steps on real images (seconds); returns the
+    dgconvert backbone checkpoint written to ``path``."""
+    from dgconvert import train
+    from dgconvert.data import load_dataset
+
+    recipe = train.Recipe(widths=(8, 16, 24, 32), epochs=10, batch_size=64, lr=0.1, max_steps=steps)
+    ds = load_dataset(data)
+    model = train.build_model(recipe, num_classes=10)
+    train.fit(model, ds, recipe, progress=False)
+    return train.save_checkpoint(path, model.eval(), recipe, ds.classes, {})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 
 import dgconvert as dg
 from dgconvert.cli import main
+from tests.models import train_tiny_backbone
 
 FMNIST = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DATA = "fashion-mnist:train[:1500]"
@@ -20,13 +20,7 @@ ARCH = "dgconvert.zoo:resnet"
 KWARGS = {"widths": [8, 16, 24, 32]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions: one thread is faster than two fighting over 2 busy cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +28,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dgconvert backbone checkpoint of a small zoo ResNet, trained 100 steps."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
-    from dgconvert import train
-
-    recipe = train.Recipe(widths=(8, 16, 24, 32), epochs=10, batch_size=64, lr=0.1, max_steps=100)
-    data = dg.load_dataset(DATA)
-    model = train.build_model(recipe, num_classes=10)
-    train.fit(model, data, recipe, progress=False)
-    return train.save_checkpoint(tmp_path_factory.mktemp("bb") / "bb.pt", model.eval(), recipe, data.classes, {})
+    return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "bb.pt", steps=100, data=DATA)
 
 
 def _run(*args: str) -> tuple[int, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from dgconvert.gating.fit import (
 )
 from dgconvert.gating.heads import make_gate
 from dgconvert.gating.losses import ovr_hinge
+from tests.models import train_tiny_backbone
 
 FMNIST = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 needs_fmnist = pytest.mark.skipif(
@@ -38,31 +38,14 @@ TEST = "fashion-mnist:test[:1000]"
 ARCH_KWARGS = {"widths": [8, 16, 24, 32]}
 
 
-def train_tiny_backbone(path: Path, steps: int = 150) -> Path:
-    """A small zoo ResNet trained ``steps`` SGD steps on 2,000 real images (seconds)."""
-    from dgconvert import train
-
-    recipe = train.Recipe(widths=(8, 16, 24, 32), epochs=10, batch_size=64, lr=0.1, max_steps=steps)
-    data = load_dataset(TRAIN)
-    model = train.build_model(recipe, num_classes=10)
-    train.fit(model, data, recipe, progress=False)
-    return train.save_checkpoint(path, model.eval(), recipe, data.classes, {})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster than two fighting over 2 busy cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
-    return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "backbone.pt")
+    return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "backbone.pt", data=TRAIN)
 
 
 # --------------------------------------------------------------------------- by hand
