@@ -2,9 +2,9 @@
 choices in ``dgconvert/runtime/onnxruntime_backend.py``).
 
 1. ORT's per-node profiler, one thread: kernel time per image by operator type for the full
-   model, the contract stage graphs (``fuse_boundaries=False``) and the fused stage graphs,
-   every stage on full batches with nobody exiting.
-2. Thread-pool settings: the no-exit chain against the full model, spinning on and off.
+   model, the contract stage graphs (``fuse_boundaries=False``), the fused stage graphs and
+   the one-session chain (the default), every stage on full batches with nobody exiting.
+2. Thread-pool settings and session layouts: the no-exit chain against the full model.
 3. Python: cProfile of ``GatedRunner.predict`` at batch 1.
 
     python benchmarks/profile_runtime.py [out/reference.dg] [--batch-size 64]
@@ -61,19 +61,25 @@ def per_operator(bundle: Bundle, batch: int, reps: int) -> str:
     keep = np.arange(batch, dtype=np.int64)
     cols: dict[str, collections.Counter[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        no_exit = np.full(bundle.num_gates, np.inf, np.float32)
         for label, fuse in (("stages (contract graphs)", False), ("stages (fused)", True)):
-            be = _profiled_backend(bundle, f"{tmp}/p", threads=1, fuse_boundaries=fuse)
+            be = _profiled_backend(bundle, f"{tmp}/p", threads=1, fuse_boundaries=fuse,
+                                   compose=fuse)
             for _ in range(reps):
                 be.run_full(x)
                 out = be.run_stage(0, x, None)
                 for k in range(1, bundle.num_stages):
                     out = be.run_stage(k, out.features, keep)
+                if be._chain is not None:
+                    be._chain.run(x, no_exit)
             if "full model" not in cols:
                 cols["full model"] = _kernel_times(be._full[3].end_profiling())
             sessions = ([f[0].__self__ for f in be._fast] if fuse and be._fast
                         else [s._sess for s in be._sessions])
             cols[label] = sum((_kernel_times(s.end_profiling()) for s in sessions),
                               collections.Counter())
+            if be._chain is not None:
+                cols["one-session chain"] = _kernel_times(be._chain.session.end_profiling())
     ops = sorted(set().union(*cols.values()), key=lambda o: -sum(c[o] for c in cols.values()))
     lines = ["| operator | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for op in ops:
@@ -88,10 +94,12 @@ def thread_settings(bundle: Bundle, sizes: list[int], reps: int) -> str:
     pixels = np.random.default_rng(1).integers(0, 256, (256, *bundle.input_shape), np.uint8)
     lines = ["| setting | batch | full ms/image | chain ms/image (no exits) | full / chain |",
              "|---|---:|---:|---:|---:|"]
-    for label, opts in (("spinning off, fused (default)", {}),
-                        ("spinning off, contract graphs", {"fuse_boundaries": False}),
-                        ("spinning within runs, fused", {"spinning": "run"}),
-                        ("spinning on, fused", {"spinning": True})):
+    for label, opts in (("spinning off, one-session chain (default)", {}),
+                        ("spinning off, stage sessions, fused", {"compose": False}),
+                        ("spinning off, stage sessions, contract graphs",
+                         {"fuse_boundaries": False, "compose": False}),
+                        ("spinning within runs, one-session chain", {"spinning": "run"}),
+                        ("spinning on, one-session chain", {"spinning": True})):
         r = GatedRunner(bundle, backend="onnxruntime", thresholds=[np.inf] * bundle.num_gates,
                         **opts)
         for b in sizes:
@@ -144,14 +152,18 @@ def main() -> None:
         "ORT profiler, no exits)", "",
         "The contract graphs pay `ReorderOutput`/`ReorderInput` (ORT's blocked NCHWc layout "
         "<-> NCHW) at every boundary; the fused graphs keep the blocked layout across the "
-        "boundary, so what is left is the compaction (`Gather`), the gates' pooling and a "
-        "dearer last convolution per stage: it has the residual sum fused in and, writing the "
-        "stage's output, cannot run in place on the residual input (measured 15-20 % slower "
-        "than the same convolution inside the full model; an internal output removes it). "
-        "The profiler's per-kernel overhead inflates small kernels; end to end the fused chain "
-        "is 5-8 % faster than the contract graphs.", "",
+        "boundary, but as separate sessions the last convolution of each stage (residual sum "
+        "fused in) writes a graph output and cannot run in place on the residual input. The "
+        "one-session chain (the default for batches of 2 and more) makes that tensor internal "
+        "again: its convolutions cost what the full model's do, and what is left is the "
+        "compaction (`Gather`, with nobody exiting here a copy of every row), the gates' "
+        "pooling and their small operators. The profiler's per-kernel overhead inflates small "
+        "kernels.", "",
         ops, "",
-        "## 2. Thread pools: the chain with nobody exiting against the full model", "",
+        "## 2. Thread pools and session layouts: the chain with nobody exiting against the "
+        "full model", "",
+        "Batch 1 runs stage by stage in every layout (the runner's choice: it stops at the "
+        "first exit).", "",
         threads, "",
         "## 3. Python at batch 1 (cProfile of GatedRunner.predict, default backend)", "", py,
     ])

@@ -42,9 +42,19 @@ def exported(tmp_path_factory: pytest.TempPathFactory, fashion_available: bool) 
     return out
 
 
+# how the ONNX Runtime backend runs the stages: one composed session over the fused graphs
+# (default), one over the contract graphs, or one session per stage
+MODES = {
+    "chain": {},
+    "chain-contract-graphs": {"fuse_boundaries": False, "compose": True},
+    "stage-sessions": {"compose": False},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("batch", [1, 7, 64, 200])
-def test_runtime_matches_gated_forward(exported: dict, name: str, batch: int) -> None:
+def test_runtime_matches_gated_forward(exported: dict, name: str, batch: int, mode: str) -> None:
     net, bundle = exported[name]
     x = exported["x"][:batch]
     t = spread_thresholds(net, exported["x"])
@@ -52,7 +62,9 @@ def test_runtime_matches_gated_forward(exported: dict, name: str, batch: int) ->
     with torch.no_grad():
         scores = net.all_exits(x).scores.numpy()
     ties = (np.abs(scores - np.asarray(t, np.float32)) < 1e-4).any(axis=1)
-    runner = GatedRunner(bundle.path, backend="onnxruntime", thresholds=t, max_batch=64)
+    runner = GatedRunner(bundle.path, backend="onnxruntime", thresholds=t, max_batch=64,
+                         **MODES[mode])
+    assert (runner.backend.chain() is not None) == (mode != "stage-sessions")
     res = runner.predict(x.numpy())
     ok = ~ties
     np.testing.assert_array_equal(res.labels[ok], ref.labels.numpy()[ok])

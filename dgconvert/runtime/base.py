@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run_full(self, images: np.ndarray) -> np.ndarray:
         """Logits of the ungated model (``full.onnx``) for float32 images."""
+
+    def chain(self) -> Callable[[np.ndarray, np.ndarray], list[tuple[np.ndarray, ...]]] | None:
+        """Optional fast path: ``run(images, thresholds)`` running every stage in one call,
+        compaction inside, returning ``(score, label)`` per stage over the rows that reached
+        it (a row of stage ``k`` continues iff ``not score >= thresholds[k]``). None when
+        the backend only runs stage by stage."""
+        return None
 
     def max_batch(self) -> int | None:
         """Largest batch a stage accepts (an engine profile's max), or None if unbounded."""

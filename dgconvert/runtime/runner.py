@@ -53,8 +53,16 @@ class GatedRunner:
     ``backend`` is ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (TensorRT engines for
     this GPU if built, else onnxruntime-gpu, else ONNX Runtime on the CPU). ``thresholds``
     default to the bundle's (calibrated) ones. Batches larger than ``max_batch`` are split.
-    Extra keyword arguments go to the backend (e.g. ``threads=``, ``providers=``).
+    Extra keyword arguments go to the backend (e.g. ``threads=``, ``providers=``,
+    ``compose=``).
+
+    When the backend offers a one-call chain (:meth:`Backend.chain`; ONNX Runtime on the
+    CPU), batches of at least ``chain_min_batch`` rows use it; single images go stage by
+    stage, which stops as soon as the image exits (measured faster at batch 1, slower from
+    batch 2 up).
     """
+
+    chain_min_batch = 2
 
     def __init__(
         self,
@@ -84,6 +92,7 @@ class GatedRunner:
         self._stats = [0] * self.bundle.num_stages
         self._sample_shape = tuple(self.bundle.input_shape)
         self._normalizer: Callable[[np.ndarray], np.ndarray] | None = None
+        self._chain = self.backend.chain()  # one call for the whole chain, when offered
 
     @property
     def backend_name(self) -> str:
@@ -151,6 +160,9 @@ class GatedRunner:
         return res
 
     def _predict_chunk(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
+        if self._chain is not None and len(x) >= self.chain_min_batch:
+            self._predict_chained(x, res, offset)
+            return
         # Hot path (batch 1 pays it per image): few numpy calls per stage, one lock per chunk.
         t, last, run = self._thresholds, self.bundle.num_stages - 1, self.backend.run_stage
         n = len(x)
@@ -194,6 +206,22 @@ class GatedRunner:
             res.exit_stage[rows] = last
         finally:
             self._add_counts(counts)
+
+    def _predict_chained(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
+        """The backend ran every stage in one call; map each stage's rows back to the caller's."""
+        t, last = self._thresholds, self.bundle.num_stages - 1
+        outs = self._chain(x, t)  # type: ignore[misc]
+        rows = np.arange(offset, offset + len(x))
+        counts = [len(score) for score, _ in outs]
+        for k, (score, label) in enumerate(outs):
+            if k == last or not len(rows):
+                res.labels[rows], res.scores[rows], res.exit_stage[rows] = label, score, k
+                break
+            exits = score >= t[k]
+            done = rows[exits]
+            res.labels[done], res.scores[done], res.exit_stage[done] = label[exits], score[exits], k
+            rows = rows[~exits]
+        self._add_counts(counts)
 
     def _add_counts(self, counts: list[int]) -> None:
         with self._lock:
