@@ -91,7 +91,7 @@ def per_operator(bundle: Bundle, batch: int, reps: int) -> str:
 
 
 def thread_settings(bundle: Bundle, sizes: list[int], reps: int) -> str:
-    pixels = np.random.default_rng(1).integers(0, 256, (256, *bundle.input_shape), np.uint8)
+    pixels = np.random.default_rng(1).integers(0, 256, (512, *bundle.input_shape), np.uint8)
     lines = ["| setting | batch | full ms/image | chain ms/image (no exits) | full / chain |",
              "|---|---:|---:|---:|---:|"]
     for label, opts in (("spinning off, one-session chain (default)", {}),
@@ -103,7 +103,7 @@ def thread_settings(bundle: Bundle, sizes: list[int], reps: int) -> str:
         r = GatedRunner(bundle, backend="onnxruntime", thresholds=[np.inf] * bundle.num_gates,
                         **opts)
         for b in sizes:
-            n = 256 if b > 1 else 64
+            n = 512 if b > 1 else 128
             times: dict[str, list[float]] = {"full": [], "chain": []}
             for rep in range(reps + 1):
                 for name, fn in (("full", r.full_logits), ("chain", r.predict)):
@@ -116,6 +116,110 @@ def thread_settings(bundle: Bundle, sizes: list[int], reps: int) -> str:
             lines.append(f"| {label} | {b} | {np.median(f):.4f} | {np.median(c):.4f} | "
                          f"{np.median(f / c):.3f} |")
         r.close()
+    return "\n".join(lines)
+
+
+def _ablated(model: Any, drop_gather: bool, drop_gates: bool) -> Any:
+    """A copy of the composed chain without its compaction Gathers (Identity instead: valid
+    with nobody exiting) and/or its gate heads (constant scores that let every row pass)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    n = sum(o.name.endswith("/score") for o in g.output)
+    if drop_gather:
+        for node in g.node:
+            if node.op_type == "Gather" and node.input[0].endswith("/features"):
+                node.op_type = "Identity"
+                del node.input[1:]
+                del node.attribute[:]
+    if drop_gates:
+        producer = {o: node for node in g.node for o in node.output}
+        head: set[int] = set()
+        for k in range(n - 1):
+            todo = [f"s{k}/score", f"s{k}/label"]
+            while todo:
+                name = todo.pop()
+                node = producer.get(name)
+                if node is None or name.endswith("/features") or id(node) in head:
+                    continue
+                head.add(id(node))
+                todo += list(node.input)
+        kept = [node for node in g.node if id(node) not in head]
+        for k in range(n - 1):
+            f, rows = f"s{k}/features", f"ablate{k}_rows"
+            kept += [
+                helper.make_node("Shape", [f], [rows], start=0, end=1),
+                helper.make_node("ConstantOfShape", [rows], [f"s{k}/score"],
+                                 value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1e30])),
+                helper.make_node("ConstantOfShape", [rows], [f"s{k}/label"],
+                                 value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+            ]
+        ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+        ordered: list[Any] = []
+        while kept:  # topological order
+            for node in [nd for nd in kept if all(i in ready for i in nd.input)]:
+                ordered.append(node)
+                ready |= set(node.output)
+                kept.remove(node)
+        del g.node[:]
+        g.node.extend(ordered)
+    return m
+
+
+def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
+    """The one-session chain with nobody exiting, whole and with parts removed, against the
+    full model in the same rounds: what compaction and gate heads cost."""
+    import onnxruntime as ort
+
+    import dgconvert.runtime.onnxruntime_chain as chain_mod
+
+    captured: dict[str, Any] = {}
+    original = ortb.compose_chain
+
+    def capture(models: Any, *a: Any, **k: Any) -> Any:
+        captured["model"] = original(models, *a, **k)
+        return captured["model"]
+
+    ortb.compose_chain = capture
+    try:
+        be = ortb.OnnxRuntimeBackend(bundle)
+    finally:
+        ortb.compose_chain = original
+    if "model" not in captured or be._chain is None:
+        return f"(no one-session chain: {be.composition})"
+    variants: dict[str, Any] = {}
+    for label, gather, gates in (("chain", False, False), ("without Gather", True, False),
+                                 ("without gate heads", False, True),
+                                 ("without both", True, True)):
+        so = ortb.session_options(be.threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        sess = ort.InferenceSession(_ablated(captured["model"], gather, gates).SerializeToString(),
+                                    so, providers=["CPUExecutionProvider"])
+        variants[label] = chain_mod.ChainSession(sess, ortb._direct_run(sess), be._run_options,
+                                                 bundle.num_stages).run
+    no_exit = np.full(bundle.num_gates, np.inf, np.float32)
+    x = np.random.default_rng(3).standard_normal((2048, *bundle.input_shape)).astype(np.float32)
+    lines = ["| batch | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
+    for b in sizes:
+        fns = {"full": lambda b=b: [be.run_full(x[i:i + b]) for i in range(0, len(x), b)]}
+        for label, run in variants.items():
+            fns[label] = lambda b=b, run=run: [run(x[i:i + b], no_exit)
+                                               for i in range(0, len(x), b)]
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        names = list(fns)
+        for rep in range(reps + 1):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                t0 = time.perf_counter()
+                fns[name]()
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+        full = np.array(times["full"])
+        lines.append(f"| {b} | " + " | ".join(
+            f"{np.median(np.array(times[k]) / full):.3f}" for k in variants) + " |")
+    be.close()
     return "\n".join(lines)
 
 
@@ -143,7 +247,8 @@ def main() -> None:
     args = ap.parse_args()
     bundle = Bundle.load(require(args.bundle, "bundle"))
     ops = per_operator(bundle, args.batch_size, args.reps)
-    threads = thread_settings(bundle, [1, 64], 5)
+    threads = thread_settings(bundle, [1, 64], 15)
+    parts = ablation(bundle, [64, 256], 20)
     py = python_profile(bundle)
     md = "\n".join([
         header("Where the staged runtime's time goes (ONNX Runtime, CPU)",
@@ -166,8 +271,17 @@ def main() -> None:
         "first exit).", "",
         threads, "",
         "## 3. Python at batch 1 (cProfile of GatedRunner.predict, default backend)", "", py,
+        "",
+        "## 4. What the one-session chain pays for, nobody exiting (time / full model, "
+        "default threads)", "",
+        "The composed graph as the runner uses it, without its compaction `Gather`s "
+        "(`Identity` instead: the same rows with nobody exiting), without its gates' heads "
+        "(constant scores) and without both; each divided by the full model's time in the "
+        "same round (median of rounds).", "",
+        parts,
     ])
-    write_results(args.stem, md, {"per_operator_markdown": ops, "threads_markdown": threads})
+    write_results(args.stem, md, {"per_operator_markdown": ops, "threads_markdown": threads,
+                                  "ablation_markdown": parts})
 
 
 if __name__ == "__main__":

@@ -116,3 +116,13 @@ def test_data_that_does_not_fit_the_bundle(tmp_path: Path, bundle_path: Path) ->
 def test_cli_needs_exactly_one_target(bundle_path: Path, data: str) -> None:
     res = CliRunner().invoke(main, ["calibrate", str(bundle_path), "--data", data])
     assert res.exit_code != 0 and "exactly one of --target-acc" in res.output
+
+
+def test_measure_adds_timed_columns(bundle_path: Path, data: str) -> None:
+    out = calibrate_bundle(bundle_path, data, max_drop=2.0, backend="onnxruntime", write=False,
+                           measure=True, batch_size=32, threads=1)
+    ms = out.record["measured_ms_per_image"]
+    assert set(ms) == {"full", "ours", "sequential", "shared"}
+    assert all(v > 0 for v in ms.values())
+    header = next(line for line in out.table.splitlines() if line.startswith("| Model"))
+    assert "ms/image" in header and "Speed-up" in header

@@ -5,7 +5,6 @@ This is what ``dgconvert calibrate`` runs; the CLI only parses options.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,31 +25,22 @@ class CalibrationOutcome:
     summary: str  # one paragraph for the terminal
 
 
-def _time_per_image(fn: Any, x: np.ndarray, batch_size: int, repeats: int = 3) -> float:
-    fn(x[:batch_size])  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for s in range(0, len(x), batch_size):
-            fn(x[s : s + batch_size])
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times)) / len(x)
-
-
 def measure_rows(
     bundle: Bundle, images: np.ndarray, result: CalibrationResult, batch_size: int,
     backend: str, **backend_options: Any,
 ) -> dict[str, float]:
-    """Measured ms/image of the full model and of each row's thresholds on the backend."""
-    from dgconvert.runtime import GatedRunner
+    """Measured ms/image of the full model and of each row's thresholds on the backend:
+    one interleaved run of :func:`dgconvert.bench.run_benchmark` (same timing as ``bench``)."""
+    from dgconvert.bench import BenchConfig, run_benchmark
 
-    runner = GatedRunner(bundle, backend=backend, max_batch=batch_size, **backend_options)
-    x = runner.prepare(images[:2048])
-    ms = {"full": _time_per_image(runner.full_logits, x, batch_size)}
-    for name in ("ours", "sequential", "shared"):
-        runner.thresholds = list(getattr(result, name).thresholds)
-        ms[name] = _time_per_image(runner.predict, x, batch_size)
-    runner.close()
+    x = images[:2048]
+    size = min(batch_size, len(x))
+    rows = {name: list(getattr(result, name).thresholds) for name in ("ours", "sequential", "shared")}
+    config = BenchConfig(batch_sizes=[size], repeats=3, warmup=1, samples=len(x), progress=False)
+    rep = run_benchmark(bundle, x, config=config, backend=backend, operating_points=rows,
+                        backend_options=backend_options)
+    ms = {"full": rep.result("full", size).ms.median}
+    ms.update({name: rep.result(f"gated[{name}]", size).ms.median for name in rows})
     return ms
 
 

@@ -684,37 +684,26 @@ def _fine_tune_jointly(
         p.requires_grad_(True)
     heads = list(net.gates)
     head_params = [p for h in heads for p in h.parameters()]
-    opt = torch.optim.SGD(params + head_params, lr=lr, momentum=0.9, nesterov=True)
-    gen = torch.Generator().manual_seed(seed)
     n = len(y)
-    steps = math.ceil(n / batch_size)
-    sched = _schedule(opt, epochs * steps)
-    bar = _bar(epochs * steps, "fine-tune jointly" if progress else False, "joint", "step")
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        xb = images[idx.numpy()]
+        x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
+        probs, confs = [], []
+        for k, head in enumerate(heads):
+            x = net.stages[k](x)
+            h, _, logits = head(x)
+            probs.append(torch.softmax(logits, 1))
+            confs.append(h)
+        probs.append(torch.softmax(net.stages[-1](x), 1))
+        return eenet_lv2(probs, confs, costs, y[idx], cost_weight)
+
+    bar = _bar(epochs * math.ceil(n / batch_size), "fine-tune jointly" if progress else False,
+               "joint", "step")
     net.eval()
-    last = 0.0
     try:
-        for _ in range(epochs):
-            perm, tot = torch.randperm(n, generator=gen), 0.0
-            for i in range(steps):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
-                xb = images[idx.numpy()]
-                x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
-                probs, confs = [], []
-                for k, head in enumerate(heads):
-                    x = net.stages[k](x)
-                    h, _, logits = head(x)
-                    probs.append(torch.softmax(logits, 1))
-                    confs.append(h)
-                probs.append(torch.softmax(net.stages[-1](x), 1))
-                loss = eenet_lv2(probs, confs, costs, y[idx], cost_weight)
-                loss = loss + sum(l2_penalty(lin.weight, l2) for h in heads for lin in _linears(h))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                tot += loss.item() * len(idx)
-                bar.update(1)
-            last = tot / n
+        last = _sgd(params + head_params, loss_fn, n, epochs, batch_size, lr, l2,
+                    [lin for h in heads for lin in _linears(h)], seed, bar)
     finally:
         bar.close()
         for p in params:
