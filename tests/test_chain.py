@@ -164,3 +164,24 @@ def test_composed_graph_saves_and_reloads(tiny: dict[str, Any], tmp_path: Path) 
     assert [i.name for i in model.graph.input][-1] == "thresholds"
     onnx.save(model, tmp_path / "chain.onnx")
     assert onnx.load(str(tmp_path / "chain.onnx")).graph.node
+
+
+@pytest.mark.parametrize("gate", ["confidence", "softmax"])
+def test_chain_with_every_gate_type(tmp_path: Path, gate: str) -> None:
+    """The composed graph is generic over gate heads: EENet confidence and softmax gates
+    give the same results as the stage sessions, with rows leaving at every exit."""
+    net = build("densenet", gate=gate)
+    pixels = np.random.default_rng(5).integers(0, 256, size=(64, 1, 28, 28), dtype=np.uint8)
+    x = prepare_images(pixels, [1, 28, 28], net.normalization)
+    bundle = dg.export(net, tmp_path / f"{gate}.dg", verify_input=torch.from_numpy(x[:16]))
+    rec = GatedRunner(bundle, backend="onnxruntime", compose=False).collect(pixels)
+    t = [float(np.quantile(rec.scores[:, k], 0.6)) for k in range(rec.scores.shape[1])]
+    chained = GatedRunner(bundle, backend="onnxruntime", thresholds=t)
+    staged = GatedRunner(bundle, backend="onnxruntime", thresholds=t, compose=False)
+    assert chained.backend.chain() is not None
+    a, b = chained.predict(pixels), staged.predict(pixels)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.exit_stage, b.exit_stage)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    assert chained.stats == staged.stats
+    assert len(set(a.exit_stage.tolist())) == bundle.num_stages
