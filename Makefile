@@ -42,7 +42,7 @@ demo: $(STAMP) data
 	$(DG) predict $(OUT)/reference.dg --data fashion-mnist:test
 	$(DG) info $(OUT)/reference.dg
 	$(DG) bench $(OUT)/reference.dg --data fashion-mnist:test --model $(OUT)/gated.pt \
-	    --batch-size 1,8,64,256 --json $(OUT)/bench.json --plot $(OUT)/bench.png
+	    --batch-size 1,8,64,256 --staging-overhead --json $(OUT)/bench.json --plot $(OUT)/bench.png
 
 clean:
 	rm -rf $(OUT) .pytest_cache

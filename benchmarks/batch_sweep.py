@@ -25,12 +25,17 @@ from _util import (
     write_results,
 )
 
-from dgconvert.bench import BenchConfig, calibrated_points, point_name, run_benchmark
+from dgconvert.bench import (
+    NO_EXIT,
+    BenchConfig,
+    calibrated_points,
+    no_exit_point,
+    point_name,
+    run_benchmark,
+)
 from dgconvert.bench.operating import calibration_available
 from dgconvert.bundle import Bundle
 from dgconvert.data import load_dataset
-
-NO_EXIT = "nobody exits"
 
 
 def main() -> None:
@@ -63,11 +68,9 @@ def main() -> None:
     config = BenchConfig(batch_sizes=[int(v) for v in args.batch_size.split(",")],
                          repeats=args.repeats, samples=args.samples,
                          torch_samples=args.torch_samples)
-    # the gated runner with every gate off: what staging costs when nobody exits
-    no_exit = {NO_EXIT: [float("inf")] * bundle.num_gates}
     rep = run_benchmark(bundle, test.images, test.labels, config=config, backend="onnxruntime",
                         threads=args.threads, thresholds=thresholds, model=model,
-                        operating_points=no_exit, data_name=args.data)
+                        operating_points=no_exit_point(bundle), data_name=args.data)
     summary = ["| batch | full ms/img | gated ms/img | speed-up | efficiency (time / FLOPs) "
                "| nobody exits / full | torch full ms/img | torch masked ms/img "
                "| masked vs torch full |",

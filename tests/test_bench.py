@@ -243,6 +243,30 @@ def test_cli_bench_writes_json_and_plot(tiny: dict[str, Any]) -> None:
     assert big.exit_code != 0 and "at least one full batch" in big.output
 
 
+def test_cli_bench_staging_overhead(tiny: dict[str, Any]) -> None:
+    """--staging-overhead adds the runner with every gate off: every row reaches the last
+    stage, accuracy equals the full model's, and its speed-up is reported like any row."""
+    from dgconvert.cli import main
+
+    root = tiny["root"]
+    npz = root / "data2.npz"
+    np.savez(npz, x=tiny["pixels"][:, 0], y=tiny["labels"])
+    out = CliRunner().invoke(main, [
+        "bench", str(tiny["bundle"].path), "--data", str(npz), "--batch-size", "4",
+        "--backend", "onnxruntime", "--threads", "1", "--repeats", "1", "--warmup", "0",
+        "--samples", "8", "--no-torch", "--staging-overhead", "--json", str(root / "s.json"),
+        "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "gated[nobody exits]" in out.output
+    rows = {r["system"]: r for r in json.loads((root / "s.json").read_text())["results"]}
+    assert set(rows) == {"full", "gated", "gated[nobody exits]"}
+    off = rows["gated[nobody exits]"]
+    k = tiny["bundle"].num_stages
+    assert off["exit_histogram"][:k - 1] == [0] * (k - 1) and off["exit_histogram"][-1] > 0
+    assert off["accuracy"] == rows["full"]["accuracy"]
+    assert off["speedup"] > 0
+
+
 def test_peak_memory_sees_an_allocation() -> None:
     mem = PeakMemory()
     before = mem.start()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dgconvert.bench.errors import BenchError
 from dgconvert.bench.harness import BenchConfig, Measurements, measure, run_benchmark
 from dgconvert.bench.machine import describe_machine, machine_info
-from dgconvert.bench.operating import calibrated_points, point_name
+from dgconvert.bench.operating import NO_EXIT, calibrated_points, no_exit_point, point_name
 from dgconvert.bench.report import (
     BenchReport,
     SystemResult,
@@ -36,6 +36,7 @@ from dgconvert.bench.stats import (
 )
 
 __all__ = [
+    "NO_EXIT",
     "BenchConfig",
     "BenchError",
     "BenchReport",
@@ -51,6 +52,7 @@ __all__ = [
     "ideal_time",
     "machine_info",
     "measure",
+    "no_exit_point",
     "plot_results",
     "point_name",
     "render_paper_table",

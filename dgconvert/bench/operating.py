@@ -18,6 +18,15 @@ def calibration_available() -> bool:
     return importlib.util.find_spec("dgconvert.calibrate") is not None
 
 
+NO_EXIT = "nobody exits"
+
+
+def no_exit_point(bundle: Bundle) -> dict[str, list[float]]:
+    """The operating point with every gate off: timed beside the full model, it measures
+    what staging itself costs (compaction copies, gate heads, session calls)."""
+    return {NO_EXIT: [float("inf")] * bundle.num_gates}
+
+
 def point_name(drop_points: float) -> str:
     """``0.3`` -> ``"-0.3pt"``: the name of an operating point in tables and JSON."""
     return f"-{drop_points:g}pt"

@@ -43,17 +43,20 @@ def _backends() -> list[str]:
               help="Write the full results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG of ms/image vs batch size (needs matplotlib).")
+@click.option("--staging-overhead", is_flag=True,
+              help="Also time the gated runner with every gate off (rows 'gated[nobody exits]'): "
+                   "what staging costs when nobody exits.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly_errors
 def bench_cmd(
     bundle: Path, data: str, batch_sizes: str, backend: str, threads: int | None,
     thresholds: str | None, model: Path | None, no_torch: bool, repeats: int, warmup: int,
     samples: int, torch_samples: int, limit: int | None, json_out: Path | None, plot_out: Path | None,
-    no_progress: bool,
+    staging_overhead: bool, no_progress: bool,
 ) -> None:
     """Measure ms/image, images/s, accuracy, exits, memory and efficiency (ideal / measured)
     of the gated runtime against the full model, at several batch sizes, in one run."""
-    from dgconvert.bench import BenchConfig, run_benchmark
+    from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
     from dgconvert.bench.cli_support import pick_torch_model
     from dgconvert.bundle import Bundle
     from dgconvert.data import load_dataset
@@ -73,6 +76,7 @@ def bench_cmd(
     report = run_benchmark(
         b, ds.images, ds.labels, config=config, backend=backend, threads=threads,
         thresholds=parse_floats(thresholds), model=torch_model, data_name=data,
+        operating_points=no_exit_point(b) if staging_overhead else None,
     )
     click.echo(report.markdown())
     if json_out:
