@@ -48,3 +48,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small zoo ResNet (widths 8/16/24/32) trained 150 steps on fashion-mnist:train[:2000],
+    shared by the gate-fitting and CLI tests (training it once costs seconds)."""
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+    from tests.models import train_tiny_backbone
+
+    return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "backbone.pt",
+                               data="fashion-mnist:train[:2000]")

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 import dgconvert as dg
 from dgconvert.cli import main
-from tests.models import train_tiny_backbone
 
 FMNIST = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DATA = "fashion-mnist:train[:1500]"
@@ -24,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dgconvert backbone checkpoint of a small zoo ResNet, trained 100 steps."""
-    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
-    return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "bb.pt", steps=100, data=DATA)
+def backbone(tiny_backbone: Path) -> Path:
+    return tiny_backbone  # conftest: trained once per session
 
 
 def _run(*args: str) -> tuple[int, str]:

@@ -26,7 +26,6 @@ from dgconvert.gating.fit import (
 )
 from dgconvert.gating.heads import make_gate
 from dgconvert.gating.losses import ovr_hinge
-from tests.models import train_tiny_backbone
 
 FMNIST = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 needs_fmnist = pytest.mark.skipif(
@@ -42,10 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
-    return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "backbone.pt", data=TRAIN)
+def backbone(tiny_backbone: Path) -> Path:
+    return tiny_backbone  # conftest: trained once per session on fashion-mnist:train[:2000]
 
 
 # --------------------------------------------------------------------------- by hand
