@@ -208,8 +208,8 @@ class OnnxRuntimeBackend(Backend):
                 "fuse_boundaries=None (use it when possible) or False."
             )
         # ORT's optimized stage graphs feed the boundary fusion and the one-session chain
-        optimizable = not self._fusion_unavailable(cpu_only, None)
-        wants_graphs = optimizable and (not why_not or compose is not False)
+        not_optimizable = self._fusion_unavailable(cpu_only, None)
+        wants_graphs = not not_optimizable and (not why_not or compose is not False)
         tmp = tempfile.TemporaryDirectory(prefix="dgconvert-ort-") if wants_graphs else None
         self._sessions = []
         for k in range(bundle.num_stages):
@@ -243,14 +243,14 @@ class OnnxRuntimeBackend(Backend):
                     "fuse_boundaries=None or False."
                 )
         self._chain: ChainSession | None = None
-        self.composition = self._compose(cpu_only, compose, chain_models)
+        self.composition = self._compose(compose, chain_models, not_optimizable)
 
-    def _compose(self, cpu_only: bool, wanted: bool | None, models: list[Any] | None) -> str:
+    def _compose(self, wanted: bool | None, models: list[Any] | None, why_not: str) -> str:
         """Build the one-session chain (:mod:`.onnxruntime_chain`) from ORT's optimized
-        stage graphs (boundaries fused when they are); say what was done."""
+        stage graphs (boundaries fused when they are); ``why_not``: why there are no
+        optimized graphs to build it from, if so. Say what was done."""
         if wanted is False:
             return "off (compose=False)"
-        why_not = self._fusion_unavailable(cpu_only, None)
         if not why_not and self.bundle.num_stages < 2:
             why_not = "a single stage has nothing to chain"
         if not why_not and models is None:

@@ -115,7 +115,7 @@ class ChainSession:
     """Runs a composed chain: ``run(images, thresholds) -> [(score_k, label_k), ...]``."""
 
     def __init__(self, session: Any, run: Any, run_options: Any, num_stages: int) -> None:
-        self.session = session
+        self.session, self.num_stages = session, num_stages
         self._run, self._options = run, run_options
         self._input = session.get_inputs()[0].name
         self._names = [f"s{k}/{v}" for k in range(num_stages) for v in ("score", "label")]
@@ -131,9 +131,9 @@ def check_chain(chain: ChainSession, run_stage: Any, images: np.ndarray) -> np.n
     used: each gate's median score, so about half the rows exit at every gate. Also runs
     nobody exiting and everybody exiting at the first gate (deeper stages get empty
     batches, which some optimized graphs cannot take)."""
-    n = len(chain._names) // 2
-    cases = [_expected(run_stage, images, n, "median")]
-    cases += [_expected(run_stage, images, n, v) for v in (np.inf, -np.inf)]
+    first = run_stage(0, images, None)
+    cases = [_expected(run_stage, first, chain.num_stages, how)
+             for how in ("median", np.inf, -np.inf)]
     for what, t_arr, expected in cases:
         try:
             got = chain.run(images, t_arr)
@@ -148,10 +148,11 @@ def check_chain(chain: ChainSession, run_stage: Any, images: np.ndarray) -> np.n
     return cases[0][1]
 
 
-def _expected(run_stage: Any, images: np.ndarray, n: int, how: Any) -> tuple[str, np.ndarray, list]:
-    """The per-stage chain's ``(score, label)`` per stage for thresholds ``how`` (a value for
-    every gate, or ``"median"``); stages nobody reaches get empty arrays."""
-    out = run_stage(0, images, None)
+def _expected(run_stage: Any, first: Any, n: int, how: Any) -> tuple[str, np.ndarray, list]:
+    """The per-stage chain's ``(score, label)`` per stage, from stage 0's output ``first``,
+    for thresholds ``how`` (a value for every gate, or ``"median"``); stages nobody
+    reaches get empty arrays."""
+    out = first
     thresholds, expected = [], [(out.score, out.label)]
     for k in range(1, n):
         if how == "median":

@@ -32,6 +32,10 @@ class GatedResult:
     exit_stage: np.ndarray  # int64 [N]; K = the final stage
     scores: np.ndarray  # float32 [N]; the exiting gate's score (final: max softmax)
 
+    def fill(self, rows: np.ndarray, labels: np.ndarray, scores: np.ndarray, stage: int) -> None:
+        """Record that the caller's ``rows`` exited at ``stage`` with these labels/scores."""
+        self.labels[rows], self.scores[rows], self.exit_stage[rows] = labels, scores, stage
+
     def exit_histogram(self, num_stages: int) -> np.ndarray:
         """Samples that exited at each stage (length ``num_stages``)."""
         return np.bincount(self.exit_stage, minlength=num_stages)
@@ -189,10 +193,7 @@ class GatedRunner:
                 exits = out.score >= t[k - 1]
                 keep = (~exits).nonzero()[0]
                 if keep.size < n:
-                    done = rows[exits]
-                    res.labels[done] = out.label[exits]
-                    res.scores[done] = out.score[exits]
-                    res.exit_stage[done] = k - 1
+                    res.fill(rows[exits], out.label[exits], out.score[exits], k - 1)
                     if keep.size == 0:
                         return
                     rows = rows[keep]
@@ -201,9 +202,7 @@ class GatedRunner:
                     keep = keep.astype(np.int64)
                 out = run(k, out.features, keep)
                 counts[k] = n
-            res.labels[rows] = out.label
-            res.scores[rows] = out.score
-            res.exit_stage[rows] = last
+            res.fill(rows, out.label, out.score, last)
         finally:
             self._add_counts(counts)
 
@@ -214,12 +213,11 @@ class GatedRunner:
         rows = np.arange(offset, offset + len(x))
         counts = [len(score) for score, _ in outs]
         for k, (score, label) in enumerate(outs):
-            if k == last or not len(rows):
-                res.labels[rows], res.scores[rows], res.exit_stage[rows] = label, score, k
+            if k == last:
+                res.fill(rows, label, score, k)
                 break
             exits = score >= t[k]
-            done = rows[exits]
-            res.labels[done], res.scores[done], res.exit_stage[done] = label[exits], score[exits], k
+            res.fill(rows[exits], label[exits], score[exits], k)
             rows = rows[~exits]
         self._add_counts(counts)
 
