@@ -57,7 +57,11 @@ import numpy as np
 from dgconvert._io import atomic_directory, atomic_write
 from dgconvert.bundle import Bundle, now_iso
 from dgconvert.errors import BackendUnavailableError, BundleError, DGConvertError
-from dgconvert.runtime.tensorrt_backend import engine_key, import_tensorrt, trt_version_tuple
+from dgconvert.runtime.tensorrt_backend import (
+    import_tensorrt,
+    local_engine_key,
+    trt_version_tuple,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MIN_TRT_MAJOR = 10
@@ -224,11 +228,10 @@ def engine_record(
     }
 
 
-def file_record(bundle_path: Path, written: Path, final: Path, profile: dict[str, ShapeRange],
+def file_record(bundle_path: Path, data: bytes, final: Path, profile: dict[str, ShapeRange],
                 index: int | None) -> dict[str, Any]:
     """Manifest entry of one engine file: its final path (relative to the bundle), size,
-    SHA-256 (of the file as ``written``) and profile."""
-    data = written.read_bytes()
+    SHA-256 (of the engine ``data`` written there) and profile."""
     rec: dict[str, Any] = {} if index is None else {"index": index}
     rec.update({
         "file": final.relative_to(bundle_path).as_posix(),
@@ -341,9 +344,8 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions | None = No
             f"--precision int8 needs calibration images on TensorRT {version} ({plan.graph} "
             "graph). Fix: pass --data, e.g. --data fashion-mnist:train[:2000]."
         )
-    gpu = cuda.current_gpu(opts.device)
+    key, gpu, _ = local_engine_key(opts.device)
     cuda.set_device(opts.device)
-    key = engine_key(gpu.name, gpu.major, gpu.minor, version)
     calib = (b.manifest.get("calibration") or {}).get("exit_fractions")
     fractions = check_exit_fractions(calib, b.num_stages) if calib is not None else None
     profiles = stage_profiles([s["inputs"] for s in b.manifest["stages"]], opts.max_batch,
@@ -377,9 +379,9 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions | None = No
             log(f"  {name}: {len(data) / 2**20:.1f} MiB")
             final = target / path.name
             if name == "full":
-                full_rec = file_record(b.path, path, final, prof, None)
+                full_rec = file_record(b.path, data, final, prof, None)
             else:
-                stages.append(file_record(b.path, path, final, prof, len(stages)))
+                stages.append(file_record(b.path, data, final, prof, len(stages)))
         for p in tmp.glob("*.int8.onnx"):
             p.unlink()
         builder.save_timing_cache()

@@ -186,14 +186,6 @@ def nvidia_smi() -> tuple[list[GpuInfo], str | None]:
     return parse_nvidia_smi(out), driver
 
 
-def gpu_visible() -> bool:
-    """Whether any NVIDIA GPU is visible (cuda-python first, else nvidia-smi)."""
-    try:
-        return bool(list_gpus())
-    except BackendUnavailableError:
-        return bool(nvidia_smi()[0])
-
-
 # -- memory and streams ------------------------------------------------------------------
 class DeviceBuffer:
     """``nbytes`` of device memory (``cudaMalloc``); freed by :meth:`free`."""

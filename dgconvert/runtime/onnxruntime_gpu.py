@@ -64,7 +64,9 @@ class OnnxRuntimeGpuBackend(OnnxRuntimeBackend):
     ) -> None:
         if providers is None:
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        super().__init__(bundle, providers=providers, threads=threads, spinning=spinning)
+        # its run_stage binds the plain stage sessions: no fused or composed graphs to build
+        super().__init__(bundle, providers=providers, threads=threads, spinning=spinning,
+                         fuse_boundaries=False, compose=False)
         self.device_id = int(device_id)
         self.device_type = device_type
 

@@ -58,12 +58,6 @@ def probe(device: int = 0) -> Probe:
     return p
 
 
-def _registered(name: str) -> bool:
-    from dgconvert.runtime import BACKENDS
-
-    return name in BACKENDS
-
-
 def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
                  device: int = 0) -> tuple[str, dict[str, Any], str]:
     """Return ``(backend name, backend options, reason)`` for ``bundle`` on this machine."""
@@ -101,10 +95,8 @@ def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
     if cuda_ep and gpu is not None:
         providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         why = f"onnxruntime-gpu with the CUDA execution provider on {gpu.name}"
-        if _registered("onnxruntime-gpu"):
-            return ("onnxruntime-gpu", {"providers": providers, "device_id": device},
-                    f"{why}, features kept on the GPU (I/O binding); " + "; ".join(skipped))
-        return ("onnxruntime", {"providers": providers}, f"{why}; " + "; ".join(skipped))
+        return ("onnxruntime-gpu", {"providers": providers, "device_id": device},
+                f"{why}, features kept on the GPU (I/O binding); " + "; ".join(skipped))
     skipped.append(
         "onnxruntime-gpu: " + ("no GPU visible" if cuda_ep else
                                "CUDAExecutionProvider not available (pip install onnxruntime-gpu)")

@@ -33,7 +33,6 @@ import hashlib
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,14 +87,6 @@ def local_engine_key(device: int = 0) -> tuple[str, cuda.GpuInfo, str]:
     return engine_key(gpu.name, gpu.major, gpu.minor, trt.__version__), gpu, trt.__version__
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def engine_record_for(bundle: Bundle, key: str, trt_version: str) -> dict[str, Any]:
     """The manifest's engine record for ``key``, checked against this TensorRT version."""
     engines = bundle.manifest.get("engines") or {}
@@ -130,10 +121,6 @@ class DeviceFeatures:
     stage: int
     generation: int
     owner: _Workspace = field(repr=False)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
 
     def to_host(self) -> np.ndarray:
         """Copy the features to a host array (debugging and tests; the runner never does)."""
@@ -214,13 +201,12 @@ class TensorRTBackend(Backend):
     def __init__(self, bundle: Bundle, device: int = 0, key: str | None = None,
                  threads: int | None = None) -> None:
         super().__init__(bundle)
-        trt = import_tensorrt()
-        self._trt = trt
+        self._trt = trt = import_tensorrt()
         self.device = int(device)
-        self.gpu = cuda.current_gpu(self.device)
+        local_key, self.gpu, version = local_engine_key(self.device)
         cuda.set_device(self.device)
-        self.key = key or engine_key(self.gpu.name, self.gpu.major, self.gpu.minor, trt.__version__)
-        self.record = engine_record_for(bundle, self.key, trt.__version__)
+        self.key = key or local_key
+        self.record = engine_record_for(bundle, self.key, version)
         stages = self.record.get("stages") or []
         if len(stages) != bundle.num_stages:
             raise BundleError(
@@ -244,13 +230,14 @@ class TensorRTBackend(Backend):
         what = "full model" if k < 0 else f"stage {k}"
         if not path.is_file():
             raise BundleError(f"engine file {path} ({what}) is missing. Fix: `{fix}`.")
-        if rec.get("bytes") is not None and path.stat().st_size != int(rec["bytes"]):
-            raise BundleError(f"engine file {path} has {path.stat().st_size} bytes, the manifest "
+        data = path.read_bytes()  # read once: checked, then deserialized
+        if rec.get("bytes") is not None and len(data) != int(rec["bytes"]):
+            raise BundleError(f"engine file {path} has {len(data)} bytes, the manifest "
                               f"recorded {rec['bytes']}: it changed since the build. Fix: `{fix}`.")
-        if rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+        if rec.get("sha256") and hashlib.sha256(data).hexdigest() != rec["sha256"]:
             raise BundleError(f"engine file {path} does not match its SHA-256 in the manifest "
                               f"(corrupt or replaced). Fix: `{fix}`.")
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise BundleError(
                 f"TensorRT {trt.__version__} could not deserialize {path} ({what}); it was built "
