@@ -15,7 +15,8 @@ def describe_bundle(path: Path) -> str:
 
     b = Bundle.load(path)
     m = b.manifest
-    full = b.exit_costs()[-1] or 1.0
+    costs = b.exit_costs()
+    full = costs[-1] or 1.0
     lines = [
         f"bundle {b.path} (schema {m['schema_version']}, dgconvert {m.get('dgconvert_version')}, "
         f"created {m.get('created')})",
@@ -26,14 +27,12 @@ def describe_bundle(path: Path) -> str:
         "",
         "stage  file           MFLOPs  cum.share  gate                      threshold",
     ]
-    acc = 0.0
     for k, s in enumerate(m["stages"]):
-        acc += s["flops"] + (s["gate"] or {}).get("flops", 0)
         g = s["gate"]
         gate = f"{g['type']} (score {g['score']}, {g['flops']} FLOPs)" if g else "final"
         thr = f"{b.thresholds[k]:.4g}" if k < b.num_gates else "-"
         lines.append(
-            f"{k:5d}  {s['file']:<13s}  {s['flops'] / 1e6:6.2f}  {100 * acc / full:8.1f} %  "
+            f"{k:5d}  {s['file']:<13s}  {s['flops'] / 1e6:6.2f}  {100 * costs[k] / full:8.1f} %  "
             f"{gate:<24s}  {thr}"
         )
     t = m["thresholds"]

@@ -11,8 +11,8 @@ import torch
 
 from dgconvert._io import atomic_directory
 from dgconvert.bundle import Bundle, new_manifest, now_iso, write_manifest
-from dgconvert.convert.flops import count_flops
-from dgconvert.convert.onnx_export import export_onnx
+from dgconvert.convert.flops import count_flops, stage_flops
+from dgconvert.convert.onnx_export import OPSET, export_onnx
 from dgconvert.convert.stages import io_names, stage_modules
 from dgconvert.convert.verify import VerificationReport, verify_bundle
 from dgconvert.gating.network import GatedNetwork
@@ -70,21 +70,20 @@ def export(
     mods = stage_modules(net)
     last = len(mods) - 1
     bar = _progress(len(mods) + 2 + int(verify), progress)
+    body_flops, gate_flops = stage_flops(net)
     with atomic_directory(out, force=force) as tmp, torch.no_grad():
-        stages, x, x1 = [], example, example[:1]
+        stages, x = [], example
         for k, mod in enumerate(mods):
             inputs, outputs = io_names(k, last)
             if k == 0:
-                args, args1 = (x,), (x1,)
+                args = (x,)
             else:
                 keep = torch.arange(len(x) - 1, -1, -1)[: len(x) - 1]  # M != N, unordered
-                args, args1 = (x, keep), (x1, torch.zeros(1, dtype=torch.long))
+                args = (x, keep)
             outs = list(mod(*args))
-            body_flops = count_flops(net.stages[k], x1 if k == 0 else args1[0])
             gate_spec = None
             if k < last:
-                gate_flops = count_flops(net.gates[k], net.stages[k](args1[0]))
-                gate_spec = {**net.gates[k].spec(), "flops": gate_flops}
+                gate_spec = {**net.gates[k].spec(), "flops": gate_flops[k]}
             fname = f"stage{k}.onnx"
             export_onnx(mod, args, tmp / fname, inputs, outputs)
             stages.append(
@@ -93,13 +92,13 @@ def export(
                     "file": fname,
                     "inputs": _tensor_specs(inputs, list(args), "N"),
                     "outputs": _tensor_specs(outputs, outs, "M" if k else "N"),
-                    "flops": body_flops,
+                    "flops": body_flops[k],
                     "gate": gate_spec,
                 }
             )
             bar.update(1)
             if k < last:
-                x, x1 = outs[0], mod(*args1)[0]
+                x = outs[0]
         export_onnx(net, (example,), tmp / "full.onnx", ["images"], ["logits"])
         bar.update(1)
         manifest = new_manifest(
@@ -115,13 +114,12 @@ def export(
             full={"file": "full.onnx", "flops": count_flops(net, example[:1])},
             thresholds={"values": list(net.thresholds), "source": "export", "updated": now_iso()},
             source=source or {},
-            opset=18,
+            opset=OPSET,
         )
         write_manifest(tmp, manifest)
         bar.update(1)
-        bundle = Bundle.load(tmp)
         if verify:
-            report = verify_bundle(net, bundle, vin, atol=atol, rtol=rtol)
+            report = verify_bundle(net, Bundle.load(tmp), vin, atol=atol, rtol=rtol)
             if on_report:
                 on_report(report)
             bar.update(1)

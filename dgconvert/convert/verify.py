@@ -93,7 +93,10 @@ def _compare(
 def spread_thresholds(net: GatedNetwork, x: torch.Tensor) -> list[float]:
     """Thresholds at which a similar share of samples exits at every gate and at the end."""
     with torch.no_grad():
-        scores = net.all_exits(x).scores.numpy()
+        return _spread(net.all_exits(x).scores.numpy())
+
+
+def _spread(scores: np.ndarray) -> list[float]:
     k = scores.shape[1]
     # gate j lets through the top 1/(k+1-j) of the samples still there: quantile per gate
     return [float(np.quantile(scores[:, j], 1 - 1 / (k + 1 - j))) for j in range(k)]
@@ -141,9 +144,10 @@ def verify_bundle(
     full = backend.run_full(x_np)
     _compare(report, "full.onnx", ["logits"], [full], [net(x).numpy()], atol, rtol)
     # the chain: runtime vs gated_forward, samples exiting at every gate
-    t = spread_thresholds(net, x)
-    ref_out = net.gated_forward(x, t, return_scores=True)
-    all_scores = net.all_exits(x).scores.numpy()
+    exits = net.all_exits(x)  # once: thresholds, reference exits and ties all come from it
+    all_scores = exits.scores.numpy()
+    t = _spread(all_scores)
+    ref_out = net.pick_exits(exits, t)
     near = (np.abs(all_scores - np.asarray(t, np.float32)) <= atol + rtol).any(axis=1)
     for batch in sorted({1, 7, len(x)}):
         runner = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch)

@@ -223,18 +223,14 @@ def gate_outputs(heads: Sequence[nn.Module], pooled: Sequence[torch.Tensor]) -> 
     return np.stack(scores, 1).astype(np.float32), np.stack(labels, 1).astype(np.int64)
 
 
-@torch.no_grad()
 def exit_costs(net: GatedNetwork) -> list[float]:
     """Cumulative per-sample FLOPs of exiting at gate k (gates included); last: the final stage."""
-    from dgconvert.convert.flops import count_flops
+    from dgconvert.convert.flops import stage_flops
 
-    x = torch.zeros(1, *net.input_shape)
+    bodies, gates = stage_flops(net)
     total, costs = 0.0, []
-    for k, stage in enumerate(net.stages):
-        total += count_flops(stage, x)
-        x = stage(x)
-        if k < net.num_gates:
-            total += count_flops(net.gates[k], x)
+    for body, gate in zip(bodies, [*gates, 0], strict=True):
+        total += body + gate
         costs.append(total)
     return costs
 
@@ -689,14 +685,12 @@ def _fine_tune_jointly(
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         xb = images[idx.numpy()]
         x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
-        probs, confs = [], []
-        for k, head in enumerate(heads):
-            x = net.stages[k](x)
-            h, _, logits = head(x)
-            probs.append(torch.softmax(logits, 1))
-            confs.append(h)
-        probs.append(torch.softmax(net.stages[-1](x), 1))
-        return eenet_lv2(probs, confs, costs, y[idx], cost_weight)
+        xs = []
+        for stage in net.stages[:-1]:
+            x = stage(x)
+            xs.append(x)
+        final_p = torch.softmax(net.stages[-1](x), 1)
+        return _lv2_step(heads, xs, final_p, y[idx], costs, cost_weight)
 
     bar = _bar(epochs * math.ceil(n / batch_size), "fine-tune jointly" if progress else False,
                "joint", "step")

@@ -23,9 +23,7 @@ class AllExits(NamedTuple):
 
     scores: torch.Tensor  # [N, K]
     labels: torch.Tensor  # [N, K]
-    gate_logits: list[torch.Tensor]  # K x [N, C]
     final_logits: torch.Tensor  # [N, C]
-    features: list[torch.Tensor]  # K x gate inputs (stage outputs)
 
 
 def _check_thresholds(thresholds: Sequence[float], k: int) -> list[float]:
@@ -130,7 +128,7 @@ class GatedNetwork(nn.Module):
             x = example_input
             for stage in stages[:-1]:
                 x = stage(x)
-                gates.append((x.shape, pool_features(x).shape[1]))
+                gates.append(pool_features(x).shape[1])
             logits = stages[-1](x)
         model.train(was_training)
         if num_classes is None:
@@ -139,7 +137,7 @@ class GatedNetwork(nn.Module):
             raise ValueError(
                 f"the backbone outputs {logits.shape[1]} logits, but num_classes={num_classes}"
             )
-        heads = [make_gate(s, c, num_classes) for s, (_, c) in zip(specs, gates, strict=True)]
+        heads = [make_gate(s, c, num_classes) for s, c in zip(specs, gates, strict=True)]
         net = cls(
             stages,
             heads,
@@ -152,28 +150,20 @@ class GatedNetwork(nn.Module):
         net._backbone = model
         return net
 
-    def stage_forward(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage k's body (no gate)."""
-        return self.stages[k](x)
-
     def all_exits(self, x: torch.Tensor) -> AllExits:
         """Run every sample through every stage and every gate."""
-        scores, labels, logits, feats = [], [], [], []
+        scores, labels = [], []
         for k, gate in enumerate(self.gates):
             x = self.stages[k](x)
-            s, lab, lg = gate(x)
+            s, lab, _ = gate(x)
             scores.append(s)
             labels.append(lab)
-            logits.append(lg)
-            feats.append(x)
         final = self.stages[-1](x)
         n = final.shape[0]
         return AllExits(
             torch.stack(scores, 1) if scores else final.new_zeros(n, 0),
             torch.stack(labels, 1) if labels else torch.zeros(n, 0, dtype=torch.long),
-            logits,
             final,
-            feats,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +184,12 @@ class GatedNetwork(nn.Module):
         Computes every stage for every sample and picks each sample's first exit; this is
         the slow, obviously-correct definition the exported runtime is tested against.
         """
+        out = self.pick_exits(self.all_exits(x), thresholds)
+        return out if return_scores else (out.labels, out.exit_stage)
+
+    def pick_exits(self, out: AllExits, thresholds: Sequence[float] | None = None) -> GatedOutput:
+        """Each sample's first exit given every exit's outputs (:meth:`all_exits`)."""
         t = _check_thresholds(self.thresholds if thresholds is None else thresholds, self.num_gates)
-        out = self.all_exits(x)
         n = out.final_logits.shape[0]
         fs, fl, _ = self.final_head(out.final_logits)
         labels, exit_stage, scores = fl.clone(), torch.full((n,), self.num_gates), fs.clone()
@@ -206,6 +200,4 @@ class GatedNetwork(nn.Module):
             scores[hit] = out.scores[hit, k]
             exit_stage[hit] = k
             done |= hit
-        if return_scores:
-            return GatedOutput(labels, exit_stage, scores)
-        return labels, exit_stage
+        return GatedOutput(labels, exit_stage, scores)
