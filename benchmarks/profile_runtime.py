@@ -19,7 +19,6 @@ import io
 import json
 import pstats
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,9 @@ import numpy as np
 from _util import DEFAULT_BUNDLE, header, require, write_results
 
 import dgconvert.runtime.onnxruntime_backend as ortb
+from dgconvert.bench import BenchConfig, measure
+from dgconvert.bench.stats import paired_ratios
+from dgconvert.bench.systems import OnnxFull, OnnxGated, Prediction, System
 from dgconvert.bundle import Bundle
 from dgconvert.runtime import GatedRunner
 
@@ -104,19 +106,22 @@ def thread_settings(bundle: Bundle, sizes: list[int], reps: int) -> str:
                         **opts)
         for b in sizes:
             n = 512 if b > 1 else 128
-            times: dict[str, list[float]] = {"full": [], "chain": []}
-            for rep in range(reps + 1):
-                for name, fn in (("full", r.full_logits), ("chain", r.predict)):
-                    t0 = time.perf_counter()
-                    for i in range(0, n, b):
-                        fn(pixels[i:i + b])
-                    if rep:
-                        times[name].append((time.perf_counter() - t0) / n * 1e3)
-            f, c = np.array(times["full"]), np.array(times["chain"])
-            lines.append(f"| {label} | {b} | {np.median(f):.4f} | {np.median(c):.4f} | "
-                         f"{np.median(f / c):.3f} |")
+            full, chain = _paired(bundle, [OnnxFull(r), OnnxGated(r)], pixels[:n], b, reps)
+            lines.append(f"| {label} | {b} | {np.median(full) / n * 1e3:.4f} | "
+                         f"{np.median(chain) / n * 1e3:.4f} | "
+                         f"{paired_ratios(full, chain).median:.3f} |")
         r.close()
     return "\n".join(lines)
+
+
+def _paired(bundle: Bundle, systems: list[Any], images: np.ndarray, batch: int,
+            reps: int) -> list[list[float]]:
+    """Seconds per pass of each system over ``images``: the bench harness's interleaved,
+    rotated rounds (the pairs of a round share the machine's load)."""
+    config = BenchConfig(batch_sizes=[batch], repeats=reps, warmup=1, samples=len(images),
+                         progress=False)
+    meas = measure(systems, images, config, bundle.num_stages)
+    return [meas.seconds[s.id][batch] for s in systems]
 
 
 def _ablated(model: Any, drop_gather: bool, drop_gates: bool) -> Any:
@@ -169,6 +174,18 @@ def _ablated(model: Any, drop_gather: bool, drop_gates: bool) -> Any:
     return m
 
 
+class _Variant(System):
+    """A raw call on float32 images as a bench system: ``run(images) -> final labels``."""
+
+    def __init__(self, label: str, run: Any, last_stage: int) -> None:
+        self.id = self.label = label
+        self._run, self._last = run, last_stage
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        labels = self._run(images)
+        return Prediction(labels, np.full(len(labels), self._last, np.int64))
+
+
 def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
     """The one-session chain with nobody exiting, whole and with parts removed, against the
     full model in the same rounds: what compaction and gate heads cost."""
@@ -190,7 +207,9 @@ def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
         ortb.compose_chain = original
     if "model" not in captured or be._chain is None:
         return f"(no one-session chain: {be.composition})"
-    variants: dict[str, Any] = {}
+    last = bundle.num_stages - 1
+    no_exit = np.full(bundle.num_gates, np.inf, np.float32)
+    variants: list[Any] = [_Variant("full", lambda x: be.run_full(x).argmax(1), last)]
     for label, gather, gates in (("chain", False, False), ("without Gather", True, False),
                                  ("without gate heads", False, True),
                                  ("without both", True, True)):
@@ -198,27 +217,16 @@ def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         sess = ort.InferenceSession(_ablated(captured["model"], gather, gates).SerializeToString(),
                                     so, providers=["CPUExecutionProvider"])
-        variants[label] = chain_mod.ChainSession(sess, ortb._direct_run(sess), be._run_options,
-                                                 bundle.num_stages).run
-    no_exit = np.full(bundle.num_gates, np.inf, np.float32)
+        run = chain_mod.ChainSession(sess, ortb._direct_run(sess), be._run_options,
+                                     bundle.num_stages).run
+        variants.append(_Variant(label, lambda x, run=run: run(x, no_exit)[-1][1], last))
     x = np.random.default_rng(3).standard_normal((2048, *bundle.input_shape)).astype(np.float32)
-    lines = ["| batch | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
+    names = [v.id for v in variants[1:]]
+    lines = ["| batch | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for b in sizes:
-        fns = {"full": lambda b=b: [be.run_full(x[i:i + b]) for i in range(0, len(x), b)]}
-        for label, run in variants.items():
-            fns[label] = lambda b=b, run=run: [run(x[i:i + b], no_exit)
-                                               for i in range(0, len(x), b)]
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        names = list(fns)
-        for rep in range(reps + 1):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                t0 = time.perf_counter()
-                fns[name]()
-                if rep:
-                    times[name].append(time.perf_counter() - t0)
-        full = np.array(times["full"])
+        full, *parts = _paired(bundle, variants, x, b, reps)
         lines.append(f"| {b} | " + " | ".join(
-            f"{np.median(np.array(times[k]) / full):.3f}" for k in variants) + " |")
+            f"{paired_ratios(p, full).median:.3f}" for p in parts) + " |")
     be.close()
     return "\n".join(lines)
 

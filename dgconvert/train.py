@@ -28,8 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dgconvert._threads import torch_threads
 from dgconvert.data import DataError, Dataset, load_dataset
 from dgconvert.zoo import resnet
 
@@ -176,18 +176,6 @@ def _augment(x: torch.Tensor, pad: int, hflip: bool, gen: torch.Generator) -> to
         flip = torch.rand(b, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads, restoring the previous count."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fit(
@@ -357,7 +345,7 @@ def train_reference(
     recipe = recipe or DEFAULT_RECIPE
     recipe = replace(recipe, seed=seed, epochs=recipe.epochs if epochs is None else epochs)
     train = load_dataset(data)
-    with _threads(threads):
+    with torch_threads(threads):
         model = build_model(recipe, num_classes=len(train.classes))
         epoch_loss: list[float] = []
         t0, c0 = time.perf_counter(), time.process_time()

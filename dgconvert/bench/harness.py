@@ -179,16 +179,11 @@ def torch_threads(threads: int | None, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    import torch
-
+    from dgconvert._threads import torch_threads as set_threads
     from dgconvert.runtime.onnxruntime_backend import default_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads())
-    try:
+    with set_threads(threads or default_threads()):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_benchmark(

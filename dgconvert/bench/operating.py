@@ -54,16 +54,12 @@ def calibrated_points(
             "the calibrate package. Fix: use the bundle's thresholds (--thresholds) instead."
         )
     from dgconvert.calibrate import calibrate
-    from dgconvert.runtime import GatedRunner
+    from dgconvert.calibrate.collect import collect_records
 
     if labels is None or len(labels) != len(images):
         raise BenchError("calibration needs one label per image; got "
                          f"{None if labels is None else len(labels)} for {len(images)} images")
-    runner = GatedRunner(bundle, backend=backend)
-    try:
-        records = runner.collect(images)
-    finally:
-        runner.close()
+    records, _ = collect_records(bundle, images, backend=backend)
     full_acc = float((records.final_labels == labels).mean())
     points: dict[str, list[float]] = {}
     details: dict[str, Any] = {"calibration_images": int(len(images)),

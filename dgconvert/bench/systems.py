@@ -51,8 +51,9 @@ class System(abc.ABC):
         """Start counting the rows each stage processes."""
 
     def rows_per_stage(self, n: int, num_stages: int) -> list[int]:
-        """Rows each stage processed since :meth:`reset_rows` (``n`` images went in)."""
-        return [n] + [0] * (num_stages - 1) if self.kind == "gated" else [n] * num_stages
+        """Rows each stage processed since :meth:`reset_rows` (``n`` images went in); by
+        default every stage saw every row (full models, the masked model)."""
+        return [n] * num_stages
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the system holds."""
@@ -138,9 +139,6 @@ class TorchMasked(TorchFull):
         with torch.inference_mode():
             labels, exits = self.net.gated_forward(self._input(images), self.thresholds)
         return Prediction(labels.numpy().astype(np.int64), exits.numpy().astype(np.int64))
-
-    def rows_per_stage(self, n: int, num_stages: int) -> list[int]:
-        return [n] * num_stages  # that is the point: every stage sees every row
 
 
 @dataclass

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dgconvert._threads import torch_threads
 from dgconvert.errors import DGConvertError
 from dgconvert.gating.heads import GATE_TYPES, SCORE_KINDS, GateHead, pool_features
 from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
@@ -326,7 +326,7 @@ def train_heads(
     xs = [(x - m) / s for x, (m, s) in zip(features.pooled, stats, strict=True)]
     n = len(y)
     steps = math.ceil(n / batch_size)
-    with _threads(1):  # tiny matmuls: more threads only add synchronisation
+    with torch_threads(1):  # tiny matmuls: more threads only add synchronisation
         if kind == "confidence":
             if costs is None:
                 raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
@@ -394,16 +394,6 @@ def _sgd(
             bar.update(1)
         last = tot / n
     return last
-
-
-@contextmanager
-def _threads(k: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(k, old))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _lv2_step(
