@@ -10,6 +10,7 @@ import numpy as np
 
 from dgconvert.calibrate.kernels import coordinate_values
 from dgconvert.calibrate.problem import Goal, Problem, Solution
+from dgconvert.calibrate.records import first_fire
 
 _BRUTE_CELLS = 4_000_000
 
@@ -98,7 +99,7 @@ def brute_force_index(prob: Problem, goal: Goal) -> Solution | None:
         if combos.size == 0:
             return best
         fires = prob.rank[None, :, :] <= combos[:, None, :]
-        point = np.where(fires.any(axis=2), fires.argmax(axis=2), k)
+        point = first_fire(fires)
         corr = prob.correct[rows[None, :], point].sum(axis=1).astype(np.float64)
         cost = prob.costs[point].sum(axis=1)
         cell = goal.best_cell(corr, cost)

@@ -26,8 +26,11 @@ def bundle_digest(bundle: Bundle) -> str:
     return h.hexdigest()
 
 
-def cache_path(bundle: Bundle, data_fingerprint: str) -> Path:
-    key = hashlib.sha256(f"{bundle_digest(bundle)}:{data_fingerprint}".encode()).hexdigest()
+def cache_path(bundle: Bundle, data_fingerprint: str, digest: str | None = None) -> Path:
+    """Where the records of these stage graphs (``digest``: :func:`bundle_digest`, computed
+    when not given) on this data are cached."""
+    digest = digest or bundle_digest(bundle)
+    key = hashlib.sha256(f"{digest}:{data_fingerprint}".encode()).hexdigest()
     return bundle.path / CACHE_DIR / f"records-{key[:24]}.npz"
 
 
@@ -39,16 +42,18 @@ def collect_records(
     backend: str = "auto",
     batch_size: int = 256,
     progress: bool = False,
+    digest: str | None = None,
     **backend_options: Any,
 ) -> tuple[GateRecords, bool]:
     """Gate records for ``images``; returns ``(records, from_cache)``.
 
     With a ``data_fingerprint`` (e.g. ``Dataset.fingerprint()``) the records are cached in
-    ``bundle/cache/`` and reused while the stage graphs and the data are unchanged.
+    ``bundle/cache/`` and reused while the stage graphs and the data are unchanged
+    (``digest``: the stage graphs' :func:`bundle_digest`, if the caller has it already).
     """
     from dgconvert.runtime import GatedRunner
 
-    path = cache_path(bundle, data_fingerprint) if data_fingerprint else None
+    path = cache_path(bundle, data_fingerprint, digest) if data_fingerprint else None
     if path is not None and path.is_file():
         with np.load(path) as z:
             if len(z["final_labels"]) == len(images):

@@ -123,10 +123,10 @@ def pair_best(
 
     Rows whose bounds cannot beat ``incumbent`` (or meet the goal) are skipped.
     """
-    rows, cols = len(cand_p), len(cand_q)
-    alpha = positions(cand_p, data.row_rank)
-    row_corr = base[0] + np.cumsum(hist(alpha, data.row_gain_correct, rows + 1))[:rows]
-    row_cost = base[1] + np.cumsum(hist(alpha, data.row_gain_cost, rows + 1))[:rows]
+    cols = len(cand_q)
+    row_corr, row_cost = coordinate_values(cand_p, data.row_rank, data.row_gain_correct,
+                                           data.row_gain_cost)
+    row_corr, row_cost = base[0] + row_corr, base[1] + row_cost
     # A pair sample adds to row a iff it does not exit at p there: a < alpha, i.e. a <= gamma.
     gamma = positions(cand_p, data.pair_rank_p) - 1
     beta = positions(cand_q, data.pair_rank_q)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -119,17 +120,17 @@ def calibrate(
     ev = _Evaluator(rec, y, costs, cal_idx, held_idx, target)
     search_point = ev.point("search", prob.to_thresholds(sol.idx))
     bound = None
-    chosen = search_point.thresholds
+    ours = replace(search_point, name="ours")  # without a bound: the search's own vector
     if conf is not None:
         family = [prob.to_thresholds(s.idx) for s in fronts]
         held_rec, held_y = ev.parts[1]
         bound = fixed_sequence_test(
             held_rec, held_y, family, costs, target=target, confidence=conf, max_drop=max_drop
         )
-        chosen = bound.thresholds
+        ours = ev.point("ours", bound.thresholds)
     kind = "exact" if exact else "heuristic"
     return CalibrationResult(
-        ours=ev.point("ours", chosen),
+        ours=ours,
         full=ev.point("full", [np.inf] * prob.num_gates),
         sequential=ev.point("sequential", prob.to_thresholds(seq.idx)),
         shared=ev.point("shared", [shared_t] * prob.num_gates),

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dgconvert.calibrate.records import GateRecords
+from dgconvert.calibrate.records import GateRecords, first_fire
 
 _REL_TOL = 1e-12
 
@@ -168,8 +168,7 @@ class Problem:
 
     def exit_points(self, idx: Sequence[int]) -> np.ndarray:
         """Exit point per sample (K = final stage)."""
-        fires = self.rank <= np.asarray(idx, np.int64)[None, :]
-        return np.where(fires.any(axis=1), fires.argmax(axis=1), self.num_gates)
+        return first_fire(self.rank <= np.asarray(idx, np.int64)[None, :])
 
     def fallback(
         self, idx: Sequence[int], moved: Sequence[int]
@@ -177,7 +176,7 @@ class Problem:
         """Exit point, correctness and cost per sample with the ``moved`` gates disabled."""
         fires = self.rank <= np.asarray(idx, np.int64)[None, :]
         fires[:, list(moved)] = False
-        point = np.where(fires.any(axis=1), fires.argmax(axis=1), self.num_gates)
+        point = first_fire(fires)
         return point, self.correct[np.arange(self.n), point].astype(np.float64), self.costs[point]
 
     def evaluate(self, idx: Sequence[int]) -> Solution:

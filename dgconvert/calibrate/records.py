@@ -166,10 +166,16 @@ class Outcome:
     correct: int  # number of correct predictions
 
 
+def first_fire(fires: np.ndarray) -> np.ndarray:
+    """Index of the first True along the last axis (the first gate that fires), or the
+    axis length ``K`` (the final stage) where none is."""
+    always = np.ones((*fires.shape[:-1], 1), dtype=bool)
+    return np.concatenate([fires, always], axis=-1).argmax(axis=-1)
+
+
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """First gate with ``score >= threshold`` per sample, ``K`` when none fires."""
-    fires = scores >= thresholds[None, :]
-    return np.where(fires.any(axis=1), fires.argmax(axis=1), scores.shape[1]).astype(np.int64)
+    return first_fire(scores >= thresholds[None, :]).astype(np.int64)
 
 
 def simulate(

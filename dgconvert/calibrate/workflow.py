@@ -71,9 +71,10 @@ def calibrate_bundle(
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     ds = load_dataset(data, num_classes=b.num_classes)
     y = ds.require_labels("calibration")
-    fingerprint = ds.fingerprint()
+    fingerprint, digest = ds.fingerprint(), bundle_digest(b)
     records, cached = collect_records(
-        b, ds.images, fingerprint, backend=backend, progress=progress, **backend_options
+        b, ds.images, fingerprint, backend=backend, progress=progress, digest=digest,
+        **backend_options
     )
     if cost == "latency":
         exit_costs = latency_exit_costs(
@@ -96,7 +97,7 @@ def calibrate_bundle(
         **result.to_dict(),
         "data": data,
         "data_hash": fingerprint,
-        "bundle_digest": bundle_digest(b),
+        "bundle_digest": digest,
         "cost": cost,
         "requested": {"target_acc": target_acc, "max_drop": max_drop, "confidence": confidence},
         "records_cached": cached,
