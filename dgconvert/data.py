@@ -171,13 +171,10 @@ class Dataset:
         n = len(self)
         bar = None
         if progress:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # tqdm is optional here: no bar without it
-                tqdm = None
-            if tqdm is not None:
-                desc = progress if isinstance(progress, str) else self.source
-                bar = tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True)
+            from tqdm.auto import tqdm
+
+            desc = progress if isinstance(progress, str) else self.source
+            bar = tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True)
         try:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
@@ -354,10 +351,7 @@ def _load_named(name: str, split: str) -> Dataset:
         if info.install and not env_value
         else f"Fix: replace the file (directory from {info.env})"
     )
-    images = _as_images(read_idx(files[0], fix + "."), str(files[0]))
-    labels = _as_labels(read_idx(files[1], fix + "."), str(files[1]))
-    _check_lengths(images, labels, f"{files[0]} and {files[1]}")
-    return Dataset(images, labels, list(info.classes))
+    return _load_idx_pair(files[0], files[1], None, hint=fix + ".", classes=list(info.classes))
 
 
 def _load_path(path: Path, num_classes: int | None) -> Dataset:
@@ -405,16 +399,21 @@ def _read_bytes(path: Path, fix: str) -> bytes:
         raise DataError(f"{path}: corrupt gzip data ({e}). " + fix) from e
 
 
-def _load_idx_pair(images_path: Path, labels_path: Path | None, num_classes: int | None) -> Dataset:
+def _load_idx_pair(
+    images_path: Path, labels_path: Path | None, num_classes: int | None, hint: str = "",
+    classes: list[str] | None = None,
+) -> Dataset:
+    """Images (and labels) from idx files; ``hint`` ends read errors (how to fix them)."""
     for p in (images_path, labels_path):
         if p is not None and not p.is_file():
             raise DataError(f"{p}: no such file. Expected IMAGES,LABELS paths of idx files.")
-    images = _as_images(read_idx(images_path), str(images_path))
+    images = _as_images(read_idx(images_path, hint), str(images_path))
     labels = None
     if labels_path is not None:
-        labels = _as_labels(read_idx(labels_path), str(labels_path))
+        labels = _as_labels(read_idx(labels_path, hint), str(labels_path))
         _check_lengths(images, labels, f"{images_path} and {labels_path}")
-    return Dataset(images, labels, _default_classes(labels, num_classes))
+    return Dataset(images, labels,
+                   classes if classes is not None else _default_classes(labels, num_classes))
 
 
 def _load_npz(path: Path, num_classes: int | None) -> Dataset:

@@ -39,6 +39,7 @@ from torch import nn
 
 from dgconvert._threads import torch_threads
 from dgconvert.data import DataError, Dataset, load_dataset
+from dgconvert.gating.checkpoint import BACKBONE_FORMAT, VERSION
 from dgconvert.zoo import resnet
 
 __all__ = [
@@ -66,8 +67,8 @@ STD = 0.3530
 SCALE = 255.0
 NORMALIZATION: dict[str, Any] = {"scale": SCALE, "mean": [MEAN], "std": [STD]}
 INPUT_SHAPE: list[int] = [1, 28, 28]
-CHECKPOINT_FORMAT = "dgconvert-backbone"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT = BACKBONE_FORMAT  # what dgconvert.gating.checkpoint reads
+CHECKPOINT_VERSION = VERSION
 ARCH_FACTORY = "dgconvert.zoo:resnet"
 CACHE_ENV = "DGCONVERT_CACHE"
 

@@ -142,7 +142,7 @@ def cut_backbone(model: nn.Module, cuts: Sequence[str]) -> list[fx.GraphModule]:
                 f"crossed by one tensor only. Fix: cut at a block boundary; single-tensor cuts "
                 f"of this model: {valid_cut_points(model) or 'none among its direct children'}."
             )
-        if index[n] + 1 >= index[result] + 1 and n is result:
+        if n is result:
             raise CutError(f"cut point {c!r} is the model's output; nothing would remain after it")
     bounds = [placeholders[0], *cut_nodes, result]
     return [_subgraph(gm, nodes, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
