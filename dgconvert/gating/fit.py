@@ -576,10 +576,9 @@ def _resolve_backbone(
 ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
     from dgconvert.gating.checkpoint import load_backbone
 
-    if isinstance(backbone, nn.Module):
-        spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
-        return backbone, spec, {}
     spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
+    if isinstance(backbone, nn.Module):
+        return backbone, spec, {}
     if spec is None:
         model, info = load_backbone(backbone, trust_pickle=trust_pickle)
     else:
