@@ -34,7 +34,7 @@ from dgconvert.bench import (
     run_benchmark,
 )
 from dgconvert.bench.operating import calibration_available
-from dgconvert.bundle import Bundle
+from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
 
 

@@ -269,7 +269,7 @@ def run_variant(cache: Cache, v: Variant, seed: int, val_size: int, epochs: int)
 
 
 def exit_costs_backbone(net: Any) -> float:
-    from dgconvert.convert.flops import count_flops
+    from dgconvert.gating.flops import count_flops
 
     return float(count_flops(net.backbone, torch.zeros(1, *net.input_shape)))
 

@@ -19,7 +19,7 @@ from _util import CALIBRATION_DATA, DEFAULT_BUNDLE, TEST_DATA, header, require, 
 
 from dgconvert.bench import BenchConfig, calibrated_points, run_benchmark
 from dgconvert.bench.operating import calibration_available
-from dgconvert.bundle import Bundle
+from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
 
 

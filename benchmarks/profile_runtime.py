@@ -28,8 +28,9 @@ from _util import DEFAULT_BUNDLE, header, require, write_results
 import dgconvert.runtime.onnxruntime_backend as ortb
 from dgconvert.bench import BenchConfig, measure
 from dgconvert.bench.stats import paired_ratios
-from dgconvert.bench.systems import OnnxFull, OnnxGated, Prediction, System
-from dgconvert.bundle import Bundle
+from dgconvert.bench.systems import OnnxFull, OnnxGated, System
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.exits import GatedResult
 from dgconvert.runtime import GatedRunner
 
 
@@ -72,16 +73,15 @@ def per_operator(bundle: Bundle, batch: int, reps: int) -> str:
                 out = be.run_stage(0, x, None)
                 for k in range(1, bundle.num_stages):
                     out = be.run_stage(k, out.features, keep)
-                if be._chain is not None:
-                    be._chain.run(x, no_exit)
+                if be.chain_session is not None:
+                    be.chain_session.run(x, no_exit)
             if "full model" not in cols:
-                cols["full model"] = _kernel_times(be._full[3].end_profiling())
-            sessions = ([f[0].__self__ for f in be._fast] if fuse and be._fast
-                        else [s._sess for s in be._sessions])
+                cols["full model"] = _kernel_times(be.full_session.end_profiling())
+            sessions = be.fused_sessions if fuse and be.fused_sessions else be.sessions
             cols[label] = sum((_kernel_times(s.end_profiling()) for s in sessions),
                               collections.Counter())
-            if be._chain is not None:
-                cols["one-session chain"] = _kernel_times(be._chain.session.end_profiling())
+            if be.chain_session is not None:
+                cols["one-session chain"] = _kernel_times(be.chain_session.session.end_profiling())
     ops = sorted(set().union(*cols.values()), key=lambda o: -sum(c[o] for c in cols.values()))
     lines = ["| operator | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for op in ops:
@@ -181,9 +181,10 @@ class _Variant(System):
         self.id = self.label = label
         self._run, self._last = run, last_stage
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> GatedResult:
         labels = self._run(images)
-        return Prediction(labels, np.full(len(labels), self._last, np.int64))
+        n = len(labels)
+        return GatedResult(labels, np.full(n, self._last, np.int64), np.zeros(n, np.float32))
 
 
 def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
@@ -205,7 +206,7 @@ def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
         be = ortb.OnnxRuntimeBackend(bundle)
     finally:
         ortb.compose_chain = original
-    if "model" not in captured or be._chain is None:
+    if "model" not in captured or be.chain_session is None:
         return f"(no one-session chain: {be.composition})"
     last = bundle.num_stages - 1
     no_exit = np.full(bundle.num_gates, np.inf, np.float32)
@@ -217,7 +218,7 @@ def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         sess = ort.InferenceSession(_ablated(captured["model"], gather, gates).SerializeToString(),
                                     so, providers=["CPUExecutionProvider"])
-        run = chain_mod.ChainSession(sess, ortb._direct_run(sess), be._run_options,
+        run = chain_mod.ChainSession(sess, ortb._direct_run(sess), be.run_options,
                                      bundle.num_stages).run
         variants.append(_Variant(label, lambda x, run=run: run(x, no_exit)[-1][1], last))
     x = np.random.default_rng(3).standard_normal((2048, *bundle.input_shape)).astype(np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from dgconvert.core.version import __version__
 
 _LAZY = {
     "GatedNetwork": "dgconvert.gating.network",
@@ -18,7 +18,8 @@ _LAZY = {
     "load_backbone": "dgconvert.gating.checkpoint",
     "export": "dgconvert.convert.export",
     "fit_gates": "dgconvert.gating.fit",
-    "Bundle": "dgconvert.bundle",
+    "Bundle": "dgconvert.core.bundle",
+    "GatedResult": "dgconvert.core.exits",
     "GatedRunner": "dgconvert.runtime.runner",
     "load_dataset": "dgconvert.data",
 }

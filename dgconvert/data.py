@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.errors import DGConvertError
+from dgconvert.core.errors import DataError
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -62,10 +62,6 @@ SPEC_HELP = (
     "IMAGES,LABELS (two idx files), a .npz with x (and y), or an image folder; "
     "optionally followed by a slice such as [:1000]"
 )
-
-
-class DataError(DGConvertError, ValueError):
-    """A data set spec cannot be resolved, or its files are missing, corrupt or inconsistent."""
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dgconvert._threads import torch_threads
 from dgconvert.data import DataError, Dataset, load_dataset
 from dgconvert.gating.checkpoint import BACKBONE_FORMAT, VERSION
+from dgconvert.gating.threads import torch_threads
 from dgconvert.zoo import resnet
 
 __all__ = [

@@ -1,11 +1,16 @@
-"""Shared fixtures. Exported bundles are cached per session: exporting costs seconds."""
+"""Shared fixtures. Exported bundles are made once per session (``exported_bundle``):
+exporting and verifying costs seconds."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 FASHION_DIR = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -60,3 +65,45 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return train_tiny_backbone(tmp_path_factory.mktemp("bb") / "backbone.pt",
                                data="fashion-mnist:train[:2000]")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A gated network and its exported, verified bundle (shared: never modify it; copy it
+    with :meth:`copy_to` first)."""
+
+    net: Any
+    bundle: Any
+    pixels: np.ndarray  # the uint8 images it was verified on
+
+    def copy_to(self, folder: Path) -> Any:
+        from dgconvert.core.bundle import Bundle
+
+        dst = folder / self.bundle.path.name
+        shutil.copytree(self.bundle.path, dst)
+        return Bundle.load(dst)
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Exported]:
+    """``exported_bundle(arch="resnet", gate="dgate")``: the test model ``arch`` (see
+    ``tests/models.py``) with ``gate`` heads, exported and verified once per test session."""
+    import torch
+
+    import dgconvert as dg
+    from dgconvert.core.preprocess import prepare_images
+    from tests.models import NORMALIZATION, build
+
+    root = tmp_path_factory.mktemp("bundles")
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+    x = torch.from_numpy(prepare_images(pixels, [1, 28, 28], NORMALIZATION))
+    cache: dict[tuple[str, str], Exported] = {}
+
+    def make(arch: str = "resnet", gate: str = "dgate") -> Exported:
+        if (arch, gate) not in cache:
+            net = build(arch, gate)
+            bundle = dg.export(net, root / f"{arch}-{gate}.dg", verify_input=x)
+            cache[arch, gate] = Exported(net, bundle, pixels)
+        return cache[arch, gate]
+
+    return make

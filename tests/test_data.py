@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from dgconvert import data as dgdata
+from dgconvert.core.errors import DGConvertError
 from dgconvert.data import FASHION_MNIST_CLASSES, DataError, Dataset, load_dataset, read_idx
-from dgconvert.errors import DGConvertError
 
 FMNIST_DIR = Path(
     os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")

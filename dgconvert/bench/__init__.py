@@ -15,8 +15,9 @@ See :mod:`dgconvert.bench.stats` for how ideal and efficiency are defined,
 from __future__ import annotations
 
 from dgconvert.bench.errors import BenchError
-from dgconvert.bench.harness import BenchConfig, Measurements, measure, run_benchmark
+from dgconvert.bench.harness import BenchConfig, measure, run_benchmark
 from dgconvert.bench.machine import describe_machine, machine_info
+from dgconvert.bench.measurements import Measurements
 from dgconvert.bench.operating import NO_EXIT, calibrated_points, no_exit_point, point_name
 from dgconvert.bench.report import (
     BenchReport,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from dgconvert.bundle import Bundle
+from dgconvert.core.bundle import Bundle
 
 
 def pick_torch_model(bundle: Bundle, model: Path | None, no_torch: bool) -> tuple[Path | None, str]:
@@ -15,7 +15,7 @@ def pick_torch_model(bundle: Bundle, model: Path | None, no_torch: bool) -> tupl
     has_torch = importlib.util.find_spec("torch") is not None
     if model is not None:
         return model, ""
-    src = (bundle.manifest.get("source") or {}).get("checkpoint")
+    src = bundle.manifest.source.get("checkpoint")
     if not src:
         return None, ("note: no --model given and the bundle names no source checkpoint; "
                       "the PyTorch systems are skipped")

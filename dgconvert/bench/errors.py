@@ -1,9 +1,5 @@
-"""Errors raised by the benchmark harness."""
+"""Re-export of :class:`dgconvert.core.errors.BenchError` (kept for imports by path)."""
 
-from __future__ import annotations
+from dgconvert.core.errors import BenchError
 
-from dgconvert.errors import DGConvertError
-
-
-class BenchError(DGConvertError, ValueError):
-    """A benchmark cannot run as configured (batch sizes, data, model, systems)."""
+__all__ = ["BenchError"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,19 @@ import numpy as np
 
 from dgconvert.bench.errors import BenchError
 from dgconvert.bench.machine import load_average, machine_info
+from dgconvert.bench.measurements import Measurements
 from dgconvert.bench.memory import PeakMemory
 from dgconvert.bench.report import BenchReport, build_results, stage_ms
 from dgconvert.bench.systems import (
     OnnxFull,
     OnnxGated,
-    Prediction,
     StageProbe,
     System,
     TorchFull,
     TorchMasked,
 )
-from dgconvert.bundle import Bundle
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.exits import GatedResult
 
 
 @dataclass
@@ -64,19 +65,6 @@ class BenchConfig:
                 "data (--limit), a larger --samples, or smaller --batch-size values."
             )
         return sizes
-
-
-@dataclass
-class Measurements:
-    """Raw timings: seconds per pass, rows per stage, peak memory; per system and batch."""
-
-    seconds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
-    images: dict[str, dict[int, int]] = field(default_factory=dict)  # per system and batch
-    rows: dict[str, dict[int, list[int]]] = field(default_factory=dict)
-    peak: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
-    stage_seconds: dict[int, list[list[float]]] = field(default_factory=dict)
-    skipped: list[int] = field(default_factory=list)
-    memory_method: str = ""
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -149,13 +137,13 @@ def _cap(item: System | StageProbe, config: BenchConfig) -> int:
     return config.samples
 
 
-def predict_all(system: System, images: np.ndarray, batch_size: int) -> Prediction:
+def predict_all(system: System, images: np.ndarray, batch_size: int) -> GatedResult:
     """One untimed pass over every image (accuracy and exit histogram)."""
     parts = [system.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     if not parts:
-        return Prediction(np.zeros(0, np.int64), np.zeros(0, np.int64))
-    return Prediction(np.concatenate([p.labels for p in parts]),
-                      np.concatenate([p.exit_stage for p in parts]))
+        return GatedResult.empty()
+    return GatedResult(*(np.concatenate([getattr(p, f) for p in parts])
+                         for f in ("labels", "exit_stage", "scores")))
 
 
 def load_torch_model(path: str | Path) -> Any:
@@ -179,7 +167,7 @@ def torch_threads(threads: int | None, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from dgconvert._threads import torch_threads as set_threads
+    from dgconvert.gating.threads import torch_threads as set_threads
     from dgconvert.runtime.onnxruntime_backend import default_threads
 
     with set_threads(threads or default_threads()):

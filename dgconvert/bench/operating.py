@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from dgconvert.bench.errors import BenchError
-from dgconvert.bundle import Bundle
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.manifest import encode_thresholds
 
 
 def calibration_available() -> bool:
@@ -73,6 +74,6 @@ def calibrated_points(
         t = [float(v) for v in res.ours.thresholds]
         points[point_name(d)] = t
         details["points"][point_name(d)] = {
-            "max_drop_points": d, "thresholds": [v if np.isfinite(v) else None for v in t],
+            "max_drop_points": d, "thresholds": encode_thresholds(t),
             "target_accuracy": float(res.target_accuracy), "method": res.method}
     return points, details

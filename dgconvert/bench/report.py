@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dgconvert.bench.errors import BenchError
+from dgconvert.bench.measurements import Measurements
 from dgconvert.bench.stats import (
     Spread,
     cost_share_flops,
@@ -26,11 +27,12 @@ from dgconvert.bench.stats import (
     rows_from_histogram,
     summarize,
 )
-from dgconvert.bundle import Bundle, now_iso
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.exits import GatedResult
+from dgconvert.core.manifest import encode_thresholds, now_iso
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dgconvert.bench.harness import Measurements
-    from dgconvert.bench.systems import Prediction, System
+    from dgconvert.bench.systems import System
 
 FORMAT = "dgconvert-bench"
 SCHEMA_VERSION = 1
@@ -38,9 +40,7 @@ SCHEMA_VERSION = 1
 
 def _finite(values: Sequence[float] | None) -> list[float | None] | None:
     """JSON has no infinity: a disabled gate's ``inf`` threshold is written as ``null``."""
-    if values is None:
-        return None
-    return [float(v) if math.isfinite(v) else None for v in values]
+    return None if values is None else encode_thresholds(values)
 
 
 @dataclass
@@ -122,7 +122,7 @@ def build_results(
     bundle: Bundle,
     systems: Sequence[System],
     meas: Measurements,
-    preds: Mapping[str, Prediction],
+    preds: Mapping[str, GatedResult],
     labels: np.ndarray | None,
 ) -> list[SystemResult]:
     """Turn raw measurements into result rows (speed-ups, shares, ideals, efficiencies)."""

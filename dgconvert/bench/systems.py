@@ -23,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.base import Backend
 from dgconvert.runtime.runner import GatedRunner
 
 
-@dataclass
-class Prediction:
-    labels: np.ndarray  # int64 [n]
-    exit_stage: np.ndarray  # int64 [n]; K = the final stage
+def _ungated(labels: np.ndarray, last: int) -> GatedResult:
+    """A full model's prediction: every sample leaves at the final stage (no scores)."""
+    n = len(labels)
+    return GatedResult(labels, np.full(n, last, np.int64), np.full(n, np.nan, np.float32))
 
 
 class System(abc.ABC):
@@ -44,8 +45,8 @@ class System(abc.ABC):
     thresholds: list[float] | None = None
 
     @abc.abstractmethod
-    def predict(self, images: np.ndarray) -> Prediction:
-        """Labels and exit stages for one batch."""
+    def predict(self, images: np.ndarray) -> GatedResult:
+        """Labels and exit stages (and scores, where the system has them) for one batch."""
 
     def reset_rows(self) -> None:  # noqa: B027 - optional hook
         """Start counting the rows each stage processes."""
@@ -69,9 +70,9 @@ class OnnxFull(System):
         self.label = f"full model ({runner.backend_name})"
         self._last = runner.bundle.num_stages - 1
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> GatedResult:
         labels = self.runner.full_logits(images).argmax(axis=1).astype(np.int64)
-        return Prediction(labels, np.full(len(labels), self._last, np.int64))
+        return _ungated(labels, self._last)
 
 
 class OnnxGated(System):
@@ -85,9 +86,8 @@ class OnnxGated(System):
         self.thresholds = runner.thresholds
         self.label = label or f"gated, compacted ({runner.backend_name}, ours)"
 
-    def predict(self, images: np.ndarray) -> Prediction:
-        res = self.runner.predict(images)
-        return Prediction(res.labels, res.exit_stage)
+    def predict(self, images: np.ndarray) -> GatedResult:
+        return self.runner.predict(images)
 
     def reset_rows(self) -> None:
         self.runner.reset_stats()
@@ -109,17 +109,17 @@ class TorchFull(System):
     def _input(self, images: np.ndarray) -> Any:
         import torch
 
-        from dgconvert.preprocess import prepare_images
+        from dgconvert.core.preprocess import prepare_images
 
         x = prepare_images(images, self.net.input_shape, self.net.normalization)
         return torch.from_numpy(x)
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> GatedResult:
         import torch
 
         with torch.inference_mode():
             labels = self.net(self._input(images)).argmax(dim=1).numpy().astype(np.int64)
-        return Prediction(labels, np.full(len(labels), self._last, np.int64))
+        return _ungated(labels, self._last)
 
 
 class TorchMasked(TorchFull):
@@ -133,12 +133,12 @@ class TorchMasked(TorchFull):
         self.thresholds, self.reference = [float(t) for t in thresholds], reference
         self.label = "gated, masked (PyTorch eager, naive)"
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> GatedResult:
         import torch
 
         with torch.inference_mode():
-            labels, exits = self.net.gated_forward(self._input(images), self.thresholds)
-        return Prediction(labels.numpy().astype(np.int64), exits.numpy().astype(np.int64))
+            return self.net.gated_forward(self._input(images), self.thresholds,
+                                          return_scores=True)
 
 
 @dataclass

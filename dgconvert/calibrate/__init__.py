@@ -18,14 +18,11 @@ from dgconvert.calibrate.bounds import (
 )
 from dgconvert.calibrate.errors import CalibrationError
 from dgconvert.calibrate.pipeline import calibrate
-from dgconvert.calibrate.records import GateRecords, Outcome, as_records, simulate
 from dgconvert.calibrate.report import (
     CalibrationResult,
     FrontierPoint,
     OperatingPoint,
     SplitStats,
-    decode_thresholds,
-    encode_thresholds,
     markdown_table,
     plot_frontier,
 )
@@ -37,6 +34,8 @@ from dgconvert.calibrate.search import (
     sequential_search,
     shared_search,
 )
+from dgconvert.core.exits import GateRecords, Outcome, as_records, simulate
+from dgconvert.core.manifest import decode_thresholds, encode_thresholds
 
 __all__ = [
     "BoundResult",

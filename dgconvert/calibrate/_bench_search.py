@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from dgconvert.calibrate.pipeline import calibrate
-from dgconvert.calibrate.records import GateRecords
 from dgconvert.calibrate.search import search
+from dgconvert.core.exits import GateRecords
 
 
 def synthetic(

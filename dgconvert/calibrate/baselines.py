@@ -10,7 +10,7 @@ import numpy as np
 
 from dgconvert.calibrate.kernels import coordinate_values
 from dgconvert.calibrate.problem import Goal, Problem, Solution
-from dgconvert.calibrate.records import first_fire
+from dgconvert.core.exits import first_fire
 
 _BRUTE_CELLS = 4_000_000
 

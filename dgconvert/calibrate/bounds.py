@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from dgconvert.calibrate.errors import CalibrationError
-from dgconvert.calibrate.records import GateRecords, simulate
+from dgconvert.core.exits import GateRecords, simulate
+from dgconvert.core.manifest import encode_thresholds
 
 
 def split_indices(n: int, holdout: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +96,7 @@ class BoundResult:
             "family_size": len(self.pvalues),
             "rejected": self.rejected,
             "selected": self.selected,
-            "thresholds": [None if np.isinf(t) else t for t in self.thresholds],
+            "thresholds": encode_thresholds(self.thresholds),
             "pvalues": list(self.pvalues),
             "test_accuracy": self.accuracy,
             "test_cost_fraction": self.cost_fraction,

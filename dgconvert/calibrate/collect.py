@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert._io import atomic_write
-from dgconvert.bundle import Bundle
-from dgconvert.calibrate.records import GateRecords
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.exits import GateRecords
+from dgconvert.core.io import atomic_write
 
 CACHE_DIR = "cache"
 

@@ -1,9 +1,5 @@
-"""The calibration error type."""
+"""Re-export of :class:`dgconvert.core.errors.CalibrationError` (kept for imports by path)."""
 
-from __future__ import annotations
+from dgconvert.core.errors import CalibrationError
 
-from dgconvert.errors import DGConvertError
-
-
-class CalibrationError(DGConvertError, ValueError):
-    """Calibration inputs do not fit together, or the asked-for target cannot be met."""
+__all__ = ["CalibrationError"]

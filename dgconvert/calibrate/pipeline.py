@@ -14,13 +14,6 @@ from dgconvert.calibrate.bounds import check_confidence, fixed_sequence_test, sp
 from dgconvert.calibrate.errors import CalibrationError
 from dgconvert.calibrate.frontier import calibration_frontier
 from dgconvert.calibrate.problem import Problem, Solution, required_correct
-from dgconvert.calibrate.records import (
-    GateRecords,
-    as_records,
-    check_exit_costs,
-    check_ground_truth,
-    simulate,
-)
 from dgconvert.calibrate.report import (
     CalibrationResult,
     FrontierPoint,
@@ -28,6 +21,13 @@ from dgconvert.calibrate.report import (
     SplitStats,
 )
 from dgconvert.calibrate.search import check_target, shared_value, solve
+from dgconvert.core.exits import (
+    GateRecords,
+    as_records,
+    check_exit_costs,
+    check_ground_truth,
+    simulate,
+)
 
 
 def _target(full: float, target_acc: float | None, max_drop: float | None) -> float:

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dgconvert.calibrate.records import GateRecords, first_fire
+from dgconvert.core.exits import GateRecords, first_fire
 
 _REL_TOL = 1e-12
 

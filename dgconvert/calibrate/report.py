@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dgconvert.calibrate.bounds import BoundResult
-from dgconvert.calibrate.records import Outcome
+from dgconvert.core.exits import Outcome
+from dgconvert.core.manifest import encode_thresholds
 
 ROW_TITLES = {
     "full": "Original (full model)",
@@ -24,16 +25,6 @@ ROW_TITLES = {
     "sequential": "Sequential (d-gate paper)",
     "shared": "Shared threshold",
 }
-
-
-def encode_thresholds(thresholds: Sequence[float]) -> list[float | None]:
-    """Thresholds for JSON: +inf (gate off) becomes ``None``."""
-    return [None if math.isinf(t) and t > 0 else float(t) for t in thresholds]
-
-
-def decode_thresholds(values: Sequence[float | None]) -> list[float]:
-    """Inverse of :func:`encode_thresholds`."""
-    return [math.inf if v is None else float(v) for v in values]
 
 
 @dataclass(frozen=True)

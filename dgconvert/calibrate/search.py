@@ -53,7 +53,7 @@ from dgconvert.calibrate.errors import CalibrationError
 from dgconvert.calibrate.exact import solve_exact
 from dgconvert.calibrate.local import LocalSearch, quantile_grid
 from dgconvert.calibrate.problem import Goal, Problem, Solution, required_correct
-from dgconvert.calibrate.records import (
+from dgconvert.core.exits import (
     GateRecords,
     Outcome,
     as_records,

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.bundle import Bundle, now_iso
 from dgconvert.calibrate.collect import bundle_digest, collect_records, latency_exit_costs
 from dgconvert.calibrate.pipeline import calibrate
 from dgconvert.calibrate.report import CalibrationResult, markdown_table
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.manifest import Manifest, ThresholdInfo, now_iso
 
 
 @dataclass
@@ -105,13 +106,13 @@ def calibrate_bundle(
         "created": now_iso(),
     }
     if write:
-        def update(m: dict[str, Any]) -> None:
-            m["thresholds"] = {
-                "values": record["thresholds"],
-                "source": f"calibration ({data}, target {result.target_accuracy:.4f})",
-                "updated": record["created"],
-            }
-            m["calibration"] = {k: v for k, v in record.items() if k != "frontier"}
+        def update(m: Manifest) -> None:
+            m.thresholds = ThresholdInfo(
+                [float(t) for t in result.thresholds],
+                f"calibration ({data}, target {result.target_accuracy:.4f})",
+                record["created"],
+            )
+            m.calibration = {k: v for k, v in record.items() if k != "frontier"}
 
         b.update_manifest(update)
     held = result.heldout_accuracy

@@ -11,7 +11,7 @@ import importlib.util
 
 import click
 
-from dgconvert import __version__
+from dgconvert.core.version import __version__
 
 # command name -> "module:attribute"
 COMMANDS = {

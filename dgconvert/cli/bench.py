@@ -58,7 +58,7 @@ def bench_cmd(
     of the gated runtime against the full model, at several batch sizes, in one run."""
     from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
     from dgconvert.bench.cli_support import pick_torch_model
-    from dgconvert.bundle import Bundle
+    from dgconvert.core.bundle import Bundle
     from dgconvert.data import load_dataset
 
     b = Bundle.load(bundle)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from dgconvert.errors import DGConvertError
+from dgconvert.core.errors import DGConvertError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,7 +51,7 @@ def parse_ints(text: str, what: str = "batch sizes") -> list[int]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    from dgconvert._io import atomic_write_text
+    from dgconvert.core.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 

@@ -15,6 +15,6 @@ from dgconvert.cli.common import friendly_errors
 def doctor_cmd(bundle: Path | None) -> None:
     """Print versions, GPUs, ONNX Runtime providers and, per backend, what is missing (with
     the install command). With BUNDLE: its engines and what backend=auto would pick."""
-    from dgconvert.doctor import collect, format_report
+    from dgconvert.runtime.doctor import collect, format_report
 
     click.echo(format_report(collect(bundle)))

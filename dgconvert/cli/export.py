@@ -33,7 +33,7 @@ def export_cmd(
     import torch
 
     import dgconvert as dg
-    from dgconvert.preprocess import normalize
+    from dgconvert.core.preprocess import normalize
 
     net = dg.load(model, trust_pickle=trust_pickle)
     out = output or model.with_suffix(".dg")

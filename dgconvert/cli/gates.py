@@ -9,12 +9,14 @@ from typing import Any
 import click
 
 from dgconvert.cli.common import friendly_errors, write_json
-
-_GATES = ("dgate", "softmax", "confidence")
-# keep equal to dgconvert.gating.fit.DEFAULT_GATE / DEFAULT_HINGE (tested; the CLI module
-# must not import torch, so it cannot import them)
-_DEFAULT_GATE = "dgate"
-_DEFAULT_HINGE = "crammer-singer"
+from dgconvert.core.gates import (
+    DEFAULT_GATE,
+    DEFAULT_HINGE,
+    GATE_KINDS,
+    GATE_TYPES,
+    HINGES,
+    SCORE_CHOICES,
+)
 
 
 @click.group("gates", context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,11 +55,13 @@ def _parse_kwargs(text: str | None, hint: str) -> dict[str, Any] | None:
                    '"std": [0.353]}\' (default: the one the checkpoint records; none for a state_dict).')
 @click.option("--cut", "cuts", default="layer1,layer2,layer3", show_default=True,
               help="Comma-separated module names; a gate follows each.")
-@click.option("--gate", type=click.Choice(_GATES), default=_DEFAULT_GATE, show_default=True,
-              help="Gate head: dgate (hinge loss), softmax (cross-entropy), confidence (EENet L_v2).")
-@click.option("--score", type=click.Choice(["max", "margin", "sigmoid"]), default=None,
-              help="Exit score (default: margin for dgate/softmax, sigmoid for confidence).")
-@click.option("--hinge", type=click.Choice(["ovr", "crammer-singer"]), default=_DEFAULT_HINGE,
+@click.option("--gate", type=click.Choice(GATE_TYPES), default=DEFAULT_GATE, show_default=True,
+              help="Gate head: " + ", ".join(f"{k.name} ({k.loss})" for k in GATE_KINDS.values())
+              + ".")
+@click.option("--score", type=click.Choice(SCORE_CHOICES), default=None,
+              help="Exit score (default: " + ", ".join(
+                  f"{k.default_score} for {k.name}" for k in GATE_KINDS.values()) + ").")
+@click.option("--hinge", type=click.Choice(HINGES), default=DEFAULT_HINGE,
               show_default=True, help="dgate loss: Crammer-Singer multi-class or one-vs-all (the paper).")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="Train on standardized pooled features (folded into the weights afterwards).")
@@ -157,7 +161,7 @@ def train_reference_cmd(
     if output is not None:  # a copy of the cached checkpoint: reruns are instant
         import shutil
 
-        from dgconvert._io import atomic_write
+        from dgconvert.core.io import atomic_write
 
         path = atomic_write(output, lambda tmp: shutil.copyfile(path, tmp))
     metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics", {})

@@ -11,7 +11,7 @@ from dgconvert.cli.common import friendly_errors
 
 def describe_bundle(path: Path) -> str:
     """Stages, FLOPs share, gates, thresholds, calibration, engines."""
-    from dgconvert.bundle import Bundle
+    from dgconvert.core.bundle import Bundle
 
     b = Bundle.load(path)
     m = b.manifest

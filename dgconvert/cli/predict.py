@@ -66,8 +66,8 @@ def predict_cmd(
 
 
 def _write_predictions(path: Path, labels: np.ndarray, exits: np.ndarray, scores: np.ndarray) -> None:
-    from dgconvert._io import atomic_write
     from dgconvert.cli.common import write_json
+    from dgconvert.core.io import atomic_write
 
     if path.suffix == ".json":
         write_json(path, {"labels": labels, "exit_stage": exits, "scores": scores})

@@ -9,23 +9,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgconvert._io import atomic_directory
-from dgconvert.bundle import Bundle, new_manifest, now_iso, write_manifest
-from dgconvert.convert.flops import count_flops, stage_flops
 from dgconvert.convert.onnx_export import OPSET, export_onnx
-from dgconvert.convert.stages import io_names, stage_modules
+from dgconvert.convert.stages import stage_modules
 from dgconvert.convert.verify import VerificationReport, verify_bundle
+from dgconvert.core.bundle import Bundle, write_manifest
+from dgconvert.core.contract import CONTRACT
+from dgconvert.core.io import atomic_directory
+from dgconvert.core.manifest import (
+    FullInfo,
+    GateInfo,
+    InputInfo,
+    Manifest,
+    StageInfo,
+    TensorInfo,
+    ThresholdInfo,
+    now_iso,
+)
+from dgconvert.gating.flops import count_flops, stage_flops
 from dgconvert.gating.network import GatedNetwork
 
 
-def _tensor_specs(names: list[str], values: list[torch.Tensor], batch: str) -> list[dict[str, Any]]:
+def _tensor_specs(names: tuple[str, ...], values: list[torch.Tensor],
+                  batch: str) -> list[TensorInfo]:
     """Name, shape (dynamic batch dim named ``batch``; ``keep`` is always ``M``) and dtype."""
     return [
-        {
-            "name": n,
-            "shape": ["M" if n == "keep" else batch, *list(v.shape[1:])],
-            "dtype": str(v.dtype).removeprefix("torch."),
-        }
+        TensorInfo(n, ["M" if CONTRACT.batch_axis(n) == "M" else batch, *list(v.shape[1:])],
+                   str(v.dtype).removeprefix("torch."))
         for n, v in zip(names, values, strict=True)
     ]
 
@@ -68,51 +77,43 @@ def export(
         example = example.repeat((4 + len(example) - 1) // len(example), *([1] * len(shape)))
     vin = example if verify_input is None else torch.as_tensor(verify_input).float()
     mods = stage_modules(net)
-    last = len(mods) - 1
+    num_stages = len(mods)
+    last = num_stages - 1
     bar = _progress(len(mods) + 2 + int(verify), progress)
     body_flops, gate_flops = stage_flops(net)
     with atomic_directory(out, force=force) as tmp, torch.no_grad():
         stages, x = [], example
         for k, mod in enumerate(mods):
-            inputs, outputs = io_names(k, last)
+            inputs, outputs = CONTRACT.inputs(k), CONTRACT.outputs(k, num_stages)
             if k == 0:
                 args = (x,)
             else:
                 keep = torch.arange(len(x) - 1, -1, -1)[: len(x) - 1]  # M != N, unordered
                 args = (x, keep)
             outs = list(mod(*args))
-            gate_spec = None
+            gate = None
             if k < last:
-                gate_spec = {**net.gates[k].spec(), "flops": gate_flops[k]}
+                spec = dict(net.gates[k].spec())
+                gate = GateInfo(spec.pop("type"), spec.pop("score"), gate_flops[k], spec)
             fname = f"stage{k}.onnx"
             export_onnx(mod, args, tmp / fname, inputs, outputs)
-            stages.append(
-                {
-                    "index": k,
-                    "file": fname,
-                    "inputs": _tensor_specs(inputs, list(args), "N"),
-                    "outputs": _tensor_specs(outputs, outs, "M" if k else "N"),
-                    "flops": body_flops[k],
-                    "gate": gate_spec,
-                }
-            )
+            stages.append(StageInfo(
+                k, fname, _tensor_specs(inputs, list(args), "N"),
+                _tensor_specs(outputs, outs, "M" if k else "N"), body_flops[k], gate,
+            ))
             bar.update(1)
             if k < last:
                 x = outs[0]
-        export_onnx(net, (example,), tmp / "full.onnx", ["images"], ["logits"])
+        export_onnx(net, (example,), tmp / "full.onnx", CONTRACT.full_inputs,
+                    CONTRACT.full_outputs)
         bar.update(1)
-        manifest = new_manifest(
-            input={
-                "name": "images",
-                "shape": [None, *shape],
-                "dtype": "float32",
-                "normalization": net.normalization,
-            },
-            classes=net.classes,
+        manifest = Manifest(
+            input=InputInfo(CONTRACT.images, [None, *shape], "float32", net.normalization),
             num_classes=net.num_classes,
             stages=stages,
-            full={"file": "full.onnx", "flops": count_flops(net, example[:1])},
-            thresholds={"values": list(net.thresholds), "source": "export", "updated": now_iso()},
+            full=FullInfo("full.onnx", count_flops(net, example[:1])),
+            thresholds=ThresholdInfo(list(net.thresholds), "export", now_iso()),
+            classes=list(net.classes),
             source=source or {},
             opset=OPSET,
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dgconvert.errors import DGConvertError
+from dgconvert.core.errors import DGConvertError
 
 OPSET = 18
 

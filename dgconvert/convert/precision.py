@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.bundle import Bundle
-from dgconvert.errors import BackendUnavailableError, BundleError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import BackendUnavailableError, BundleError
 
 #: Graph inputs/outputs that stay float32: what the runtime feeds and reads on the host.
 FP32_IO = frozenset({"images", "score", "gate_logits", "logits"})

@@ -1,9 +1,7 @@
-"""Torch modules with exactly the stage-graph contract's inputs and outputs.
-
-Stage 0: ``images -> (features, score, label, gate_logits)``.
-Stage k >= 1: ``(x, keep) -> Gather(x, keep, axis=0) -> body -> gate``.
-Last stage: ``(x, keep) -> (logits, label, score)``.
-"""
+"""Torch modules whose inputs and outputs are, in order, those of the stage-graph contract
+(:data:`dgconvert.core.contract.CONTRACT`): stage 0 maps the images to
+``(features, score, label, gate_logits)``; stage k >= 1 gathers its input rows by ``keep``
+first; the last stage returns ``(logits, label, score)``."""
 
 from __future__ import annotations
 
@@ -12,11 +10,6 @@ from torch import nn
 
 from dgconvert.gating.heads import FinalHead
 from dgconvert.gating.network import GatedNetwork
-
-FIRST_INPUTS = ["images"]
-NEXT_INPUTS = ["x", "keep"]
-GATED_OUTPUTS = ["features", "score", "label", "gate_logits"]
-LAST_OUTPUTS = ["logits", "label", "score"]
 
 
 class FirstStage(nn.Module):
@@ -59,9 +52,3 @@ def stage_modules(net: GatedNetwork) -> list[nn.Module]:
     mods += [NextStage(net.stages[i], net.gates[i]) for i in range(1, k)]
     mods.append(LastStage(net.stages[k]))
     return mods
-
-
-def io_names(k: int, last: int) -> tuple[list[str], list[str]]:
-    """Input and output names of stage ``k`` of a bundle whose last stage is ``last``."""
-    inputs = FIRST_INPUTS if k == 0 else NEXT_INPUTS
-    return inputs, (LAST_OUTPUTS if k == last else GATED_OUTPUTS)

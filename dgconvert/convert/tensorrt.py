@@ -54,9 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert._io import atomic_directory, atomic_write
-from dgconvert.bundle import Bundle, now_iso
-from dgconvert.errors import BackendUnavailableError, BundleError, DGConvertError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import BackendUnavailableError, BundleError, DGConvertError
+from dgconvert.core.io import atomic_directory, atomic_write
+from dgconvert.core.manifest import Manifest, now_iso
 from dgconvert.runtime.tensorrt_backend import (
     import_tensorrt,
     local_engine_key,
@@ -209,7 +210,7 @@ def engine_record(
     stages: list[dict[str, Any]], full: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The manifest record for one engine set (``manifest["engines"][key]``)."""
-    from dgconvert import __version__
+    from dgconvert.core.version import __version__
 
     return {
         "gpu": gpu.name,
@@ -272,7 +273,7 @@ def prepare_graph(onnx_path: Path, plan: PrecisionPlan, calibration: dict[str, n
 
 def calibration_images(bundle: Bundle, data: str | np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
     """Up to ``samples`` normalized float32 images from a ``--data`` spec (or an array)."""
-    from dgconvert.preprocess import prepare_images
+    from dgconvert.core.preprocess import prepare_images
 
     if isinstance(data, str):
         from dgconvert.data import load_dataset
@@ -346,9 +347,9 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions | None = No
         )
     key, gpu, _ = local_engine_key(opts.device)
     cuda.set_device(opts.device)
-    calib = (b.manifest.get("calibration") or {}).get("exit_fractions")
+    calib = (b.manifest.calibration or {}).get("exit_fractions")
     fractions = check_exit_fractions(calib, b.num_stages) if calib is not None else None
-    profiles = stage_profiles([s["inputs"] for s in b.manifest["stages"]], opts.max_batch,
+    profiles = stage_profiles([[t.to_dict() for t in s.inputs] for s in b.manifest.stages], opts.max_batch,
                               opt_batch, fractions)
     full_profile = {"images": ShapeRange((1, *b.input_shape), (opt_batch, *b.input_shape),
                                          (opts.max_batch, *b.input_shape))}
@@ -389,9 +390,8 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions | None = No
                            opt_batch=opt_batch, workspace=opts.workspace, exit_fractions=fractions,
                            stages=stages, full=full_rec)
 
-    def update(m: dict[str, Any]) -> None:
-        m.setdefault("engines", {})
-        m["engines"] = {**(m["engines"] or {}), key: record}
+    def update(m: Manifest) -> None:
+        m.engines = {**m.engines, key: record}
 
     b.update_manifest(update)
     log(f"wrote {target} and recorded it in {b.path / 'manifest.json'}")

@@ -6,7 +6,7 @@ outputs within ``atol + rtol * |ref|``; labels exactly, except where the referen
 best logits are closer than the tolerance (a tie that float noise may break). Then the
 runtime chain is compared with :meth:`GatedNetwork.gated_forward` sample by sample, with
 thresholds at which samples exit at every gate. Mismatches are collected and raised once
-as :class:`~dgconvert.errors.ExportVerificationError`.
+as :class:`~dgconvert.core.errors.ExportVerificationError`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dgconvert.bundle import Bundle
 from dgconvert.convert.stages import stage_modules
-from dgconvert.errors import ExportVerificationError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.contract import CONTRACT
+from dgconvert.core.errors import ExportVerificationError
 from dgconvert.gating.network import GatedNetwork
+from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from dgconvert.runtime.runner import GatedRunner
 
 
 @dataclass
@@ -62,7 +65,7 @@ def _compare(
     atol: float,
     rtol: float,
 ) -> None:
-    logits_name = "gate_logits" if "gate_logits" in names else "logits"
+    logits_name = CONTRACT.logits_of(names)
     ref_by = dict(zip(names, ref, strict=True))
     for name, g, r in zip(names, got, ref, strict=True):
         report.checks += 1
@@ -71,7 +74,7 @@ def _compare(
             continue
         if g.size == 0:
             continue
-        if name == "label":
+        if name == CONTRACT.label:
             bad = (g != r) & ~_tie_rows(ref_by[logits_name], atol + rtol)
             if bad.any():
                 report.mismatches.append(
@@ -114,27 +117,24 @@ def verify_bundle(
     raise_on_mismatch: bool = True,
 ) -> VerificationReport:
     """Compare each stage graph, ``full.onnx`` and the runtime chain with torch."""
-    from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from dgconvert.runtime.runner import GatedRunner
-
     rng = np.random.default_rng(seed)
     report = VerificationReport()
     backend = OnnxRuntimeBackend(bundle)
-    sessions = backend._sessions
     mods = stage_modules(net)
+    n = bundle.num_stages
     x = inputs.float()
     x_np = x.numpy()
     # stage 0 on the real inputs
-    names0 = [o.name for o in sessions[0].get_outputs()]
-    got = sessions[0].run(names0, {"images": x_np})
+    names0 = list(CONTRACT.outputs(0, n))
+    got = list(backend.run_contract(0, {CONTRACT.images: x_np}).values())
     ref = [t.numpy() for t in mods[0](x)]
     _compare(report, "stage 0", names0, got, ref, atol, rtol)
     feats = ref[0]
-    for k in range(1, bundle.num_stages):
-        names = [o.name for o in sessions[k].get_outputs()]
+    for k in range(1, n):
+        names = list(CONTRACT.outputs(k, n))
         nxt = None
         for case, keep in keep_vectors(len(feats), rng).items():
-            got = sessions[k].run(names, {"x": feats, "keep": keep})
+            got = list(backend.run_contract(k, {CONTRACT.x: feats, CONTRACT.keep: keep}).values())
             ref_t = mods[k](torch.from_numpy(feats), torch.from_numpy(keep))
             ref = [t.numpy() for t in ref_t]
             _compare(report, f"stage {k} keep={case}[M={keep.size}]", names, got, ref, atol, rtol)
@@ -142,7 +142,8 @@ def verify_bundle(
                 nxt = ref[0]
         feats = nxt
     full = backend.run_full(x_np)
-    _compare(report, "full.onnx", ["logits"], [full], [net(x).numpy()], atol, rtol)
+    _compare(report, "full.onnx", list(CONTRACT.full_outputs), [full], [net(x).numpy()], atol,
+             rtol)
     # the chain: runtime vs gated_forward, samples exiting at every gate
     exits = net.all_exits(x)  # once: thresholds, reference exits and ties all come from it
     all_scores = exits.scores.numpy()
@@ -152,7 +153,7 @@ def verify_bundle(
     for batch in sorted({1, 7, len(x)}):
         runner = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch)
         res = runner.predict(x_np)
-        bad = ((res.labels != ref_out.labels.numpy()) | (res.exit_stage != ref_out.exit_stage.numpy())) & ~near
+        bad = ((res.labels != ref_out.labels) | (res.exit_stage != ref_out.exit_stage)) & ~near
         report.checks += 1
         if bad.any():
             report.mismatches.append(

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dgconvert._io import atomic_write
-from dgconvert.errors import CheckpointError
+from dgconvert.core.errors import CheckpointError
+from dgconvert.core.io import atomic_write
 from dgconvert.gating.network import GatedNetwork
 
 GATED_FORMAT = "dgconvert-gated"

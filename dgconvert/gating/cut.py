@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from dgconvert.errors import CutError
+from dgconvert.core.errors import CutError
 
 
 class _CutTracer(fx.Tracer):

@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dgconvert._threads import torch_threads
-from dgconvert.errors import DGConvertError
-from dgconvert.gating.heads import GATE_TYPES, SCORE_KINDS, GateHead, pool_features
+from dgconvert.core.errors import DGConvertError
+from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, GATE_KINDS, GATE_TYPES, HINGES
+from dgconvert.gating.heads import SCORE_KINDS, GateHead, pool_features
 from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
 from dgconvert.gating.network import GatedNetwork
+from dgconvert.gating.threads import torch_threads
 
 if TYPE_CHECKING:
     from dgconvert.data import Dataset
@@ -72,11 +73,8 @@ __all__ = [
 #: largest distances. Measured in benchmarks/results/gate_comparison.md: it ties with
 #: standardized cross-entropy gates for the most FLOPs saved at equal accuracy, and both
 #: beat the paper's exact setting (raw features, one-vs-all, max distance) and EENet exits.
-DEFAULT_GATE = "dgate"
-DEFAULT_HINGE = "crammer-singer"
 #: Default score kind per gate type.
-DEFAULT_SCORE = {"dgate": "margin", "softmax": "margin", "confidence": "sigmoid"}
-HINGES = ("ovr", "crammer-singer")
+DEFAULT_SCORE = {name: kind.default_score for name, kind in GATE_KINDS.items()}
 #: The d-gate paper's exact formulation, as keyword arguments of :func:`fit_gates`.
 PAPER_DGATE: dict[str, Any] = {"gate": "dgate", "score": "max", "hinge": "ovr", "standardize": False}
 
@@ -187,7 +185,7 @@ def extract_features(
     progress: bool | str = False,
 ) -> Features:
     """Run the (eval-mode) stages once over ``images`` and cache the gate inputs."""
-    from dgconvert.preprocess import normalize
+    from dgconvert.core.preprocess import normalize
 
     was = [s.training for s in net.stages]
     for s in net.stages:
@@ -225,7 +223,7 @@ def gate_outputs(heads: Sequence[nn.Module], pooled: Sequence[torch.Tensor]) -> 
 
 def exit_costs(net: GatedNetwork) -> list[float]:
     """Cumulative per-sample FLOPs of exiting at gate k (gates included); last: the final stage."""
-    from dgconvert.convert.flops import stage_flops
+    from dgconvert.gating.flops import stage_flops
 
     bodies, gates = stage_flops(net)
     total, costs = 0.0, []
@@ -662,7 +660,7 @@ def _fine_tune_jointly(
     BatchNorm layers keep their running statistics (eval mode): fine-tuning a trained
     backbone on top of them is stabler than re-estimating them batch by batch.
     """
-    from dgconvert.preprocess import normalize
+    from dgconvert.core.preprocess import normalize
 
     params = [p for s in net.stages for p in s.parameters()]
     for p in params:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-GATE_TYPES = ("dgate", "confidence", "softmax")
-SCORE_KINDS = {"dgate": ("max", "margin"), "softmax": ("max", "margin"), "confidence": ("sigmoid",)}
+from dgconvert.core.gates import GATE_KINDS, GATE_TYPES
+
+SCORE_KINDS = {name: kind.scores for name, kind in GATE_KINDS.items()}
 
 
 def pool_features(features: torch.Tensor) -> torch.Tensor:

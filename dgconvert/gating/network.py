@@ -5,17 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from dgconvert.core.exits import GatedResult, exit_points
+from dgconvert.core.gates import gate_kind
 from dgconvert.gating.cut import cut_backbone
 from dgconvert.gating.heads import FinalHead, GateHead, make_gate, pool_features
-
-
-class GatedOutput(NamedTuple):
-    labels: torch.Tensor  # int64 [N]
-    exit_stage: torch.Tensor  # int64 [N]; K means the final stage
-    scores: torch.Tensor  # float32 [N]; the exiting gate's score (final: max softmax)
 
 
 class AllExits(NamedTuple):
@@ -79,7 +76,7 @@ class GatedNetwork(nn.Module):
     @staticmethod
     def default_threshold(gate: GateHead) -> float:
         """A conservative starting threshold per gate type (calibrate to do better)."""
-        return {"dgate": 2.0, "softmax": 0.99, "confidence": 0.5}.get(gate.gate_type, 1.0)
+        return gate_kind(gate.gate_type).default_threshold
 
     @property
     def num_gates(self) -> int:
@@ -178,26 +175,28 @@ class GatedNetwork(nn.Module):
         x: torch.Tensor,
         thresholds: Sequence[float] | None = None,
         return_scores: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor] | GatedOutput:
-        """Reference semantics, sample by sample: ``(labels, exit_stage)``.
+    ) -> tuple[torch.Tensor, torch.Tensor] | GatedResult:
+        """Reference semantics, sample by sample: ``(labels, exit_stage)`` tensors, or with
+        ``return_scores`` the :class:`~dgconvert.core.exits.GatedResult` (numpy) the
+        runtime returns too.
 
         Computes every stage for every sample and picks each sample's first exit; this is
         the slow, obviously-correct definition the exported runtime is tested against.
+        A gate whose threshold is +inf never exits; a NaN score never exits.
         """
         out = self.pick_exits(self.all_exits(x), thresholds)
-        return out if return_scores else (out.labels, out.exit_stage)
+        if return_scores:
+            return out
+        return torch.from_numpy(out.labels), torch.from_numpy(out.exit_stage)
 
-    def pick_exits(self, out: AllExits, thresholds: Sequence[float] | None = None) -> GatedOutput:
+    def pick_exits(self, out: AllExits, thresholds: Sequence[float] | None = None) -> GatedResult:
         """Each sample's first exit given every exit's outputs (:meth:`all_exits`)."""
         t = _check_thresholds(self.thresholds if thresholds is None else thresholds, self.num_gates)
-        n = out.final_logits.shape[0]
         fs, fl, _ = self.final_head(out.final_logits)
-        labels, exit_stage, scores = fl.clone(), torch.full((n,), self.num_gates), fs.clone()
-        done = torch.zeros(n, dtype=torch.bool)
-        for k in range(self.num_gates):
-            hit = (out.scores[:, k] >= t[k]) & ~done
-            labels[hit] = out.labels[hit, k]
-            scores[hit] = out.scores[hit, k]
-            exit_stage[hit] = k
-            done |= hit
-        return GatedOutput(labels, exit_stage, scores)
+        scores = out.scores.float().numpy()
+        stage = exit_points(scores, np.asarray(t, np.float32))  # compared as the runtime does
+        labels = np.concatenate([out.labels.numpy(), fl.numpy()[:, None]], axis=1)
+        all_scores = np.concatenate([scores, fs.float().numpy()[:, None]], axis=1)
+        rows = np.arange(len(stage))
+        return GatedResult(labels[rows, stage].astype(np.int64), stage,
+                           all_scores[rows, stage].astype(np.float32))

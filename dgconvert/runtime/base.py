@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.bundle import Bundle
+from dgconvert.core.bundle import Bundle
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.errors import BackendUnavailableError
+from dgconvert.core.errors import BackendUnavailableError
 
 INSTALL = "pip install cuda-python"
 

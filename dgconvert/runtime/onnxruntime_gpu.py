@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.bundle import Bundle
-from dgconvert.errors import InputError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import InputError
 from dgconvert.runtime.base import StageOutput
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 

@@ -9,46 +9,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from dgconvert.bundle import Bundle
-from dgconvert.errors import InputError
-from dgconvert.preprocess import make_normalizer, prepare_images
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import InputError
+from dgconvert.core.exits import GatedResult, GateRecords
+from dgconvert.core.preprocess import make_normalizer, prepare_images
+from dgconvert.runtime.backends import create_backend
 from dgconvert.runtime.base import Backend
-
-if TYPE_CHECKING:
-    from dgconvert.calibrate.records import GateRecords
-
-
-@dataclass
-class GatedResult:
-    """Per-sample outputs in the caller's order."""
-
-    labels: np.ndarray  # int64 [N]
-    exit_stage: np.ndarray  # int64 [N]; K = the final stage
-    scores: np.ndarray  # float32 [N]; the exiting gate's score (final: max softmax)
-
-    def fill(self, rows: np.ndarray, labels: np.ndarray, scores: np.ndarray, stage: int) -> None:
-        """Record that the caller's ``rows`` exited at ``stage`` with these labels/scores."""
-        self.labels[rows], self.scores[rows], self.exit_stage[rows] = labels, scores, stage
-
-    def exit_histogram(self, num_stages: int) -> np.ndarray:
-        """Samples that exited at each stage (length ``num_stages``)."""
-        return np.bincount(self.exit_stage, minlength=num_stages)
-
 
 _KEEP_ONE = np.zeros(1, np.int64)  # keep = [0] for one continuing row (never written to)
 _KEEP_ONE.flags.writeable = False
-
-
-def _empty_result() -> GatedResult:
-    return GatedResult(
-        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    )
 
 
 class GatedRunner:
@@ -76,8 +50,6 @@ class GatedRunner:
         max_batch: int | None = 256,
         **backend_options: Any,
     ) -> None:
-        from dgconvert.runtime import create_backend
-
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         if isinstance(backend, Backend):
             self.backend, self.backend_reason = backend, "given"
@@ -116,6 +88,10 @@ class GatedRunner:
         if any(np.isnan(v) for v in t):
             raise InputError(f"thresholds {t} contain NaN; use inf to disable a gate")
         self._thresholds = np.asarray(t, dtype=np.float32)
+        # compared against: a gate that is off (+inf) never exits, whatever its score, and
+        # a NaN score never exits (x >= NaN and NaN >= x are both False)
+        self._exit_at = np.where(np.isposinf(self._thresholds), np.float32(np.nan),
+                                 self._thresholds)
 
     @property
     def stats(self) -> list[int]:
@@ -136,14 +112,14 @@ class GatedRunner:
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def prepare(self, images: Any) -> np.ndarray:
-        """Validate and normalize a batch (see :func:`dgconvert.preprocess.prepare_images`)."""
+        """Validate and normalize a batch (see :func:`dgconvert.core.preprocess.prepare_images`)."""
         if (type(images) is np.ndarray and images.dtype == np.uint8
                 and images.shape[1:] == self._sample_shape and len(images)):
             return self._normalize_u8(images)
         return prepare_images(images, self.bundle.input_shape, self.bundle.normalization)
 
     def _normalize_u8(self, images: np.ndarray) -> np.ndarray:
-        """:func:`dgconvert.preprocess.normalize` with its constants prepared once."""
+        """:func:`dgconvert.core.preprocess.normalize` with its constants prepared once."""
         if self._normalizer is None:
             self._normalizer = make_normalizer(
                 self.bundle.normalization, self._sample_shape[0], len(self._sample_shape) - 1
@@ -155,10 +131,8 @@ class GatedRunner:
         x = self.prepare(images)
         n = len(x)
         if n == 0:
-            return _empty_result()
-        res = GatedResult(
-            np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float32)
-        )
+            return GatedResult.empty()
+        res = GatedResult.empty(n)
         for sl in self._chunks(n):
             self._predict_chunk(x[sl], res, sl.start)
         return res
@@ -168,7 +142,7 @@ class GatedRunner:
             self._predict_chained(x, res, offset)
             return
         # Hot path (batch 1 pays it per image): few numpy calls per stage, one lock per chunk.
-        t, last, run = self._thresholds, self.bundle.num_stages - 1, self.backend.run_stage
+        t, last, run = self._exit_at, self.bundle.num_stages - 1, self.backend.run_stage
         n = len(x)
         counts = [n] + [0] * last
         out = run(0, x, None)
@@ -208,7 +182,7 @@ class GatedRunner:
 
     def _predict_chained(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
         """The backend ran every stage in one call; map each stage's rows back to the caller's."""
-        t, last = self._thresholds, self.bundle.num_stages - 1
+        t, last = self._exit_at, self.bundle.num_stages - 1
         outs = self._chain(x, t)  # type: ignore[misc]
         rows = np.arange(offset, offset + len(x))
         counts = [len(score) for score, _ in outs]
@@ -229,8 +203,6 @@ class GatedRunner:
     def collect(self, images: Any) -> GateRecords:
         """Every gate's score and label and the final label for every sample (no exits):
         the calibration pass."""
-        from dgconvert.calibrate.records import GateRecords
-
         x = self.prepare(images)
         n, k_gates = len(x), self.bundle.num_gates
         scores = np.empty((n, k_gates), np.float32)

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dgconvert.bundle import Bundle
-from dgconvert.errors import BackendUnavailableError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import BackendUnavailableError
+from dgconvert.runtime import cuda
+from dgconvert.runtime.tensorrt_backend import engine_key
 
 
 @dataclass
@@ -29,8 +31,6 @@ class Probe:
 
 def probe(device: int = 0) -> Probe:
     """Inspect the machine: TensorRT and cuda-python imports, GPUs, ONNX Runtime providers."""
-    from dgconvert.runtime import cuda
-
     p = Probe()
     try:
         import onnxruntime as ort
@@ -61,11 +61,9 @@ def probe(device: int = 0) -> Probe:
 def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
                  device: int = 0) -> tuple[str, dict[str, Any], str]:
     """Return ``(backend name, backend options, reason)`` for ``bundle`` on this machine."""
-    from dgconvert.runtime.tensorrt_backend import engine_key
-
     p = probe_result if probe_result is not None else probe(device)
     skipped: list[str] = []
-    engines = bundle.manifest.get("engines") or {}
+    engines = bundle.manifest.engines
     gpu = p.gpus[device] if 0 <= device < len(p.gpus) else None
 
     # 1. TensorRT engines built for this GPU and TensorRT version

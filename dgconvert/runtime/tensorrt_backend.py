@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.bundle import Bundle
-from dgconvert.errors import BackendUnavailableError, BundleError, InputError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import BackendUnavailableError, BundleError, InputError
 from dgconvert.runtime import cuda
 from dgconvert.runtime.base import Backend, StageOutput
 
@@ -89,7 +89,7 @@ def local_engine_key(device: int = 0) -> tuple[str, cuda.GpuInfo, str]:
 
 def engine_record_for(bundle: Bundle, key: str, trt_version: str) -> dict[str, Any]:
     """The manifest's engine record for ``key``, checked against this TensorRT version."""
-    engines = bundle.manifest.get("engines") or {}
+    engines = bundle.manifest.engines
     fix = REBUILD.format(path=bundle.path)
     if key not in engines:
         have = ", ".join(engines) or "none"

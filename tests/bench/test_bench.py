@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 import dgconvert as dg
 from dgconvert.bench import BenchConfig, BenchError, run_benchmark
-from dgconvert.bench.harness import Measurements
+from dgconvert.bench.measurements import Measurements
 from dgconvert.bench.memory import PeakMemory
 from dgconvert.bench.report import build_results, render_paper_table
 from dgconvert.bench.stats import (
@@ -29,13 +30,21 @@ from dgconvert.bench.stats import (
     rows_from_histogram,
     summarize,
 )
-from dgconvert.bench.systems import Prediction, System
-from dgconvert.bundle import Bundle
-from dgconvert.errors import DGConvertError, InputError
-from dgconvert.preprocess import prepare_images
+from dgconvert.bench.systems import System
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import DGConvertError, InputError
+from dgconvert.core.exits import GatedResult
+from dgconvert.core.manifest import (
+    FullInfo,
+    GateInfo,
+    InputInfo,
+    Manifest,
+    StageInfo,
+    ThresholdInfo,
+)
+from dgconvert.core.preprocess import prepare_images
 from dgconvert.runtime import GatedRunner
 from dgconvert.runtime.onnxruntime_backend import BlockedFeatures, OnnxRuntimeBackend
-from tests.models import build
 
 RESULT_KEYS = {"system", "batch_size", "ms_per_image", "images_per_s", "accuracy", "efficiency"}
 
@@ -84,16 +93,16 @@ class _Fake(System):
         self.framework, self.reference = framework, reference
         self.thresholds = [0.5, math.inf] if kind == "gated" else None
 
-    def predict(self, images: np.ndarray) -> Prediction:  # pragma: no cover - not called
+    def predict(self, images: np.ndarray) -> GatedResult:  # pragma: no cover - not called
         raise AssertionError
 
 
 def _fake_bundle(tmp_path: Path) -> Bundle:
-    stages = [{"index": k, "file": f"stage{k}.onnx", "flops": f,
-               "gate": None if k == 2 else {"flops": 0}} for k, f in enumerate([10, 10, 20])]
-    return Bundle(tmp_path, {"stages": stages, "full": {"file": "full.onnx", "flops": 40},
-                             "thresholds": {"values": [0.5, 0.5]}, "num_classes": 2,
-                             "input": {"shape": [None, 1, 2, 2]}})
+    stages = [StageInfo(k, f"stage{k}.onnx", [], [], f,
+                        None if k == 2 else GateInfo("dgate", "max", 0))
+              for k, f in enumerate([10, 10, 20])]
+    return Bundle(tmp_path, Manifest(InputInfo("images", [None, 1, 2, 2]), 2, stages,
+                                     FullInfo("full.onnx", 40), ThresholdInfo([0.5, 0.5])))
 
 
 def test_build_results_arithmetic(tmp_path: Path) -> None:
@@ -110,9 +119,10 @@ def test_build_results_arithmetic(tmp_path: Path) -> None:
               "torch-masked": {n: [4, 4, 4]}}
     m.stage_seconds = {n: [[0.004, 0.004, 0.008]] * 3}  # 1, 1, 2 ms/image alone
     exits = np.array([0, 0, 1, 2])  # 2 exit at gate 0, 1 at gate 1, 1 at the end
-    full = Prediction(np.array([0, 1, 1, 0]), np.full(4, 2))
-    preds = {"full": full, "gated": Prediction(np.array([0, 1, 0, 0]), exits),
-             "torch-full": full, "torch-masked": Prediction(np.array([0, 1, 0, 0]), exits)}
+    no_scores = np.full(4, np.nan, np.float32)
+    full = GatedResult(np.array([0, 1, 1, 0]), np.full(4, 2), no_scores)
+    gated = GatedResult(np.array([0, 1, 0, 0]), exits, no_scores)
+    preds = {"full": full, "gated": gated, "torch-full": full, "torch-masked": gated}
     labels = np.array([0, 1, 1, 1])
     res = {r.system: r for r in build_results(b, systems, m, preds, labels)}
     g = res["gated"]
@@ -141,14 +151,14 @@ def test_build_results_arithmetic(tmp_path: Path) -> None:
 
 # -- the harness end to end on a tiny bundle ---------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def tiny(tmp_path_factory: pytest.TempPathFactory,
+         exported_bundle: Callable[..., Any]) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("bench")
-    net = build("resnet")
+    e = exported_bundle("resnet")
+    net, bundle = e.net, e.bundle
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(40, 1, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=40).astype(np.int64)
-    bundle = dg.export(net, root / "tiny.dg", verify_input=torch.from_numpy(
-        prepare_images(pixels[:16], [1, 28, 28], net.normalization)))
     rec = GatedRunner(bundle, backend="onnxruntime").collect(pixels)
     # thresholds at which samples leave at every exit
     t = [float(np.quantile(rec.scores[:, k], 0.6)) for k in range(rec.scores.shape[1])]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import dgconvert as dg
-from dgconvert.bundle import Bundle
 from dgconvert.convert.tensorrt import BuildOptions, build_engines
-from dgconvert.errors import InputError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import InputError
 from dgconvert.runtime import GatedRunner
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.select import pick_backend
@@ -64,7 +64,7 @@ def data(fashion_available: bool, fp32: Bundle) -> dict[str, Any]:
 
 def test_build_writes_engines_for_this_gpu(fp32: Bundle) -> None:
     key, gpu, version = local_engine_key()
-    rec = fp32.manifest["engines"][key]
+    rec = fp32.manifest.engines[key]
     assert rec["gpu"] == gpu.name and rec["tensorrt"] == version and rec["max_batch"] == MAX
     for k, s in enumerate(rec["stages"]):
         assert (fp32.path / s["file"]).stat().st_size == s["bytes"] > 0

@@ -3,36 +3,28 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
-import dgconvert as dg
-from dgconvert.errors import DGConvertError
-from dgconvert.preprocess import prepare_images
+from dgconvert.core.errors import DGConvertError
+from dgconvert.core.preprocess import prepare_images
 from dgconvert.runtime import GatedRunner
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend, _direct_run, session_options
-from dgconvert.runtime.onnxruntime_chain import (
-    ChainError,
-    ChainSession,
-    check_chain,
-    compose_chain,
-)
-from tests.models import build
+from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
+from dgconvert.runtime.passes.chain import ChainError, compose_chain
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    net = build("resnet")
+def tiny(exported_bundle: Callable[..., Any]) -> dict[str, Any]:
+    e = exported_bundle("resnet")
+    net, bundle = e.net, e.bundle
     pixels = np.random.default_rng(0).integers(0, 256, size=(48, 1, 28, 28), dtype=np.uint8)
-    bundle = dg.export(net, tmp_path_factory.mktemp("chain") / "tiny.dg",
-                       verify_input=torch.from_numpy(
-                           prepare_images(pixels[:16], [1, 28, 28], net.normalization)))
     rec = GatedRunner(bundle, backend="onnxruntime", compose=False).collect(pixels)
     t = [float(np.quantile(rec.scores[:, k], 0.6)) for k in range(rec.scores.shape[1])]
     return {"net": net, "bundle": bundle, "pixels": pixels, "t": t}
@@ -167,13 +159,11 @@ def test_composed_graph_saves_and_reloads(tiny: dict[str, Any], tmp_path: Path) 
 
 
 @pytest.mark.parametrize("gate", ["confidence", "softmax"])
-def test_chain_with_every_gate_type(tmp_path: Path, gate: str) -> None:
+def test_chain_with_every_gate_type(exported_bundle: Callable[..., Any], gate: str) -> None:
     """The composed graph is generic over gate heads: EENet confidence and softmax gates
     give the same results as the stage sessions, with rows leaving at every exit."""
-    net = build("densenet", gate=gate)
+    bundle = exported_bundle("densenet", gate).bundle
     pixels = np.random.default_rng(5).integers(0, 256, size=(64, 1, 28, 28), dtype=np.uint8)
-    x = prepare_images(pixels, [1, 28, 28], net.normalization)
-    bundle = dg.export(net, tmp_path / f"{gate}.dg", verify_input=torch.from_numpy(x[:16]))
     rec = GatedRunner(bundle, backend="onnxruntime", compose=False).collect(pixels)
     t = [float(np.quantile(rec.scores[:, k], 0.6)) for k in range(rec.scores.shape[1])]
     chained = GatedRunner(bundle, backend="onnxruntime", thresholds=t)

@@ -72,7 +72,7 @@ def _version(dist: str, module: str | None = None) -> str | None:
 
 def collect(bundle_path: str | Path | None = None, probe_result: Probe | None = None) -> Report:
     """Probe the machine (and optionally a bundle) into a :class:`Report`."""
-    from dgconvert import __version__
+    from dgconvert.core.version import __version__
     from dgconvert.runtime import cuda
 
     p = probe_result if probe_result is not None else probe()
@@ -137,12 +137,12 @@ def backend_status(p: Probe, versions: dict[str, str | None]) -> list[BackendSta
 
 def bundle_status(path: str | Path, p: Probe) -> dict[str, Any]:
     """Engines built in the bundle and what ``backend="auto"`` would choose here."""
-    from dgconvert.bundle import Bundle
+    from dgconvert.core.bundle import Bundle
 
     b = Bundle.load(path)
     name, _, reason = pick_backend(b, p)
     engines = {k: {"precision": v.get("precision"), "tensorrt": v.get("tensorrt"),
-                   "max_batch": v.get("max_batch")} for k, v in (b.manifest.get("engines") or {}).items()}
+                   "max_batch": v.get("max_batch")} for k, v in b.manifest.engines.items()}
     return {"path": str(b.path), "engines": engines, "auto": name, "reason": reason}
 
 

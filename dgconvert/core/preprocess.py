@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.errors import InputError
+from dgconvert.core.errors import InputError
 
 
 def make_normalizer(

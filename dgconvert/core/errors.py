@@ -40,3 +40,15 @@ class ExportVerificationError(DGConvertError, AssertionError):
             "(e.g. training-mode BatchNorm/Dropout: call model.eval()), or loosen --atol/--rtol "
             "if the differences are float noise."
         )
+
+
+class DataError(DGConvertError, ValueError):
+    """A data set spec cannot be resolved, or its files are missing, corrupt or inconsistent."""
+
+
+class CalibrationError(DGConvertError, ValueError):
+    """Calibration inputs do not fit together, or the asked-for target cannot be met."""
+
+
+class BenchError(DGConvertError, ValueError):
+    """A benchmark cannot run as configured (batch sizes, data, model, systems)."""

@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 import dgconvert as dg
-from dgconvert.bundle import Bundle
 from dgconvert.calibrate import CalibrationError
 from dgconvert.calibrate.workflow import calibrate_bundle
 from dgconvert.cli import main
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import InputError
 from dgconvert.data import DataError
-from dgconvert.errors import InputError
 from dgconvert.runtime import GatedRunner
 from tests.models import build
 
@@ -60,7 +60,7 @@ def test_calibrate_writes_thresholds_and_runtime_uses_them(tmp_path: Path, bundl
     b = Bundle.load(work)
     assert b.thresholds == pytest.approx(out.result.thresholds)
     assert b.thresholds != before
-    cal = b.manifest["calibration"]
+    cal = b.manifest.calibration
     assert cal["data_hash"] and cal["method"] and cal["target_accuracy"] == pytest.approx(
         out.result.full_accuracy - 0.02
     )

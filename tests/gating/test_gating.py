@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dgconvert import zoo
-from dgconvert.errors import CutError
+from dgconvert.core.errors import CutError
 from dgconvert.gating import GatedNetwork, make_gate, valid_cut_points
 from tests.models import ARCHS, build
 

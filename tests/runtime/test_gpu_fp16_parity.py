@@ -19,11 +19,11 @@ import torch
 
 import dgconvert as dg
 from dgconvert import zoo
-from dgconvert.bundle import Bundle
 from dgconvert.convert.tensorrt import precision_plan, prepare_graph
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.preprocess import normalize
 from dgconvert.gating import GatedNetwork
 from dgconvert.gating.heads import pool_features
-from dgconvert.preprocess import normalize
 from dgconvert.runtime import GatedRunner
 
 NORM = {"scale": 255.0, "mean": [0.2860], "std": [0.3530]}
@@ -82,7 +82,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fashion_available: bool) -
     shutil.copytree(bundle.path, fp16)
     plan = precision_plan(11, "fp16")
     for k in range(bundle.num_stages):
-        (fp16 / bundle.manifest["stages"][k]["file"]).write_bytes(prepare_graph(bundle.stage_file(k), plan))
+        (fp16 / bundle.manifest.stages[k].file).write_bytes(prepare_graph(bundle.stage_file(k), plan))
     (fp16 / "full.onnx").write_bytes(prepare_graph(bundle.full_file(), plan))
     return {"fp32": bundle, "fp16": Bundle.load(fp16), "images": test.images, "labels": test.labels}
 

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 import dgconvert as dg
-from dgconvert.bundle import Bundle
 from dgconvert.cli import main
-from dgconvert.doctor import backend_status, bundle_status, collect, format_report
+from dgconvert.core.bundle import Bundle
 from dgconvert.runtime.cuda import GpuInfo
+from dgconvert.runtime.doctor import backend_status, bundle_status, collect, format_report
 from dgconvert.runtime.select import Probe
 from tests.models import build
 
@@ -64,12 +64,12 @@ def test_report_text_and_bundle_section(bundle_path: Path) -> None:
     assert f"Bundle {bundle_path}" in text and "engines: none" in text and "auto backend: onnxruntime" in text
     b = Bundle.load(bundle_path)
     key = "nvidia-h100-80gb-hbm3_sm90_trt10.8"
-    b.update_manifest(lambda m: m["engines"].update({key: {"tensorrt": "10.8.0.43", "precision": "fp16",
+    b.update_manifest(lambda m: m.engines.update({key: {"tensorrt": "10.8.0.43", "precision": "fp16",
                                                            "max_batch": 256}}))
     ready = Probe(trt_version="10.8.0.43", cuda_python=True, gpus=[H100], ort_providers=["CPUExecutionProvider"])
     st = bundle_status(bundle_path, ready)
     assert st["auto"] == "tensorrt" and st["engines"][key]["precision"] == "fp16"
-    b.update_manifest(lambda m: m["engines"].pop(key))
+    b.update_manifest(lambda m: m.engines.pop(key))
 
 
 def test_doctor_runs_on_this_machine(bundle_path: Path) -> None:

@@ -28,7 +28,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dgconvert as dg
-from dgconvert.bundle import Bundle
 from dgconvert.convert.precision import (
     Fp16Report,
     calibration_batches,
@@ -46,7 +45,8 @@ from dgconvert.convert.tensorrt import (
     precision_plan,
     stage_profiles,
 )
-from dgconvert.errors import BackendUnavailableError, BundleError, DGConvertError, InputError
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import BackendUnavailableError, BundleError, DGConvertError, InputError
 from dgconvert.runtime import GatedRunner, cuda
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.select import Probe, pick_backend
@@ -169,7 +169,7 @@ def test_modules_import_without_tensorrt_or_cuda() -> None:
     import importlib
 
     for mod in ["dgconvert.runtime.tensorrt_backend", "dgconvert.runtime.cuda",
-                "dgconvert.runtime.onnxruntime_gpu", "dgconvert.runtime.select", "dgconvert.doctor",
+                "dgconvert.runtime.onnxruntime_gpu", "dgconvert.runtime.select", "dgconvert.runtime.doctor",
                 "dgconvert.convert.tensorrt", "dgconvert.convert.precision", "dgconvert.cli.build",
                 "dgconvert.cli.doctor"]:
         importlib.import_module(mod)
@@ -620,7 +620,7 @@ def test_build_fp32_writes_engines_and_manifest(fake_gpu: Any, bundle: Bundle, t
     rec = build_engines(bundle, BuildOptions(max_batch=64, opt_batch=32, workspace=parse_size("256M"),
                                              timing_cache=cache))
     m = Bundle.load(bundle.path).manifest
-    assert list(m["engines"]) == [KEY10] and m["engines"][KEY10] == rec
+    assert list(m.engines) == [KEY10] and m.engines[KEY10] == rec
     assert rec["gpu"] == GPU_NAME and rec["compute_capability"] == "9.0" and rec["tensorrt"] == "10.8.0.43"
     assert rec["precision"] == "fp32" and rec["max_batch"] == 64 and rec["opt_batch"] == 32
     assert len(rec["stages"]) == bundle.num_stages and rec["full"]["file"] == f"engines/{KEY10}/full.engine"
@@ -641,7 +641,7 @@ def test_build_fp32_writes_engines_and_manifest(fake_gpu: Any, bundle: Bundle, t
 
 
 def test_build_opt_shapes_follow_calibrated_exits(fake_gpu: Any, bundle: Bundle) -> None:
-    bundle.update_manifest(lambda m: m.update(calibration={"exit_fractions": [0.5, 0.25, 0.125, 0.125]}))
+    bundle.update_manifest(lambda m: setattr(m, "calibration", {"exit_fractions": [0.5, 0.25, 0.125, 0.125]}))
     rec = build_engines(bundle, BuildOptions(max_batch=256, full=False))
     assert rec["full"] is None and rec["exit_fractions"] == [0.5, 0.25, 0.125, 0.125]
     opts = [{n: p["opt"][0] for n, p in s["profile"].items()} for s in rec["stages"]]
@@ -661,7 +661,7 @@ def test_build_fp16_uses_flag_on_trt10_and_fp16_graph_on_trt11(fake_gpu: Any, bu
     assert b11[0]["input_types"]["images"] == TensorProto.FLOAT
     assert b11[1]["input_types"]["x"] == TensorProto.FLOAT16
     m = Bundle.load(bundle.path).manifest
-    assert set(m["engines"]) == {KEY10, "nvidia-fake-gpu-80gb-hbm3_sm90_trt11.2"}
+    assert set(m.engines) == {KEY10, "nvidia-fake-gpu-80gb-hbm3_sm90_trt11.2"}
     assert rec["plan"]["graph"] == "fp16"
 
 
@@ -849,7 +849,7 @@ def test_pick_backend_prefers_matching_engines_then_ort_gpu_then_cpu(bundle: Bun
     assert name in ("onnxruntime-gpu", "onnxruntime")
     assert opts["providers"][0] == ("CUDAExecutionProvider", {"device_id": 0})
     assert f"no engines for {KEY10}" in why and f"dgconvert build {bundle.path}" in why
-    bundle.update_manifest(lambda m: m["engines"].update({KEY10: {"tensorrt": "10.8.0.43", "precision": "fp16"}}))
+    bundle.update_manifest(lambda m: m.engines.update({KEY10: {"tensorrt": "10.8.0.43", "precision": "fp16"}}))
     name, opts, why = pick_backend(bundle, gpu_ort)
     assert (name, opts) == ("tensorrt", {"device": 0}) and KEY10 in why and "fp16" in why
     other = Probe(trt_version="10.8.1", cuda_python=True, gpus=[_gpu()], ort_providers=["CPUExecutionProvider"])

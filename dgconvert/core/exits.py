@@ -1,4 +1,5 @@
-"""Gate records from the collection pass, and the exact simulation of an exit rule.
+"""The exit rule and its arithmetic (torch-free): the result of a gated prediction, gate
+records from the collection pass, and the exact simulation of thresholds on them.
 
 A sample exits at the first gate ``k`` with ``scores[i, k] >= thresholds[k]`` and takes
 ``labels[i, k]``; otherwise it takes ``final_labels[i]``. ``+inf`` disables a gate.
@@ -14,7 +15,32 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.calibrate.errors import CalibrationError
+from dgconvert.core.errors import CalibrationError
+
+
+@dataclass
+class GatedResult:
+    """A gated prediction, per sample in the caller's order."""
+
+    labels: np.ndarray  # int64 [N]
+    exit_stage: np.ndarray  # int64 [N]; K = the final stage
+    scores: np.ndarray  # float32 [N]; the exiting gate's score (final stage: max softmax)
+
+    @classmethod
+    def empty(cls, n: int = 0) -> GatedResult:
+        """Uninitialised arrays for ``n`` samples (filled by :meth:`fill`)."""
+        return cls(np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float32))
+
+    def fill(self, rows: np.ndarray, labels: np.ndarray, scores: np.ndarray, stage: int) -> None:
+        """Record that the caller's ``rows`` exited at ``stage`` with these labels/scores."""
+        self.labels[rows], self.scores[rows], self.exit_stage[rows] = labels, scores, stage
+
+    def exit_histogram(self, num_stages: int) -> np.ndarray:
+        """Samples that exited at each stage (length ``num_stages``)."""
+        return np.bincount(self.exit_stage, minlength=num_stages)
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 def _int_array(name: str, value: Any, ndim: int) -> np.ndarray:
@@ -174,8 +200,12 @@ def first_fire(fires: np.ndarray) -> np.ndarray:
 
 
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """First gate with ``score >= threshold`` per sample, ``K`` when none fires."""
-    return first_fire(scores >= thresholds[None, :]).astype(np.int64)
+    """First gate with ``score >= threshold`` per sample, ``K`` when none fires.
+
+    A gate whose threshold is +inf is off and never fires, whatever the score (+inf too);
+    a NaN score never fires."""
+    t = np.asarray(thresholds)
+    return first_fire((scores >= t[None, :]) & (t < np.inf)[None, :]).astype(np.int64)
 
 
 def simulate(

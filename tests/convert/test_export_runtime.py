@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import dgconvert as dg
-from dgconvert.bundle import Bundle
 from dgconvert.convert.verify import spread_thresholds, verify_bundle
-from dgconvert.errors import BundleError, ExportVerificationError, InputError
-from dgconvert.preprocess import normalize
+from dgconvert.core.bundle import Bundle
+from dgconvert.core.errors import BundleError, ExportVerificationError, InputError
+from dgconvert.core.preprocess import normalize
 from dgconvert.runtime import GatedRunner
-from tests.models import ARCHS, build
+from tests.models import ARCHS, NORMALIZATION, build
 
 
 def _images(n: int, fashion: bool) -> np.ndarray:
@@ -28,17 +30,14 @@ def _images(n: int, fashion: bool) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, fashion_available: bool) -> dict:
-    out = {}
-    root = tmp_path_factory.mktemp("bundles")
-    pixels = _images(200, fashion_available)
-    x = torch.from_numpy(normalize(pixels, build("resnet").normalization))
+def exported(exported_bundle: Callable[..., Any], fashion_available: bool) -> dict:
+    out: dict[str, Any] = {}
     for name in ARCHS:
-        net = build(name)
-        bundle = dg.export(net, root / f"{name}.dg", verify_input=x[:64])
-        out[name] = (net, bundle)
+        e = exported_bundle(name)
+        out[name] = (e.net, e.bundle)
+    pixels = _images(200, fashion_available)
     out["pixels"] = pixels
-    out["x"] = x
+    out["x"] = torch.from_numpy(normalize(pixels, NORMALIZATION))
     return out
 
 
@@ -67,9 +66,9 @@ def test_runtime_matches_gated_forward(exported: dict, name: str, batch: int, mo
     assert (runner.backend.chain() is not None) == (mode != "stage-sessions")
     res = runner.predict(x.numpy())
     ok = ~ties
-    np.testing.assert_array_equal(res.labels[ok], ref.labels.numpy()[ok])
-    np.testing.assert_array_equal(res.exit_stage[ok], ref.exit_stage.numpy()[ok])
-    np.testing.assert_allclose(res.scores[ok], ref.scores.numpy()[ok], rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(res.labels[ok], ref.labels[ok])
+    np.testing.assert_array_equal(res.exit_stage[ok], ref.exit_stage[ok])
+    np.testing.assert_allclose(res.scores[ok], ref.scores[ok], rtol=1e-3, atol=1e-4)
     # compaction: stage k processed exactly the samples that had not exited before it
     reached = [int((res.exit_stage >= k).sum()) for k in range(bundle.num_stages)]
     assert runner.stats == reached
@@ -108,9 +107,9 @@ def test_collect_returns_every_gate(exported: dict) -> None:
 def test_manifest_records_flops_and_io(exported: dict) -> None:
     net, bundle = exported["resnet"]
     m = bundle.manifest
-    assert [s["file"] for s in m["stages"]] == [f"stage{k}.onnx" for k in range(4)]
-    assert m["stages"][1]["inputs"][1]["name"] == "keep"
-    assert m["stages"][-1]["outputs"][0]["name"] == "logits"
+    assert [s.file for s in m.stages] == [f"stage{k}.onnx" for k in range(4)]
+    assert m.stages[1].inputs[1].name == "keep"
+    assert m.stages[-1].outputs[0].name == "logits"
     costs = bundle.exit_costs()
     assert all(a < b for a, b in zip(costs, costs[1:], strict=False))
     # stage FLOPs add up to the full model (gates excluded)

@@ -24,7 +24,7 @@ from dgconvert.calibrate import (
     simulate,
     split_indices,
 )
-from dgconvert.errors import DGConvertError
+from dgconvert.core.errors import DGConvertError
 
 
 def make_instance(

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dgconvert as dg
+from dgconvert.core.errors import DGConvertError
 from dgconvert.data import load_dataset
-from dgconvert.errors import DGConvertError
 from dgconvert.gating.fit import (
     DEFAULT_GATE,
     PAPER_DGATE,
@@ -121,7 +121,7 @@ def test_hinge_gate_puts_separable_data_outside_the_margin(hinge: str, standardi
 
 
 def test_exit_costs_are_cumulative_flops() -> None:
-    from dgconvert.convert.flops import count_flops
+    from dgconvert.gating.flops import count_flops
     from dgconvert.zoo import resnet
 
     backbone = resnet(widths=[8, 16, 24, 32]).eval()
@@ -143,7 +143,7 @@ def test_paper_setting_is_the_exact_formulation() -> None:
 def _split_accuracy(net: dg.GatedNetwork, data: str) -> list[tuple[float, float]]:
     """Per gate: accuracy of the upper and lower half of test samples by gate score."""
     test = load_dataset(data)
-    from dgconvert.preprocess import normalize
+    from dgconvert.core.preprocess import normalize
 
     x = torch.from_numpy(normalize(test.images, net.normalization))
     with torch.no_grad():

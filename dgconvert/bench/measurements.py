@@ -1,0 +1,18 @@
+"""What the timing loop records, before any statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Measurements:
+    """Raw timings: seconds per pass, rows per stage, peak memory; per system and batch."""
+
+    seconds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    images: dict[str, dict[int, int]] = field(default_factory=dict)  # per system and batch
+    rows: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    peak: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    stage_seconds: dict[int, list[list[float]]] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    memory_method: str = ""

@@ -1,0 +1,1 @@
+"""torch -> staged ONNX bundle (export, verification) and ONNX -> TensorRT engines."""
