@@ -45,6 +45,8 @@ def predict_cmd(
                          max_batch=batch_size, **opts)
     ds = load_dataset(data, num_classes=runner.bundle.num_classes)
     click.echo(f"backend: {runner.backend.describe()} ({runner.backend_reason})")
+    for line in runner.backend.fast_paths_off():
+        click.echo(f"warning: fast path off: {line}", err=True)
     parts = [runner.predict(xb) for xb, _ in tqdm(ds.batches(batch_size), desc="predict",
                                                   total=-(-len(ds) // batch_size), leave=False)]
     labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int64)

@@ -91,10 +91,7 @@ def export(
                 keep = torch.arange(len(x) - 1, -1, -1)[: len(x) - 1]  # M != N, unordered
                 args = (x, keep)
             outs = list(mod(*args))
-            gate = None
-            if k < last:
-                spec = dict(net.gates[k].spec())
-                gate = GateInfo(spec.pop("type"), spec.pop("score"), gate_flops[k], spec)
+            gate = GateInfo.from_spec(net.gates[k].spec(), gate_flops[k]) if k < last else None
             fname = f"stage{k}.onnx"
             export_onnx(mod, args, tmp / fname, inputs, outputs)
             stages.append(StageInfo(

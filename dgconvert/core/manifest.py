@@ -161,6 +161,11 @@ class GateInfo:
                    _get(o, "flops", int, where, default=0),
                    _rest(o, ("type", "score", "flops")))
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], flops: int) -> GateInfo:
+        """From a gate head's spec (``{"type", "score", ...}``) and its FLOPs."""
+        return cls.parse({**spec, "flops": int(flops)}, "gate spec")
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, "score": self.score, **self.extra, "flops": self.flops}
 

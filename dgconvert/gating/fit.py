@@ -68,11 +68,9 @@ __all__ = [
     "train_heads",
 ]
 
-#: Defaults of :func:`fit_gates` and ``dgconvert gates fit``: a d-gate trained with the
-#: Crammer–Singer hinge on standardized features, scored by the margin between its two
-#: largest distances. Measured in benchmarks/results/gate_comparison.md: it ties with
-#: standardized cross-entropy gates for the most FLOPs saved at equal accuracy, and both
-#: beat the paper's exact setting (raw features, one-vs-all, max distance) and EENet exits.
+#: Defaults of :func:`fit_gates` and ``dgconvert gates fit`` (:mod:`dgconvert.core.gates`):
+#: a d-gate trained with the Crammer–Singer hinge on standardized features, scored by the
+#: margin between its two largest distances (why: benchmarks/results/gate_comparison.md).
 #: Default score kind per gate type.
 DEFAULT_SCORE = {name: kind.default_score for name, kind in GATE_KINDS.items()}
 #: The d-gate paper's exact formulation, as keyword arguments of :func:`fit_gates`.

@@ -53,6 +53,11 @@ class Backend(abc.ABC):
         """Largest batch a stage accepts (an engine profile's max), or None if unbounded."""
         return None
 
+    def fast_paths_off(self) -> list[str]:
+        """The fast paths this backend would use by default but could not, each with why
+        (also logged as a warning when it happens)."""
+        return []
+
     def describe(self) -> str:
         """One line saying what this backend runs on (providers, device, precision)."""
         return self.name

@@ -298,7 +298,6 @@ class OnnxRuntimeBackend(Backend):
         or None when the stages run as separate sessions."""
         return None if self.chain_session is None else self.chain_session.run
 
-    @property
     def fast_paths_off(self) -> list[str]:
         """The fast paths that were wanted (by default) but are off, with why."""
         off = []

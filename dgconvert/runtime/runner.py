@@ -36,8 +36,7 @@ class GatedRunner:
 
     When the backend offers a one-call chain (:meth:`Backend.chain`; ONNX Runtime on the
     CPU), batches of at least ``chain_min_batch`` rows use it; single images go stage by
-    stage, which stops as soon as the image exits (measured faster at batch 1, slower from
-    batch 2 up).
+    stage, which stops as soon as the image exits (``docs/runtime.md``).
     """
 
     chain_min_batch = 2
