@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dgconvert.core.io import atomic_write
 from dgconvert.data import DataError, Dataset, load_dataset
 from dgconvert.gating.checkpoint import BACKBONE_FORMAT, VERSION
 from dgconvert.gating.threads import torch_threads
@@ -298,17 +298,7 @@ def save_checkpoint(
         "metrics": _plain(metrics),
         "recipe": recipe.as_dict(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
 def _plain(obj: Any) -> Any:

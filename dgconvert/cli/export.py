@@ -33,6 +33,8 @@ def export_cmd(
     import torch
 
     import dgconvert as dg
+    from dgconvert.core.bundle import file_sha256
+    from dgconvert.core.manifest import portable
     from dgconvert.core.preprocess import normalize
 
     net = dg.load(model, trust_pickle=trust_pickle)
@@ -51,6 +53,7 @@ def export_cmd(
     bundle = dg.export(
         net, out, verify_input=verify_input, force=force, verify=not no_verify,
         atol=atol, rtol=rtol, progress=True, on_report=show,
-        source={"checkpoint": str(model), "verified_on": data or "random inputs"},
+        source={"checkpoint": model.name, "checkpoint_sha256": file_sha256(model),
+                "verified_on": portable(data) if data else "random inputs"},
     )
     click.echo(f"wrote {bundle.path} ({bundle.num_stages} stages, {bundle.num_gates} gates)")

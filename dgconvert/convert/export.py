@@ -12,7 +12,7 @@ import torch
 from dgconvert.convert.onnx_export import OPSET, export_onnx
 from dgconvert.convert.stages import stage_modules
 from dgconvert.convert.verify import VerificationReport, verify_bundle
-from dgconvert.core.bundle import Bundle, write_manifest
+from dgconvert.core.bundle import Bundle, file_sha256, write_manifest
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.io import atomic_directory
 from dgconvert.core.manifest import (
@@ -114,6 +114,8 @@ def export(
             source=source or {},
             opset=OPSET,
         )
+        for info in [*manifest.stages, manifest.full]:
+            info.sha256 = file_sha256(tmp / info.file)
         write_manifest(tmp, manifest)
         bar.update(1)
         if verify:

@@ -3,9 +3,10 @@ and optionally TensorRT engines. Checked on read, written atomically. Torch-free
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dgconvert.core.errors import BundleError
@@ -30,6 +31,15 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.parse(raw, str(mpath))
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_manifest(path: str | Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically into the bundle directory ``path``."""
     return atomic_write_text(Path(path) / MANIFEST, manifest.dumps())
@@ -43,25 +53,72 @@ class Bundle:
         self.manifest = manifest
 
     @classmethod
-    def load(cls, path: str | Path) -> Bundle:
-        """Read ``path/manifest.json``, validate it and check every file it names."""
+    def load(cls, path: str | Path, *, check_digests: bool = True) -> Bundle:
+        """Read ``path/manifest.json``, validate it and check every file it names: inside the
+        bundle, present, and (``check_digests``) equal to the SHA-256 recorded at export."""
         bundle = cls(Path(path), read_manifest(Path(path)))
-        bundle.check_files()
+        bundle.check_files(check_digests)
         return bundle
 
-    def check_files(self) -> None:
-        """Every stage graph and ``full.onnx`` exists."""
-        files = [s.file for s in self.manifest.stages] + [self.manifest.full.file]
-        missing = [f for f in files if not self.resolve(f).is_file()]
+    def graph_files(self) -> Iterator[tuple[str, str, str | None]]:
+        """``(manifest entry, file, sha256 or None)`` of every graph and engine file."""
+        m = self.manifest
+        for k, s in enumerate(m.stages):
+            yield f"stages[{k}].file", s.file, s.sha256
+        yield "full.file", m.full.file, m.full.sha256
+        for key, rec in m.engines.items():
+            for i, s in enumerate(rec.get("stages") or []):
+                yield f"engines[{key!r}].stages[{i}].file", s.get("file"), s.get("sha256")
+            full = rec.get("full")
+            if isinstance(full, dict):
+                yield f"engines[{key!r}].full.file", full.get("file"), full.get("sha256")
+
+    def check_files(self, check_digests: bool = True) -> None:
+        """Every file the manifest names lies inside the bundle; every stage graph and
+        ``full.onnx`` exists and (``check_digests``) has its recorded SHA-256."""
+        paths = {entry: self.resolve(name, entry) for entry, name, _ in self.graph_files()}
+        graphs = [(e, f, h) for e, f, h in self.graph_files() if not e.startswith("engines")]
+        missing = [f for e, f, _ in graphs if not paths[e].is_file()]
         if missing:
             raise BundleError(
                 f"{self.path} is incomplete: missing {missing}. Expected every stage graph "
                 f"listed in the manifest. {FIX}"
             )
+        if check_digests:
+            for entry, _name, digest in graphs:
+                if digest is not None and file_sha256(paths[entry]) != digest:
+                    raise BundleError(
+                        f"{paths[entry]} does not match the SHA-256 the manifest records for "
+                        f"{entry} (the file was modified or truncated after export). {FIX}"
+                    )
 
-    def resolve(self, name: str) -> Path:
-        """The absolute path of a file the manifest names (relative to the bundle)."""
-        return self.path / name
+    def resolve(self, name: Any, entry: str = "file") -> Path:
+        """The path of a file the manifest names; it must lie inside the bundle."""
+        where = f"{self.path}: manifest {entry} is {name!r}"
+        if not isinstance(name, str) or not name:
+            raise BundleError(f"{where}; expected a file name inside the bundle. {FIX}")
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts:
+            raise BundleError(
+                f"{where}; expected a path relative to the bundle, without '..' (a manifest "
+                f"naming files outside its bundle was edited or is not trustworthy). {FIX}"
+            )
+        path = self.path / name
+        root = self.path.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise BundleError(f"{where}, which resolves outside the bundle ({path.resolve()}: "
+                              f"a symbolic link?). {FIX}")
+        return path
+
+    def record_digests(self) -> None:
+        """Record the SHA-256 of every stage graph and ``full.onnx`` as they are now (after
+        export, or after rewriting a graph on purpose)."""
+        def fn(m: Manifest) -> None:
+            for s in m.stages:
+                s.sha256 = file_sha256(self.resolve(s.file))
+            m.full.sha256 = file_sha256(self.resolve(m.full.file))
+
+        self.update_manifest(fn)
 
     # -- accessors ---------------------------------------------------------------------
     @property
@@ -107,10 +164,10 @@ class Bundle:
         return self.manifest.full.flops
 
     def stage_file(self, k: int) -> Path:
-        return self.resolve(self.manifest.stages[k].file)
+        return self.resolve(self.manifest.stages[k].file, f"stages[{k}].file")
 
     def full_file(self) -> Path:
-        return self.resolve(self.manifest.full.file)
+        return self.resolve(self.manifest.full.file, "full.file")
 
     def exit_costs(self) -> list[float]:
         """Cumulative per-sample FLOPs of a sample exiting at exit point k (0..K).

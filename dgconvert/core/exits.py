@@ -62,7 +62,7 @@ class GateRecords:
     """Every gate's score and label, and the final label, for each of n samples.
 
     ``scores`` is stored as float32 [n, K] (what the runtime compares), ``labels`` as
-    int64 [n, K] and ``final_labels`` as int64 [n]. NaN scores are rejected.
+    int64 [n, K] and ``final_labels`` as int64 [n]. Scores may be NaN or infinite (see :func:`exit_points`).
     """
 
     scores: np.ndarray
@@ -77,12 +77,7 @@ class GateRecords:
             )
         if scores.dtype == bool or not np.issubdtype(scores.dtype, np.number):
             raise CalibrationError(f"scores must be real numbers, got dtype {scores.dtype}")
-        scores = scores.astype(np.float32, copy=False)
-        if not np.isfinite(scores).all():
-            raise CalibrationError(
-                "scores contain NaN or infinities (a +inf score would exit even at a disabled "
-                "gate); fix the gate head before calibrating"
-            )
+        scores = scores.astype(np.float32, copy=False)  # NaN and +-inf allowed: see exit_points
         labels = _int_array("labels", self.labels, 2)
         final = _int_array("final_labels", self.final_labels, 1)
         if labels.shape != scores.shape:

@@ -41,6 +41,12 @@ def package_version() -> str:
     return __version__
 
 
+def portable(spec: str) -> str:
+    """A data or file spec without this machine's folders (``/home/u/d/cal.npz[:9]`` ->
+    ``cal.npz[:9]``): manifests record names, never local absolute paths."""
+    return ",".join(part.replace("\\", "/").rsplit("/", 1)[-1] for part in spec.split(","))
+
+
 # -- thresholds: the one encoding -------------------------------------------------------------
 
 

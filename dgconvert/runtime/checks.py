@@ -27,7 +27,8 @@ def close_to_reference(reference: np.ndarray, got: np.ndarray, name: str = "outp
     ref = reference.astype(np.float64)
     diff = np.abs(got.astype(np.float64) - ref)
     finite = np.isfinite(ref)
-    if not np.array_equal(finite, np.isfinite(got)) or np.any(ref[~finite] != got[~finite]):
+    if not np.array_equal(finite, np.isfinite(got)) or not np.array_equal(
+            ref[~finite], got[~finite].astype(np.float64), equal_nan=True):
         return "differs in its non-finite values"
     scale = max(1.0, float(np.abs(ref[finite]).max(initial=0.0)))
     worst = float(diff[finite].max(initial=0.0))
