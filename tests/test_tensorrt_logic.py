@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -570,3 +569,101 @@ def test_pick_backend_prefers_matching_engines_then_ort_gpu_then_cpu(bundle: Bun
 
 def test_errors_are_dgconvert_errors() -> None:
     assert issubclass(BuildError, DGConvertError) and issubclass(cuda.CudaError, BackendUnavailableError)
+
+
+# -- API-review fixes (issue 14) ------------------------------------------------------------
+def test_backend_enqueues_on_its_own_stream_handle(fake_gpu: Any, bundle: Bundle) -> None:
+    """execute_async_v3 gets int(cudaStream_t) of the thread's stream (not getPtr()), and
+    nothing is read before the stream is synchronized."""
+    build_engines(bundle, BuildOptions(max_batch=16, full=False))
+    be = TensorRTBackend(bundle)
+    out = be.run_stage(0, _images(4), None)
+    ws = be._ws()
+    assert be._trt.executions == [int(ws.stream.handle)] == [fakes.STREAM_BASE]
+    assert ws.stream.handle.getPtr() != int(ws.stream.handle)
+    assert fake_gpu.rt.pending() == 0 and out.score.shape == (4,)
+    other = TensorRTBackend(bundle)  # a second backend gets its own stream
+    other.run_stage(0, _images(2), None)
+    assert be._trt.executions[-1] != fakes.STREAM_BASE
+    be.close()
+    other.close()
+    assert _no_memory(fake_gpu.rt) and not fake_gpu.rt.streams
+
+
+def test_trt11_fake_lacks_the_removed_apis(fake_gpu: Any) -> None:
+    trt = fake_gpu.use("11.1.0")
+    assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt.BuilderFlag, "INT8")
+    assert not hasattr(trt, "IInt8EntropyCalibrator2")
+    assert not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    config = trt.Builder(trt.Logger()).create_builder_config()
+    with pytest.raises(AttributeError):
+        config.int8_calibrator = object()
+    assert not hasattr(config, "set_calibration_profile")
+
+
+def test_cuda_that_cannot_start_is_backend_unavailable(fake_gpu: Any, bundle: Bundle) -> None:
+    """trt.Runtime / trt.Builder return nullptr (pybind11 TypeError) when CUDA cannot start."""
+    build_engines(bundle, BuildOptions(max_batch=8, full=False))
+    fake_gpu.trt.cuda_broken = True
+    with pytest.raises(BackendUnavailableError, match="Runtime.*nullptr.*driver.*dgconvert doctor"):
+        TensorRTBackend(bundle)
+    with pytest.raises(BackendUnavailableError, match="Builder.*nullptr.*CUDA 12"):
+        build_engines(bundle, BuildOptions(max_batch=8, full=False))
+    fake_gpu.use("11.1.0").cuda_broken = True
+    with pytest.raises(BackendUnavailableError, match="TensorRT 11.x needs CUDA 13 \\(driver >= 580"):
+        build_engines(bundle, BuildOptions(max_batch=8, full=False))
+
+
+def test_dynamic_sample_dims_size_buffers_from_the_profile(fake_gpu: Any, bundle: Bundle) -> None:
+    """A -1 beyond the batch dim takes the profile maximum (was: a negative buffer size)."""
+    build_engines(bundle, BuildOptions(max_batch=16, full=False))
+    fake_gpu.trt.dynamic_sample_dims = True
+    x = _images(12, seed=2)
+    t = _spread(bundle, x)
+    ref = GatedRunner(bundle, backend="onnxruntime", thresholds=t).predict(x)
+    runner = GatedRunner(bundle, backend="tensorrt", thresholds=t)
+    got = runner.predict(x)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    assert runner.backend._engines[1].inputs["x"][1] == tuple(
+        bundle.manifest["stages"][1]["inputs"][0]["shape"][1:])
+    runner.close()
+    from dgconvert.runtime.tensorrt_backend import _bytes
+
+    with pytest.raises(BundleError, match="dynamic \\(-1\\).*static"):
+        _bytes((np.dtype(np.float32), (8, -1, 7)))
+
+
+def test_run_full_checks_set_tensor_address(fake_gpu: Any, bundle: Bundle) -> None:
+    build_engines(bundle, BuildOptions(max_batch=8))
+    be = TensorRTBackend(bundle)
+    fake_gpu.trt.refuse_addresses = {"logits"}
+    with pytest.raises(BackendUnavailableError, match="refused the address of output 'logits'"):
+        be.run_full(_images(2))
+    be.close()
+
+
+def test_int8_calibrator_frees_buffers_and_carries_its_cache(fake_gpu: Any, bundle: Bundle) -> None:
+    pixels = (np.random.default_rng(0).random((32, 1, 28, 28)) * 255).astype(np.uint8)
+    opts = BuildOptions(precision="int8", max_batch=16, data=pixels, calib_batch=16,
+                        calib_samples=32, full=False)
+    build_engines(bundle, opts)
+    folder = bundle.path / "engines" / KEY10
+    assert [b["calibration_batches"] for b in fake_gpu.trt.builds] == [2] * bundle.num_stages
+    for _ in range(2):  # rebuilds read the cache, keep it in the new folder, leak nothing
+        fake_gpu.trt.builds = []
+        build_engines(bundle, opts)
+        assert [b["calibration_batches"] for b in fake_gpu.trt.builds] == [0] * bundle.num_stages
+        assert sorted(p.name for p in folder.glob("*.calib")) == [
+            f"stage{k}.calib" for k in range(bundle.num_stages)]
+        assert _no_memory(fake_gpu.rt)
+
+
+def test_build_can_turn_tf32_off(fake_gpu: Any, bundle: Bundle) -> None:
+    build_engines(bundle, BuildOptions(max_batch=8, full=False))
+    assert all(b["tf32"] for b in fake_gpu.trt.builds)
+    fake_gpu.trt.builds = []
+    rec = build_engines(bundle, BuildOptions(max_batch=8, full=False, tf32=False))
+    assert rec["tf32"] is False and not any(b["tf32"] for b in fake_gpu.trt.builds)
+    fake_gpu.use("11.1.0")
+    build_engines(bundle, BuildOptions(max_batch=8, full=False, tf32=False))
+    assert not fake_gpu.trt.builds[-1]["tf32"]

@@ -9,19 +9,22 @@ tested on any machine.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from dgconvert.bundle import Bundle
 from dgconvert.errors import BackendUnavailableError
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Probe:
     """What this machine offers to the backends."""
 
     trt_version: str | None = None  # None: tensorrt not importable
-    cuda_python: bool = False
+    cuda_python: bool = False  # cuda-python imports *and* the driver answered (GPUs listed)
+    cuda_installed: bool = False  # cuda-python imports (the driver may still fail)
     gpus: list[Any] = field(default_factory=list)  # runtime.cuda.GpuInfo
     ort_providers: list[str] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # component -> why unavailable
@@ -48,11 +51,14 @@ def probe(device: int = 0) -> Probe:
         p.notes["tensorrt"] = f"tensorrt is installed but fails to import: {exc}"
     try:
         cuda.load_runtime()
-        p.cuda_python = True
+        p.cuda_installed = True
         p.gpus = cuda.list_gpus()
+        p.cuda_python = True  # only once the driver answered
     except BackendUnavailableError as exc:
-        p.notes["cuda"] = str(exc)
+        p.notes["cuda"] = (f"cuda-python is installed but CUDA does not start: {exc}"
+                           if p.cuda_installed else str(exc))
         p.gpus = cuda.nvidia_smi()[0]
+        log.info("probe: CUDA unusable through cuda-python: %s", p.notes["cuda"])
     if not p.gpus:
         p.notes.setdefault("gpu", "no NVIDIA GPU visible")
     return p
@@ -72,7 +78,8 @@ def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
     if p.trt_version is None:
         skipped.append(f"TensorRT: {p.notes.get('tensorrt', 'not installed')}")
     elif not p.cuda_python:
-        skipped.append("TensorRT: cuda-python is not installed (pip install cuda-python)")
+        skipped.append("TensorRT: " + p.notes.get(
+            "cuda", "cuda-python is not installed (pip install cuda-python)"))
     elif gpu is None:
         skipped.append("TensorRT: no GPU visible")
     else:

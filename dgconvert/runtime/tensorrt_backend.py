@@ -80,6 +80,30 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+def create_trt_object(trt: Any, cls: str, logger: Any) -> Any:
+    """``trt.Runtime(logger)`` / ``trt.Builder(logger)``, or a :class:`BackendUnavailableError`
+    with a driver hint when TensorRT returns nullptr (CUDA did not start): pybind11 then
+    raises ``TypeError: ... factory function returned nullptr``."""
+    try:
+        obj = getattr(trt, cls)(logger)
+    except TypeError as exc:
+        if "nullptr" not in str(exc):
+            raise
+        obj = None
+    if obj is None:
+        version = getattr(trt, "__version__", "?")
+        major = trt_version_tuple(version)[0] if version != "?" else 0
+        need = "CUDA 13 (driver >= 580)" if major >= 11 else "CUDA 12 (driver >= 525)"
+        raise BackendUnavailableError(
+            f"TensorRT {version} could not create its {cls} (it returned nullptr): CUDA did not "
+            f"start. TensorRT {major}.x needs {need}; the driver may be older than that, or no "
+            "GPU is usable. Fix: run `dgconvert doctor` to compare the driver and runtime, update "
+            "the NVIDIA driver, or install the TensorRT for your driver "
+            "(pip install 'dgconvert[gpu-cu12]' on a CUDA 12 driver)."
+        )
+    return obj
+
+
 def local_engine_key(device: int = 0) -> tuple[str, cuda.GpuInfo, str]:
     """``(key, gpu, tensorrt version)`` for this machine's GPU ``device``."""
     trt = import_tensorrt()
@@ -185,7 +209,14 @@ class _Workspace:
 
 
 def _bytes(spec: tuple[np.dtype, tuple[int, ...]]) -> int:
+    """Bytes of one sample (row) of a tensor; its sample dims must be known (>= 0)."""
     dtype, shape = spec
+    if any(int(d) < 0 for d in shape):
+        raise BundleError(
+            f"a tensor has sample shape {list(shape)} with a dynamic (-1) dimension beyond the "
+            "batch; expected static sample dimensions (dgconvert sizes its buffers from them). "
+            "Fix: re-export the bundle with static image dimensions."
+        )
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
@@ -213,7 +244,7 @@ class TensorRTBackend(Backend):
                 f"engine set {self.key!r} has {len(stages)} engines for {bundle.num_stages} stages; "
                 f"the bundle changed since the build. Fix: `{REBUILD.format(path=bundle.path)}`."
             )
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._runtime = create_trt_object(trt, "Runtime", trt.Logger(trt.Logger.WARNING))
         self._engines = [self._load(s, k) for k, s in enumerate(stages)]
         self._full = self._load(self.record["full"], -1) if self.record.get("full") else None
         self._check_chain()
@@ -249,11 +280,21 @@ class TensorRTBackend(Backend):
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             shape = tuple(int(s) for s in engine.get_tensor_shape(name))
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                inputs[name] = (dtype, shape[1:])
-                hi = int(engine.get_tensor_profile_shape(name, 0)[2][0])
-                max_rows = hi if max_rows is None else min(max_rows, hi)
+                hi_shape = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[2])
+                # a dynamic (-1) sample dim takes the profile's maximum: buffers fit any shape
+                sample = tuple(h if d < 0 else d for d, h in zip(shape[1:], hi_shape[1:],
+                                                                  strict=True))
+                inputs[name] = (dtype, sample)
+                max_rows = hi_shape[0] if max_rows is None else min(max_rows, hi_shape[0])
             else:
                 outputs[name] = (dtype, shape[1:])
+                if any(d < 0 for d in shape[1:]):
+                    raise BundleError(
+                        f"engine {path} ({what}) output {name!r} has shape {list(shape)}: a "
+                        "dynamic dimension beyond the batch; expected static sample "
+                        f"dimensions (the buffers are sized from them). Fix: re-export the "
+                        f"bundle with static image dimensions, then `{fix}`."
+                    )
         last = self.bundle.num_stages - 1
         want_in = {"images"} if k <= 0 else {"x", "keep"}
         want_out = {"logits"} if k < 0 else {"score", "label"} | ({"features"} if k < last else set())
@@ -402,7 +443,11 @@ class TensorRTBackend(Backend):
         n = self._bind_images(ws, ctx, eng, images)
         ldt, lshape = eng.outputs["logits"]
         for name in eng.outputs:
-            ctx.set_tensor_address(name, ws.scratch.ptr if name == "logits" else ws.score_d.ptr)
+            if not ctx.set_tensor_address(name, ws.scratch.ptr if name == "logits" else ws.score_d.ptr):
+                raise BackendUnavailableError(
+                    f"TensorRT refused the address of output {name!r} of the full model; "
+                    "see the TensorRT log above."
+                )
         if not ctx.execute_async_v3(ws.stream.ptr):
             raise BackendUnavailableError("TensorRT execution of the full model failed")
         count = n * int(np.prod(lshape, dtype=np.int64))
