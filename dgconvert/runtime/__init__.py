@@ -29,14 +29,11 @@ def backend_class(name: str) -> type[Backend]:
 
 def create_backend(bundle: Bundle, name: str = "auto", **options: Any) -> tuple[Backend, str]:
     """Instantiate a backend; ``"auto"`` picks the best available and says why."""
-    if name == "auto":
-        from dgconvert.runtime.select import pick_backend
+    if name == "auto":  # picks, and falls back when the pick cannot be created
+        from dgconvert.runtime.select import create_auto
 
-        name, auto_options, reason = pick_backend(bundle)
-        options = {**auto_options, **options}
-    else:
-        reason = "requested"
-    return backend_class(name)(bundle, **options), reason
+        return create_auto(bundle, **options)
+    return backend_class(name)(bundle, **options), "requested"
 
 
 __all__ = [

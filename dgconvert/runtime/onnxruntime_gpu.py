@@ -11,10 +11,20 @@ bound to the CPU, and ``keep`` (and stage 0's images) are bound from host arrays
 
 ``device_type="cpu"`` with ``providers=["CPUExecutionProvider"]`` runs the same code path on
 the CPU (used by the tests where no GPU exists).
+
+Loading. ``onnxruntime.get_available_providers()`` lists the providers the package was
+*built* with: it lists CUDA even when the CUDA/cuDNN libraries fail to load, and the session
+then silently runs on the CPU. So the backend calls ``onnxruntime.preload_dlls()`` (ORT >=
+1.21: loads CUDA/cuDNN from the ``nvidia-*`` pip packages,
+https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#preload-dlls)
+before the first GPU session, and raises :class:`BackendUnavailableError` unless every
+session's first provider (``InferenceSession.get_providers()[0]``) is the one asked for, so
+``backend="auto"`` falls back with the reason.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +32,79 @@ from typing import Any
 import numpy as np
 
 from dgconvert.bundle import Bundle
-from dgconvert.errors import InputError
+from dgconvert.errors import BackendUnavailableError, InputError
 from dgconvert.runtime.base import StageOutput
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+FIX = ("Fix: install the onnxruntime-gpu build for your driver's CUDA major, alone "
+       "(pip uninstall -y onnxruntime; pip install 'dgconvert[gpu-cu12]' or '[gpu-cu13]', see "
+       "docs/gpu.md), check `dgconvert doctor`, or use backend='onnxruntime'.")
+log = logging.getLogger(__name__)
+_preloaded: list[str] = []  # once per process
+
+
+def preload_dlls() -> str:
+    """Call ``onnxruntime.preload_dlls()`` once when this onnxruntime has it; say what happened."""
+    if _preloaded:
+        return _preloaded[0]
+    import onnxruntime as ort
+
+    fn = getattr(ort, "preload_dlls", None)
+    if fn is None:
+        what = f"onnxruntime {ort.__version__} has no preload_dlls (added in 1.21)"
+    else:
+        try:
+            fn()
+            what = "preload_dlls() called"
+        except Exception as exc:  # a failed preload shows up as a session on the wrong provider
+            what = f"preload_dlls() failed: {exc}"
+    log.info("onnxruntime-gpu: %s", what)
+    _preloaded.append(what)
+    return what
+
+
+def provider_name(p: str | tuple[str, dict[str, Any]]) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+def check_session_provider(session: Any, wanted: str, what: str) -> None:
+    """Raise :class:`BackendUnavailableError` unless ``session`` runs on ``wanted`` first."""
+    got = list(session.get_providers())
+    if not got or got[0] != wanted:
+        raise BackendUnavailableError(
+            f"ONNX Runtime was asked for {wanted} for {what}, but the session runs on {got}: "
+            f"{wanted} is listed by onnxruntime but did not load (its CUDA/cuDNN libraries are "
+            f"missing or do not match the driver). {FIX}"
+        )
+
+
+def provider_loads(provider: str = "CUDAExecutionProvider", device_id: int = 0) -> str | None:
+    """Create a one-node session on ``provider``: None when it loads, else why not.
+
+    (``get_available_providers()`` alone lists providers whose libraries cannot load.)
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if provider in GPU_PROVIDERS:
+        preload_dlls()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])],
+                                                "probe", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    opts = {"device_id": device_id} if provider == "CUDAExecutionProvider" else {}
+    try:
+        fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=[(provider, opts), *fallback])
+        check_session_provider(sess, provider, "a one-node test graph")
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the answer
+        return str(exc)
+    return None
 
 
 @dataclass
@@ -64,9 +142,14 @@ class OnnxRuntimeGpuBackend(OnnxRuntimeBackend):
     ) -> None:
         if providers is None:
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        wanted = provider_name(list(providers)[0])
+        if wanted in GPU_PROVIDERS:
+            preload_dlls()
         # its run_stage binds the plain stage sessions: no fused or composed graphs to build
         super().__init__(bundle, providers=providers, threads=threads, spinning=spinning,
                          fuse_boundaries=False, compose=False)
+        for k, sess in enumerate(self._sessions):
+            check_session_provider(sess, wanted, f"stage {k}")
         self.device_id = int(device_id)
         self.device_type = device_type
 

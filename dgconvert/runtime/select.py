@@ -28,6 +28,7 @@ class Probe:
     gpus: list[Any] = field(default_factory=list)  # runtime.cuda.GpuInfo
     ort_providers: list[str] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # component -> why unavailable
+    failed: dict[str, str] = field(default_factory=dict)  # backend -> why creating it failed
 
 
 def probe(device: int = 0) -> Probe:
@@ -75,7 +76,9 @@ def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
     gpu = p.gpus[device] if 0 <= device < len(p.gpus) else None
 
     # 1. TensorRT engines built for this GPU and TensorRT version
-    if p.trt_version is None:
+    if "tensorrt" in p.failed:
+        skipped.append(f"TensorRT: failed: {p.failed['tensorrt']}")
+    elif p.trt_version is None:
         skipped.append(f"TensorRT: {p.notes.get('tensorrt', 'not installed')}")
     elif not p.cuda_python:
         skipped.append("TensorRT: " + p.notes.get(
@@ -99,15 +102,47 @@ def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
 
     # 2. onnxruntime-gpu
     cuda_ep = "CUDAExecutionProvider" in p.ort_providers
-    if cuda_ep and gpu is not None:
+    if "onnxruntime-gpu" in p.failed:
+        skipped.append(f"onnxruntime-gpu: failed: {p.failed['onnxruntime-gpu']}")
+    elif cuda_ep and gpu is not None:
         providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         why = f"onnxruntime-gpu with the CUDA execution provider on {gpu.name}"
         return ("onnxruntime-gpu", {"providers": providers, "device_id": device},
                 f"{why}, features kept on the GPU (I/O binding); " + "; ".join(skipped))
-    skipped.append(
-        "onnxruntime-gpu: " + ("no GPU visible" if cuda_ep else
-                               "CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
-    )
+    else:
+        skipped.append(
+            "onnxruntime-gpu: " + ("no GPU visible" if cuda_ep else
+                                   "CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
+        )
 
     # 3. ONNX Runtime on the CPU
     return "onnxruntime", {}, "ONNX Runtime on the CPU; " + "; ".join(skipped)
+
+
+#: options only a GPU backend takes; dropped when ``auto`` falls back to the CPU
+_GPU_OPTIONS = ("providers", "device", "device_id", "device_type", "key")
+
+
+def create_auto(bundle: Bundle, probe_result: Probe | None = None, device: int = 0,
+                **options: Any) -> tuple[Any, str]:
+    """Create the backend :func:`pick_backend` chooses; when creating it raises
+    :class:`BackendUnavailableError` (e.g. a CUDA provider that is listed but does not load),
+    pick again without it. Returns ``(backend, reason)``; the reason names every failure."""
+    from dgconvert.runtime import backend_class
+    from dgconvert.runtime.onnxruntime_backend import BackendOptionError
+
+    p = probe_result if probe_result is not None else probe(device)
+    while True:
+        name, auto_options, reason = pick_backend(bundle, p, device)
+        opts = {**auto_options, **options}
+        if name == "onnxruntime":
+            opts = {k: v for k, v in opts.items() if k not in _GPU_OPTIONS}
+        try:
+            return backend_class(name)(bundle, **opts), reason
+        except BackendOptionError:
+            raise  # a wrong option is the caller's error, not a missing backend
+        except BackendUnavailableError as exc:
+            if name == "onnxruntime":
+                raise
+            log.warning("backend auto: %s failed (%s); picking again without it", name, exc)
+            p.failed[name] = str(exc)
