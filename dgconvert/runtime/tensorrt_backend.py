@@ -80,6 +80,26 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+#: the oldest Linux driver of each CUDA major
+MIN_DRIVER = {12: 525, 13: 580}
+
+
+def trt_cuda_major(version: str) -> int:
+    """The CUDA major the installed TensorRT wheel is built for: ``tensorrt-cu12`` /
+    ``tensorrt-cu13`` when one is installed, else the plain ``tensorrt`` default (CUDA 13 from
+    TensorRT 11 on, CUDA 12 before)."""
+    import importlib.metadata as md
+
+    for major in (13, 12):
+        for dist in (f"tensorrt-cu{major}-libs", f"tensorrt-cu{major}"):
+            try:
+                md.version(dist)
+                return major
+            except md.PackageNotFoundError:
+                continue
+    return 13 if trt_version_tuple(version)[0] >= 11 else 12
+
+
 def create_trt_object(trt: Any, cls: str, logger: Any) -> Any:
     """``trt.Runtime(logger)`` / ``trt.Builder(logger)``, or a :class:`BackendUnavailableError`
     with a driver hint when TensorRT returns nullptr (CUDA did not start): pybind11 then
@@ -91,15 +111,15 @@ def create_trt_object(trt: Any, cls: str, logger: Any) -> Any:
             raise
         obj = None
     if obj is None:
-        version = getattr(trt, "__version__", "?")
-        major = trt_version_tuple(version)[0] if version != "?" else 0
-        need = "CUDA 13 (driver >= 580)" if major >= 11 else "CUDA 12 (driver >= 525)"
+        version = str(getattr(trt, "__version__", "0"))
+        cm = trt_cuda_major(version)
         raise BackendUnavailableError(
             f"TensorRT {version} could not create its {cls} (it returned nullptr): CUDA did not "
-            f"start. TensorRT {major}.x needs {need}; the driver may be older than that, or no "
-            "GPU is usable. Fix: run `dgconvert doctor` to compare the driver and runtime, update "
-            "the NVIDIA driver, or install the TensorRT for your driver "
-            "(pip install 'dgconvert[gpu-cu12]' on a CUDA 12 driver)."
+            f"start. This TensorRT {trt_version_tuple(version)[0]}.x is built for CUDA {cm} "
+            f"(driver >= {MIN_DRIVER[cm]}); the driver may be older, or no GPU is usable. Fix: "
+            "run `dgconvert doctor` to compare the driver and runtime, update the NVIDIA driver, "
+            "or install the TensorRT for your driver's CUDA major "
+            "(pip install 'dgconvert[gpu-cu12]' or 'dgconvert[gpu-cu13]', docs/gpu.md)."
         )
     return obj
 
