@@ -31,6 +31,7 @@ from dgconvert.convert.precision import (
     Fp16Report,
     calibration_batches,
     convert_to_fp16,
+    modelopt_calibration_options,
     stage_calibration_inputs,
 )
 from dgconvert.convert.tensorrt import (
@@ -417,6 +418,10 @@ def test_build_int8_trt11_quantizes_with_modelopt(fake_gpu: Any, bundle: Bundle,
     assert set(calls[0]["calibration_data"]) == {"images"} and calls[0]["calibration_data"]["images"].shape == (20, 1, 28, 28)
     assert set(calls[2]["calibration_data"]) == {"x", "keep"}
     np.testing.assert_array_equal(calls[2]["calibration_data"]["keep"], np.arange(20))
+    x_shape = "x".join(map(str, calls[2]["calibration_data"]["x"].shape))
+    assert calls[2]["calibration_shapes"] == f"x:{x_shape},keep:20"  # one full-N step
+    assert calls[0]["calibration_shapes"] == "images:20x1x28x28"
+    assert all(c["calibration_eps"] == ["cuda:0", "cpu"] for c in calls)
     assert all(b["flags"] == [] and b["calibration_batches"] == 0 for b in fake_gpu.trt.builds)
     assert not list((bundle.path / "engines").rglob("*.int8.onnx"))
 
@@ -667,3 +672,36 @@ def test_build_can_turn_tf32_off(fake_gpu: Any, bundle: Bundle) -> None:
     fake_gpu.use("11.1.0")
     build_engines(bundle, BuildOptions(max_batch=8, full=False, tf32=False))
     assert not fake_gpu.trt.builds[-1]["tf32"]
+
+
+def test_modelopt_calibrates_a_stage_in_one_full_n_step(bundle: Bundle) -> None:
+    """ModelOpt splits inputs by calibration_shapes; full-N shapes keep x and keep whole."""
+    inputs = stage_calibration_inputs(bundle, _images(6))[1]
+    opts = modelopt_calibration_options(inputs)
+    x_shape = "x".join(map(str, inputs["x"].shape))
+    assert opts == {"calibration_shapes": f"x:{x_shape},keep:6", "calibration_eps": ["cuda:0", "cpu"]}
+    sess = ort.InferenceSession(str(bundle.stage_file(1)), providers=["CPUExecutionProvider"])
+    assert sess.run(["score"], inputs)[0].shape == (6,)
+    with pytest.raises(BundleError, match="keep indexes row 6 but x has 6 rows.*arange"):
+        modelopt_calibration_options({"x": inputs["x"], "keep": np.arange(7)})
+
+
+def test_modelopt_reader_feeds_a_stage1_graph_with_these_options(bundle: Bundle) -> None:
+    """With ModelOpt's real reader: its default 1-row chunks break the stage-1 graph (keep
+    indexes past a 1-row x); our calibration_shapes give one step that runs."""
+    calib_utils = pytest.importorskip("modelopt.onnx.quantization.calib_utils",
+                                      reason="nvidia-modelopt is not installed (int8 extra)")
+    inputs = stage_calibration_inputs(bundle, _images(6))[1]
+    path = str(bundle.stage_file(1))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    default = calib_utils.CalibrationDataProvider(path, inputs)
+    with pytest.raises(Exception, match="out of (data )?bounds|indices"):  # noqa: B017
+        while (feed := default.get_next()) is not None:
+            sess.run(None, feed)
+    shapes = modelopt_calibration_options(inputs)["calibration_shapes"]
+    ours = calib_utils.CalibrationDataProvider(path, inputs, shapes)
+    steps = 0
+    while (feed := ours.get_next()) is not None:
+        assert sess.run(["score"], feed)[0].shape == (6,)
+        steps += 1
+    assert steps == 1

@@ -270,10 +270,38 @@ def calibration_batches(inputs: dict[str, np.ndarray], batch_size: int) -> Itera
         yield batch
 
 
+#: ModelOpt's calibration execution providers: the GPU when its provider loads, else the CPU
+CALIBRATION_EPS = ("cuda:0", "cpu")
+
+
+def modelopt_calibration_options(calibration: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``calibration_shapes`` and ``calibration_eps`` for ModelOpt's ``quantize``: one
+    calibration step over all N rows of every input.
+
+    ModelOpt's ``CalibrationDataProvider`` cuts every input into ``N / shape[first input][0]``
+    chunks with ``np.array_split``, a missing shape meaning the graph's with dynamic dims set
+    to 1: N one-row chunks, ``keep`` included, whose indices then point past the one-row ``x``
+    ("indices element out of data bounds"). Full-N shapes keep ``x`` and ``keep`` whole
+    (``keep = arange(N)`` indexes all of ``x``).
+    """
+    rows = {name: int(np.shape(arr)[0]) for name, arr in calibration.items() if np.ndim(arr)}
+    keep = calibration.get("keep")
+    if keep is not None and "x" in calibration and len(keep) and int(np.max(keep)) >= rows["x"]:
+        raise BundleError(
+            f"calibration keep indexes row {int(np.max(keep))} but x has {rows['x']} rows; "
+            "expected keep = arange(N) over the previous stage's N rows "
+            "(stage_calibration_inputs builds it)."
+        )
+    shapes = ",".join(f"{name}:{'x'.join(str(int(d)) for d in np.shape(arr))}"
+                      for name, arr in calibration.items())
+    return {"calibration_shapes": shapes, "calibration_eps": list(CALIBRATION_EPS)}
+
+
 def quantize_int8(onnx_path: Path, calibration: dict[str, np.ndarray], output_path: Path,
                   method: str = "entropy") -> Path:
     """Explicit INT8 (Q/DQ) ONNX via ModelOpt PTQ, calibrated on ``calibration`` (input name ->
-    array). Non-quantized layers are float16; graph input/output types are kept."""
+    array) in one step over all rows (:func:`modelopt_calibration_options`). Non-quantized
+    layers are float16; graph input/output types are kept."""
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
@@ -288,6 +316,7 @@ def quantize_int8(onnx_path: Path, calibration: dict[str, np.ndarray], output_pa
         calibration_method=method,
         output_path=str(output_path),
         high_precision_dtype="fp16",
+        **modelopt_calibration_options(calibration),
     )
     if not Path(output_path).is_file():
         raise BundleError(f"ModelOpt quantization wrote no file at {output_path}")
