@@ -69,6 +69,8 @@ class FakeCudaRuntime(types.ModuleType):
     def _alloc(self, table: dict[int, tuple[Any, int]], n: int) -> tuple[Any, int]:
         if int(n) < 1:
             return Err.cudaErrorInvalidValue, 0
+        if int(n) > 1 << 36:  # more than this fake's 64 GiB "GPU"
+            return Err.cudaErrorMemoryAllocation, 0
         buf = ctypes.create_string_buffer(int(n) + ALIGN)
         ptr = (ctypes.addressof(buf) + ALIGN - 1) // ALIGN * ALIGN
         with self.lock:
