@@ -34,12 +34,16 @@ Builder calls follow the TensorRT Python API (https://docs.nvidia.com/deeplearni
 (infer/Core/Builder.html, infer/FoundationalTypes/HostMemory.html);
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (infer/Core/Builder.html);
 ``IOptimizationProfile.set_shape(name, min, opt, max)`` (infer/Core/OptimizationProfile.html);
-``IBuilderConfig.set_flag / set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) /
+``IBuilderConfig.set_flag / clear_flag(BuilderFlag.TF32) /
+set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) /
 add_optimization_profile / int8_calibrator / set_calibration_profile / create_timing_cache /
 set_timing_cache / get_timing_cache`` and ``ITimingCache.serialize`` (infer/Core/BuilderConfig.html);
 ``OnnxParser(network, logger).parse(bytes)``, ``num_errors``, ``get_error(i)``
 (parsers/Onnx/pyOnnx.html); ``IInt8EntropyCalibrator2.get_batch_size / get_batch(names) /
 read_calibration_cache / write_calibration_cache`` (infer/Int8/EntropyCalibrator2.html).
+``Builder(logger)`` returning nullptr (CUDA cannot start) becomes a
+:class:`~dgconvert.errors.BackendUnavailableError` with a driver hint
+(:func:`~dgconvert.runtime.tensorrt_backend.create_trt_object`).
 """
 
 from __future__ import annotations
