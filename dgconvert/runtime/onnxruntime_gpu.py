@@ -38,8 +38,9 @@ from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 FIX = ("Fix: install the onnxruntime-gpu build for your driver's CUDA major, alone "
-       "(pip uninstall -y onnxruntime; pip install 'dgconvert[gpu-cu12]' or '[gpu-cu13]', see "
-       "docs/gpu.md), check `dgconvert doctor`, or use backend='onnxruntime'.")
+       "(pip uninstall -y onnxruntime; pip install 'onnxruntime-gpu<1.27' on a CUDA 12 driver "
+       "or 'onnxruntime-gpu>=1.27' on CUDA 13; docs/gpu.md, 'Install'), check "
+       "`dgconvert doctor`, or use backend='onnxruntime'.")
 log = logging.getLogger(__name__)
 _preloaded: list[str] = []  # once per process
 

@@ -9,6 +9,7 @@ tested on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from dgconvert.bundle import Bundle
 from dgconvert.errors import BackendUnavailableError
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Probe:
@@ -131,7 +133,8 @@ def create_auto(bundle: Bundle, probe_result: Probe | None = None, device: int =
     from dgconvert.runtime import backend_class
     from dgconvert.runtime.onnxruntime_backend import BackendOptionError
 
-    p = probe_result if probe_result is not None else probe(device)
+    p = probe(device) if probe_result is None else dataclasses.replace(
+        probe_result, failed=dict(probe_result.failed))  # the caller's probe stays as it was
     while True:
         name, auto_options, reason = pick_backend(bundle, p, device)
         opts = {**auto_options, **options}
