@@ -153,6 +153,7 @@ def cuda_checks(rep: Report) -> None:
             s.synchronize()
             assert np.array_equal(host, x), "async copy through pinned memory changed the data"
         finally:
+            s.synchronize()
             dev.free()
             pin.free()
             s.destroy()
@@ -177,6 +178,7 @@ def cuda_checks(rep: Report) -> None:
                 s.synchronize()
                 assert np.array_equal(pin.view(np.float32, x.size).reshape(x.shape), x)
         finally:
+            s.synchronize()
             for b in (*bufs, pin):
                 b.free()
             s.destroy()
@@ -202,6 +204,7 @@ def cuda_checks(rep: Report) -> None:
             got = pin.view(np.float32, x.size)
             assert np.array_equal(got, 2 * x), "the kernel did not run between our copies"
         finally:
+            s.synchronize()  # queued work must finish before its buffers go
             dev.free()
             pin.free()
             s.destroy()

@@ -12,7 +12,7 @@ GPU would punish a mistake silently:
 - device memory (``cudaMalloc``/``cudaFree``) and pinned memory
   (``cudaMallocHost``/``cudaFreeHost``) are separate: freeing with the wrong call, copying
   from/to the wrong kind or past the end of an allocation is an error, as is an engine
-  reading or writing outside device memory;
+  reading or writing outside device memory, or freeing while stream work is still queued;
 - TensorRT 11 lacks what 11.x removed: ``BuilderFlag.FP16/INT8``,
   ``IInt8EntropyCalibrator2``, ``IBuilderConfig.int8_calibrator`` /
   ``set_calibration_profile`` and ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``.
@@ -83,7 +83,15 @@ class FakeCudaRuntime(types.ModuleType):
     def cudaMallocHost(self, n: int) -> tuple[Any, int]:
         return self._alloc(self.pinned, n)
 
+    def _assert_idle(self, call: str) -> None:
+        # cudaFree synchronizes the device; code that frees under queued work relies on that
+        # silently, so the fake insists the work was waited for
+        assert not self.pending(), (
+            f"{call} with {self.pending()} queued stream operation(s): synchronize the stream "
+            "before freeing its buffers")
+
     def cudaFree(self, ptr: int) -> tuple[Any]:
+        self._assert_idle("cudaFree")
         with self.lock:
             if int(ptr) not in self.device:  # e.g. a pinned pointer: cudaFreeHost frees those
                 return (Err.cudaErrorInvalidValue,)
@@ -91,6 +99,7 @@ class FakeCudaRuntime(types.ModuleType):
         return (Err.cudaSuccess,)
 
     def cudaFreeHost(self, ptr: int) -> tuple[Any]:
+        self._assert_idle("cudaFreeHost")
         with self.lock:
             if int(ptr) not in self.pinned:
                 return (Err.cudaErrorInvalidValue,)

@@ -49,6 +49,7 @@ read_calibration_cache / write_calibration_cache`` (infer/Int8/EntropyCalibrator
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -69,6 +70,7 @@ from dgconvert.runtime.tensorrt_backend import (
 )
 
 PRECISIONS = ("fp32", "fp16", "int8")
+log = logging.getLogger(__name__)
 MIN_TRT_MAJOR = 10
 
 
@@ -444,6 +446,7 @@ class _Builder:
         config.add_optimization_profile(prof)
         if not self.opts.tf32:  # TensorRT allows TF32 for FP32 layers unless told not to
             config.clear_flag(trt.BuilderFlag.TF32)
+            log.info("%s: BuilderFlag.TF32 cleared (exact FP32)", name)
         calibrator = None
         if plan.calibrator and calibration is not None:
             cal_batches = list(_calibration_batches(calibration, self.opts.calib_batch))
@@ -527,6 +530,7 @@ def make_entropy_calibrator(trt: Any, batches: list[dict[str, np.ndarray]], cach
             blob = cache_in.read_bytes()
             # TensorRT writes no cache when it reads one: carry it into the new engine folder
             atomic_write(cache_out, lambda p: p.write_bytes(blob))
+            log.info("INT8 calibration table %s reused (no calibration)", cache_in)
             return blob
 
         def close(self) -> None:

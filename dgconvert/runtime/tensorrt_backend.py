@@ -30,6 +30,7 @@ CUDA through cuda-python, see :mod:`dgconvert.runtime.cuda`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from dgconvert.runtime import cuda
 from dgconvert.runtime.base import Backend, StageOutput
 
 INSTALL = "pip install tensorrt cuda-python"
+log = logging.getLogger(__name__)
 REBUILD = "dgconvert build {path}"
 
 
@@ -221,6 +223,10 @@ class _Workspace:
         return b
 
     def free(self) -> None:
+        """Wait for the stream's pending work (a failed call may leave copies queued), then
+        free the buffers and the stream."""
+        if self.stream.handle is not None:
+            self.stream.synchronize()
         self.contexts, self.full_context = [], None
         for b in self._bufs:
             b.free()
@@ -304,6 +310,9 @@ class TensorRTBackend(Backend):
                 # a dynamic (-1) sample dim takes the profile's maximum: buffers fit any shape
                 sample = tuple(h if d < 0 else d for d, h in zip(shape[1:], hi_shape[1:],
                                                                   strict=True))
+                if sample != shape[1:]:
+                    log.info("%s input %s: dynamic sample dims %s sized from the profile "
+                             "maximum %s", what, name, list(shape[1:]), list(sample))
                 inputs[name] = (dtype, sample)
                 max_rows = hi_shape[0] if max_rows is None else min(max_rows, hi_shape[0])
             else:
