@@ -6,7 +6,7 @@ OUT ?= out
 DATA_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo data clean
+.PHONY: venv test lint demo data clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,13 @@ demo: $(STAMP) data
 	$(DG) info $(OUT)/reference.dg
 	$(DG) bench $(OUT)/reference.dg --data fashion-mnist:test --model $(OUT)/gated.pt \
 	    --batch-size 1,8,64,256 --staging-overhead --json $(OUT)/bench.json --plot $(OUT)/bench.png
+
+# The GPU path on a GPU machine (no venv or network needed there): the CUDA layer against
+# numpy with the real cuda-bindings, TensorRT's gpu tests and onnxruntime-gpu when installed;
+# each missing piece is a reported skip (exit 0 without a GPU). Report: $(OUT)/gpu_check.md.
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) benchmarks/gpu_check.py --out $(OUT)/gpu_check.md
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -28,10 +28,13 @@ from dgconvert.cli.common import friendly_errors
               help="How many --data images calibrate int8.")
 @click.option("--device", type=int, default=0, show_default=True, help="CUDA device index.")
 @click.option("--no-full", is_flag=True, help="Skip the full (ungated) model's engine.")
+@click.option("--no-tf32", is_flag=True,
+              help="Clear BuilderFlag.TF32: FP32 layers use exact FP32 math (slower on Ampere+).")
 @friendly_errors
 def build_cmd(
     bundle: Path, precision: str, max_batch: int, opt_batch: int | None, workspace: str | None,
     timing_cache: Path | None, data: str | None, calib_samples: int, device: int, no_full: bool,
+    no_tf32: bool,
 ) -> None:
     """Build TensorRT engines for BUNDLE on this GPU into BUNDLE/engines/<gpu>_<sm>_<trt>/."""
     from dgconvert.convert.tensorrt import BuildOptions, build_engines, parse_size
@@ -39,7 +42,8 @@ def build_cmd(
     opts = BuildOptions(
         precision=precision, max_batch=max_batch, opt_batch=opt_batch,
         workspace=parse_size(workspace), timing_cache=timing_cache, data=data,
-        calib_samples=calib_samples, device=device, full=not no_full, log=click.echo,
+        calib_samples=calib_samples, device=device, full=not no_full, tf32=not no_tf32,
+        log=click.echo,
     )
     record = build_engines(bundle, opts)
     click.echo(f"built {len(record['stages'])} stage engines ({record['precision']}, "

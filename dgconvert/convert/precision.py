@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.bundle import Bundle
+from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendUnavailableError, BundleError
 
 #: Graph inputs/outputs that stay float32: what the runtime feeds and reads on the host.
-FP32_IO = frozenset({"images", "score", "gate_logits", "logits"})
+_DIM_SEP = "x"  # ModelOpt's calibration_shapes write dims as NxCxHxW (not the input x)
+FP32_IO = frozenset({CONTRACT.images, CONTRACT.score, CONTRACT.gate_logits, CONTRACT.logits})
 
 #: Ops computed in float32: reductions (global pooling), softmax family, arg-max, top-k and
 #: overflow-prone elementwise ops. Everything fed only by them stays float32 too.
@@ -224,7 +226,7 @@ def _constants_to_initializers(g: Any, numpy_helper: Any) -> None:
 # -- calibration data ----------------------------------------------------------------------
 def stage_calibration_inputs(bundle: Bundle, images: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Each stage's inputs on calibration ``images`` (float32, normalized), computed with the
-    FP32 stage graphs on ONNX Runtime CPU: ``[{"images"}, {"x", "keep"}, ...]``.
+    FP32 stage graphs on ONNX Runtime CPU: ``[{CONTRACT.images}, {CONTRACT.x, CONTRACT.keep}, ...]``.
 
     Every sample goes through every stage (``keep = arange``), so the statistics cover all
     samples, not only the ones a threshold would let through.
@@ -247,7 +249,7 @@ def stage_calibration_inputs(bundle: Bundle, images: np.ndarray) -> list[dict[st
             feeds = {names[0]: prev, names[1]: np.arange(len(prev), dtype=np.int64)}
         out.append(feeds)
         if k < bundle.num_stages - 1:
-            prev = sess.run(["features"], feeds)[0]
+            prev = sess.run([CONTRACT.features], feeds)[0]
     return out
 
 
@@ -263,17 +265,46 @@ def calibration_batches(inputs: dict[str, np.ndarray], batch_size: int) -> Itera
     for start in range(0, n - batch_size + 1, batch_size):
         batch = {}
         for name, arr in inputs.items():
-            if name == "keep":
+            if name == CONTRACT.keep:
                 batch[name] = np.arange(batch_size, dtype=np.int64)
             else:
                 batch[name] = np.ascontiguousarray(arr[start:start + batch_size])
         yield batch
 
 
+#: ModelOpt's calibration execution providers: the GPU when its provider loads, else the CPU
+CALIBRATION_EPS = ("cuda:0", "cpu")
+
+
+def modelopt_calibration_options(calibration: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``calibration_shapes`` and ``calibration_eps`` for ModelOpt's ``quantize``: one
+    calibration step over all N rows of every input.
+
+    ModelOpt's ``CalibrationDataProvider`` cuts every input into ``N / shape[first input][0]``
+    chunks with ``np.array_split``, a missing shape meaning the graph's with dynamic dims set
+    to 1: N one-row chunks, ``keep`` included, whose indices then point past the one-row ``x``
+    ("indices element out of data bounds"). Full-N shapes keep ``x`` and ``keep`` whole
+    (``keep = arange(N)`` indexes all of ``x``).
+    """
+    rows = {name: int(np.shape(arr)[0]) for name, arr in calibration.items() if np.ndim(arr)}
+    keep = calibration.get(CONTRACT.keep)
+    x_rows = rows.get(CONTRACT.x)
+    if keep is not None and x_rows is not None and len(keep) and int(np.max(keep)) >= x_rows:
+        raise BundleError(
+            f"calibration keep indexes row {int(np.max(keep))} but x has {x_rows} rows; "
+            "expected keep = arange(N) over the previous stage's N rows "
+            "(stage_calibration_inputs builds it)."
+        )
+    shapes = ",".join(f"{name}:{_DIM_SEP.join(str(int(d)) for d in np.shape(arr))}"
+                      for name, arr in calibration.items())
+    return {"calibration_shapes": shapes, "calibration_eps": list(CALIBRATION_EPS)}
+
+
 def quantize_int8(onnx_path: Path, calibration: dict[str, np.ndarray], output_path: Path,
                   method: str = "entropy") -> Path:
     """Explicit INT8 (Q/DQ) ONNX via ModelOpt PTQ, calibrated on ``calibration`` (input name ->
-    array). Non-quantized layers are float16; graph input/output types are kept."""
+    array) in one step over all rows (:func:`modelopt_calibration_options`). Non-quantized
+    layers are float16; graph input/output types are kept."""
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
@@ -288,6 +319,7 @@ def quantize_int8(onnx_path: Path, calibration: dict[str, np.ndarray], output_pa
         calibration_method=method,
         output_path=str(output_path),
         high_precision_dtype="fp16",
+        **modelopt_calibration_options(calibration),
     )
     if not Path(output_path).is_file():
         raise BundleError(f"ModelOpt quantization wrote no file at {output_path}")

@@ -34,17 +34,22 @@ Builder calls follow the TensorRT Python API (https://docs.nvidia.com/deeplearni
 (infer/Core/Builder.html, infer/FoundationalTypes/HostMemory.html);
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (infer/Core/Builder.html);
 ``IOptimizationProfile.set_shape(name, min, opt, max)`` (infer/Core/OptimizationProfile.html);
-``IBuilderConfig.set_flag / set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) /
+``IBuilderConfig.set_flag / clear_flag(BuilderFlag.TF32) /
+set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) /
 add_optimization_profile / int8_calibrator / set_calibration_profile / create_timing_cache /
 set_timing_cache / get_timing_cache`` and ``ITimingCache.serialize`` (infer/Core/BuilderConfig.html);
 ``OnnxParser(network, logger).parse(bytes)``, ``num_errors``, ``get_error(i)``
 (parsers/Onnx/pyOnnx.html); ``IInt8EntropyCalibrator2.get_batch_size / get_batch(names) /
 read_calibration_cache / write_calibration_cache`` (infer/Int8/EntropyCalibrator2.html).
+``Builder(logger)`` returning nullptr (CUDA cannot start) becomes a
+:class:`~dgconvert.core.errors.BackendUnavailableError` with a driver hint
+(:func:`~dgconvert.runtime.tensorrt_backend.create_trt_object`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -55,16 +60,19 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.bundle import Bundle
+from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendUnavailableError, BundleError, DGConvertError
 from dgconvert.core.io import atomic_directory, atomic_write
 from dgconvert.core.manifest import Manifest, now_iso
 from dgconvert.runtime.tensorrt_backend import (
+    create_trt_object,
     import_tensorrt,
     local_engine_key,
     trt_version_tuple,
 )
 
 PRECISIONS = ("fp32", "fp16", "int8")
+log = logging.getLogger(__name__)
 MIN_TRT_MAJOR = 10
 
 
@@ -181,7 +189,7 @@ def stage_profiles(
         prof = {}
         for spec in inputs:
             name, sample = spec["name"], [int(d) for d in spec["shape"][1:]]
-            if k == 0 or name != "keep":
+            if k == 0 or name != CONTRACT.keep:
                 opt = rows[max(k - 1, 0)]
             else:
                 opt = rows[k]
@@ -207,7 +215,7 @@ def parse_size(text: str | int | None) -> int | None:
 def engine_record(
     *, gpu: Any, trt_version: str, plan: PrecisionPlan, max_batch: int, opt_batch: int,
     workspace: int | None, exit_fractions: Sequence[float] | None,
-    stages: list[dict[str, Any]], full: dict[str, Any] | None,
+    stages: list[dict[str, Any]], full: dict[str, Any] | None, tf32: bool = True,
 ) -> dict[str, Any]:
     """The manifest record for one engine set (``manifest["engines"][key]``)."""
     from dgconvert.core.version import __version__
@@ -221,6 +229,7 @@ def engine_record(
         "max_batch": int(max_batch),
         "opt_batch": int(opt_batch),
         "workspace_bytes": workspace,
+        "tf32": tf32,
         "exit_fractions": list(exit_fractions) if exit_fractions is not None else None,
         "stages": stages,
         "full": full,
@@ -302,6 +311,7 @@ class BuildOptions:
     calib_batch: int = 32
     device: int = 0
     full: bool = True  # also build full.onnx (for run_full / benchmarks)
+    tf32: bool = True  # False: clear BuilderFlag.TF32 (exact FP32 math, e.g. parity tests)
     log: Callable[[str], None] | None = field(default=None, repr=False)
 
 
@@ -314,7 +324,8 @@ def check_build_environment(probe_result: Any = None) -> None:
     if p.trt_version is None:
         missing.append(f"TensorRT ({p.notes.get('tensorrt', 'not installed')})")
     if not p.cuda_python:
-        missing.append("cuda-python (pip install cuda-python)")
+        missing.append(f"a working CUDA driver ({p.notes.get('cuda', 'see dgconvert doctor')})"
+                       if p.cuda_installed else "cuda-python (pip install cuda-python)")
     if not p.gpus:
         missing.append("an NVIDIA GPU (none visible: check nvidia-smi and CUDA_VISIBLE_DEVICES)")
     if missing:
@@ -351,7 +362,7 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions | None = No
     fractions = check_exit_fractions(calib, b.num_stages) if calib is not None else None
     profiles = stage_profiles([[t.to_dict() for t in s.inputs] for s in b.manifest.stages], opts.max_batch,
                               opt_batch, fractions)
-    full_profile = {"images": ShapeRange((1, *b.input_shape), (opt_batch, *b.input_shape),
+    full_profile = {CONTRACT.images: ShapeRange((1, *b.input_shape), (opt_batch, *b.input_shape),
                                          (opts.max_batch, *b.input_shape))}
     calib_inputs: list[dict[str, np.ndarray]] | None = None
     if plan.needs_data:
@@ -388,7 +399,7 @@ def build_engines(bundle: Bundle | str | Path, options: BuildOptions | None = No
         builder.save_timing_cache()
     record = engine_record(gpu=gpu, trt_version=version, plan=plan, max_batch=opts.max_batch,
                            opt_batch=opt_batch, workspace=opts.workspace, exit_fractions=fractions,
-                           stages=stages, full=full_rec)
+                           stages=stages, full=full_rec, tf32=opts.tf32)
 
     def update(m: Manifest) -> None:
         m.engines = {**m.engines, key: record}
@@ -404,7 +415,7 @@ class _Builder:
     def __init__(self, trt: Any, plan: PrecisionPlan, opts: BuildOptions, log: Callable[[str], None]) -> None:
         self.trt, self.plan, self.opts, self.log = trt, plan, opts, log
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.builder = trt.Builder(self.logger)
+        self.builder = create_trt_object(trt, "Builder", self.logger)
         self.cache: Any = None
 
     def _network_flags(self) -> int:
@@ -434,9 +445,14 @@ class _Builder:
         for inp, r in profile.items():
             prof.set_shape(inp, r.min, r.opt, r.max)
         config.add_optimization_profile(prof)
+        if not self.opts.tf32:  # TensorRT allows TF32 for FP32 layers unless told not to
+            config.clear_flag(trt.BuilderFlag.TF32)
+            log.info("%s: BuilderFlag.TF32 cleared (exact FP32)", name)
+        calibrator = None
         if plan.calibrator and calibration is not None:
             cal_batches = list(_calibration_batches(calibration, self.opts.calib_batch))
-            config.int8_calibrator = make_entropy_calibrator(trt, cal_batches, cache_in, cache_out)
+            calibrator = make_entropy_calibrator(trt, cal_batches, cache_in, cache_out)
+            config.int8_calibrator = calibrator
             cal_prof = self.builder.create_optimization_profile()
             for inp, arr in cal_batches[0].items():
                 prof_shape = tuple(arr.shape)
@@ -445,7 +461,11 @@ class _Builder:
         self._use_timing_cache(config)
         self.log(f"  {name}: building ({plan.precision}, profile "
                  + ", ".join(f"{n} {list(r.min)}..{list(r.max)} opt {r.opt[0]}" for n, r in profile.items()) + ")")
-        serialized = self.builder.build_serialized_network(network, config)
+        try:
+            serialized = self.builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                calibrator.close()
         if serialized is None:
             raise BundleError(
                 f"TensorRT {trt.__version__} failed to build {name} ({plan.precision}); see its log "
@@ -488,7 +508,7 @@ def make_entropy_calibrator(trt: Any, batches: list[dict[str, np.ndarray]], cach
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._it = iter(batches)
-            self._bufs = {n: cuda.DeviceBuffer(a.nbytes) for n, a in batches[0].items()}
+            self._bufs: dict[str, cuda.DeviceBuffer] = {}  # allocated by the first get_batch
 
         def get_batch_size(self) -> int:
             return 1  # explicit-batch networks: the batch is part of each input's shape
@@ -497,15 +517,28 @@ def make_entropy_calibrator(trt: Any, batches: list[dict[str, np.ndarray]], cach
             try:
                 batch = next(self._it)
             except StopIteration:
-                for buf in self._bufs.values():
-                    buf.free()
+                self.close()
                 return None
+            if not self._bufs:
+                self._bufs = {n: cuda.DeviceBuffer(a.nbytes) for n, a in batches[0].items()}
             for n in names:
                 cuda.memcpy_htod(self._bufs[n].ptr, batch[n])
             return [self._bufs[n].ptr for n in names]
 
         def read_calibration_cache(self) -> bytes | None:
-            return cache_in.read_bytes() if cache_in.is_file() else None
+            if not cache_in.is_file():
+                return None
+            blob = cache_in.read_bytes()
+            # TensorRT writes no cache when it reads one: carry it into the new engine folder
+            atomic_write(cache_out, lambda p: p.write_bytes(blob))
+            log.info("INT8 calibration table %s reused (no calibration)", cache_in)
+            return blob
+
+        def close(self) -> None:
+            """Free the device buffers (idempotent; the build calls it whatever happened)."""
+            for buf in self._bufs.values():
+                buf.free()
+            self._bufs = {}
 
         def write_calibration_cache(self, cache: Any) -> None:
             blob = bytes(memoryview(cache))

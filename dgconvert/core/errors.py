@@ -28,6 +28,10 @@ class BackendUnavailableError(DGConvertError, RuntimeError):
     """A requested backend (TensorRT, CUDA, onnxruntime-gpu) is not installed or usable."""
 
 
+class BackendOptionError(BackendUnavailableError, ValueError):
+    """A backend option has a value the backend does not know."""
+
+
 class ExportVerificationError(DGConvertError, AssertionError):
     """Exported graphs disagree with the PyTorch reference; lists every mismatch."""
 

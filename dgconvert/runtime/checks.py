@@ -25,7 +25,8 @@ def close_to_reference(reference: np.ndarray, got: np.ndarray, name: str = "outp
         bad = int(np.count_nonzero(reference != got))
         return f"differs in {bad} of {reference.size} values" if bad else ""
     ref = reference.astype(np.float64)
-    diff = np.abs(got.astype(np.float64) - ref)
+    with np.errstate(invalid="ignore"):  # inf - inf where both are inf: checked below
+        diff = np.abs(got.astype(np.float64) - ref)
     finite = np.isfinite(ref)
     if not np.array_equal(finite, np.isfinite(got)) or not np.array_equal(
             ref[~finite], got[~finite].astype(np.float64), equal_nan=True):

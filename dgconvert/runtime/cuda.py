@@ -8,16 +8,22 @@ Written against the cuda-python runtime bindings
 (https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html): each
 function returns a tuple ``(cudaError_t, *results)``; ``cudaMalloc(size) -> (err, ptr)``,
 ``cudaMallocHost(size) -> (err, ptr)``, ``cudaMemcpyAsync(dst, src, count, kind, stream)``,
-``cudaMemcpy(dst, src, count, kind)``, ``cudaStreamCreate() -> (err, stream)``, ``cudaStreamSynchronize(stream)``,
+``cudaMemcpy(dst, src, count, kind)``, ``cudaStreamCreate() -> (err, cudaStream_t)``,
+``cudaStreamSynchronize(stream)``, ``cudaFree(ptr)`` (device) and ``cudaFreeHost(ptr)`` (pinned),
 ``cudaGetDeviceCount()``, ``cudaGetDeviceProperties(device) -> (err, cudaDeviceProp)``,
 ``cudaDriverGetVersion()``/``cudaRuntimeGetVersion()`` (version = 1000*major + 10*minor),
 the same calling pattern as TensorRT's ``samples/python/common_runtime.py``.
+
+Handles: a ``cudaStream_t`` is a wrapper object; ``int(stream)`` is the stream handle that
+TensorRT's ``execute_async_v3(stream_handle)`` takes. ``stream.getPtr()`` is *not* the handle:
+it is the address of the wrapper's own storage (:func:`stream_handle`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import re
 import shutil
 import subprocess
@@ -29,6 +35,7 @@ import numpy as np
 from dgconvert.core.errors import BackendUnavailableError
 
 INSTALL = "pip install cuda-python"
+log = logging.getLogger(__name__)
 
 
 class CudaError(BackendUnavailableError):
@@ -224,6 +231,25 @@ class PinnedBuffer:
             self.ptr = 0
 
 
+def stream_handle(stream: Any) -> int:
+    """The integer handle of a ``cudaStream_t`` / ``CUstream`` (or an int), as TensorRT's
+    ``execute_async_v3(stream_handle)`` takes it: ``int(stream)``.
+
+    Never ``stream.getPtr()``: in cuda-python that is the address of the wrapper's storage,
+    so TensorRT would enqueue on a garbage stream while the copies run on the real one.
+    """
+    if stream is None:
+        raise CudaError("the CUDA stream was destroyed; create a new runner")
+    try:
+        return int(stream)
+    except (TypeError, ValueError) as exc:
+        raise CudaError(
+            f"cannot take the handle of a {type(stream).__name__}; expected a cuda-python "
+            "cudaStream_t/CUstream (int(stream) is the handle) or an int. Fix: pass the stream "
+            "returned by cudaStreamCreate."
+        ) from exc
+
+
 class Stream:
     """One CUDA stream (``cudaStreamCreate``) with async copies and synchronisation."""
 
@@ -234,9 +260,8 @@ class Stream:
 
     @property
     def ptr(self) -> int:
-        """The ``cudaStream_t`` as an integer, as ``execute_async_v3`` takes it."""
-        h = self.handle
-        return int(h.getPtr()) if hasattr(h, "getPtr") else int(h)
+        """The stream handle as an integer, as ``execute_async_v3`` takes it."""
+        return stream_handle(self.handle)
 
     def htod(self, dst: int, src: int, nbytes: int) -> None:
         """Async host -> device copy (``src`` should be pinned for a truly async copy)."""

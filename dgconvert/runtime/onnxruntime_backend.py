@@ -30,7 +30,7 @@ import numpy as np
 
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.contract import CONTRACT
-from dgconvert.core.errors import BackendUnavailableError, InputError
+from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, InputError
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
@@ -56,10 +56,6 @@ def default_threads() -> int:
 
 
 SPINNING = (False, "run", True)
-
-
-class BackendOptionError(BackendUnavailableError, ValueError):
-    """A backend option has a value the backend does not know."""
 
 
 def session_options(threads: int | None = None, spinning: bool | str = False) -> Any:

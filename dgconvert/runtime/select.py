@@ -9,6 +9,7 @@ tested on any machine.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +18,20 @@ from dgconvert.core.errors import BackendUnavailableError
 from dgconvert.runtime import cuda
 from dgconvert.runtime.tensorrt_backend import engine_key
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Probe:
     """What this machine offers to the backends."""
 
     trt_version: str | None = None  # None: tensorrt not importable
-    cuda_python: bool = False
+    cuda_python: bool = False  # cuda-python imports *and* the driver answered (GPUs listed)
+    cuda_installed: bool = False  # cuda-python imports (the driver may still fail)
     gpus: list[Any] = field(default_factory=list)  # runtime.cuda.GpuInfo
     ort_providers: list[str] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # component -> why unavailable
+    failed: dict[str, str] = field(default_factory=dict)  # backend -> why creating it failed
 
 
 def probe(device: int = 0) -> Probe:
@@ -48,11 +53,14 @@ def probe(device: int = 0) -> Probe:
         p.notes["tensorrt"] = f"tensorrt is installed but fails to import: {exc}"
     try:
         cuda.load_runtime()
-        p.cuda_python = True
+        p.cuda_installed = True
         p.gpus = cuda.list_gpus()
+        p.cuda_python = True  # only once the driver answered
     except BackendUnavailableError as exc:
-        p.notes["cuda"] = str(exc)
+        p.notes["cuda"] = (f"cuda-python is installed but CUDA does not start: {exc}"
+                           if p.cuda_installed else str(exc))
         p.gpus = cuda.nvidia_smi()[0]
+        log.info("probe: CUDA unusable through cuda-python: %s", p.notes["cuda"])
     if not p.gpus:
         p.notes.setdefault("gpu", "no NVIDIA GPU visible")
     return p
@@ -67,10 +75,13 @@ def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
     gpu = p.gpus[device] if 0 <= device < len(p.gpus) else None
 
     # 1. TensorRT engines built for this GPU and TensorRT version
-    if p.trt_version is None:
+    if "tensorrt" in p.failed:
+        skipped.append(f"TensorRT: failed: {p.failed['tensorrt']}")
+    elif p.trt_version is None:
         skipped.append(f"TensorRT: {p.notes.get('tensorrt', 'not installed')}")
     elif not p.cuda_python:
-        skipped.append("TensorRT: cuda-python is not installed (pip install cuda-python)")
+        skipped.append("TensorRT: " + p.notes.get(
+            "cuda", "cuda-python is not installed (pip install cuda-python)"))
     elif gpu is None:
         skipped.append("TensorRT: no GPU visible")
     else:
@@ -90,15 +101,18 @@ def pick_backend(bundle: Bundle, probe_result: Probe | None = None,
 
     # 2. onnxruntime-gpu
     cuda_ep = "CUDAExecutionProvider" in p.ort_providers
-    if cuda_ep and gpu is not None:
+    if "onnxruntime-gpu" in p.failed:
+        skipped.append(f"onnxruntime-gpu: failed: {p.failed['onnxruntime-gpu']}")
+    elif cuda_ep and gpu is not None:
         providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         why = f"onnxruntime-gpu with the CUDA execution provider on {gpu.name}"
         return ("onnxruntime-gpu", {"providers": providers, "device_id": device},
                 f"{why}, features kept on the GPU (I/O binding); " + "; ".join(skipped))
-    skipped.append(
-        "onnxruntime-gpu: " + ("no GPU visible" if cuda_ep else
-                               "CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
-    )
+    else:
+        skipped.append(
+            "onnxruntime-gpu: " + ("no GPU visible" if cuda_ep else
+                                   "CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
+        )
 
     # 3. ONNX Runtime on the CPU
     return "onnxruntime", {}, "ONNX Runtime on the CPU; " + "; ".join(skipped)

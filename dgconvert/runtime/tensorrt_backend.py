@@ -30,6 +30,7 @@ CUDA through cuda-python, see :mod:`dgconvert.runtime.cuda`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -38,11 +39,13 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.bundle import Bundle
+from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendUnavailableError, BundleError, InputError
 from dgconvert.runtime import cuda
 from dgconvert.runtime.base import Backend, StageOutput
 
 INSTALL = "pip install tensorrt cuda-python"
+log = logging.getLogger(__name__)
 REBUILD = "dgconvert build {path}"
 
 
@@ -78,6 +81,50 @@ def import_tensorrt() -> Any:
             f"Fix: {INSTALL} on a machine with an NVIDIA GPU, or use backend='onnxruntime'."
         ) from exc
     return tensorrt
+
+
+#: the oldest Linux driver of each CUDA major
+MIN_DRIVER = {12: 525, 13: 580}
+
+
+def trt_cuda_major(version: str) -> int:
+    """The CUDA major the installed TensorRT wheel is built for: ``tensorrt-cu12`` /
+    ``tensorrt-cu13`` when one is installed, else the plain ``tensorrt`` default (CUDA 13 from
+    TensorRT 11 on, CUDA 12 before)."""
+    import importlib.metadata as md
+
+    for major in (13, 12):
+        for dist in (f"tensorrt-cu{major}-libs", f"tensorrt-cu{major}"):
+            try:
+                md.version(dist)
+                return major
+            except md.PackageNotFoundError:
+                continue
+    return 13 if trt_version_tuple(version)[0] >= 11 else 12
+
+
+def create_trt_object(trt: Any, cls: str, logger: Any) -> Any:
+    """``trt.Runtime(logger)`` / ``trt.Builder(logger)``, or a :class:`BackendUnavailableError`
+    with a driver hint when TensorRT returns nullptr (CUDA did not start): pybind11 then
+    raises ``TypeError: ... factory function returned nullptr``."""
+    try:
+        obj = getattr(trt, cls)(logger)
+    except TypeError as exc:
+        if "nullptr" not in str(exc):
+            raise
+        obj = None
+    if obj is None:
+        version = str(getattr(trt, "__version__", "0"))
+        cm = trt_cuda_major(version)
+        raise BackendUnavailableError(
+            f"TensorRT {version} could not create its {cls} (it returned nullptr): CUDA did not "
+            f"start. This TensorRT {trt_version_tuple(version)[0]}.x is built for CUDA {cm} "
+            f"(driver >= {MIN_DRIVER[cm]}); the driver may be older, or no GPU is usable. Fix: "
+            "run `dgconvert doctor` to compare the driver and runtime, update the NVIDIA driver, "
+            "or install the TensorRT for your driver's CUDA major "
+            "(pip install 'dgconvert[gpu-cu12]' or 'dgconvert[gpu-cu13]', docs/gpu.md)."
+        )
+    return obj
 
 
 def local_engine_key(device: int = 0) -> tuple[str, cuda.GpuInfo, str]:
@@ -152,14 +199,14 @@ class _Workspace:
         self.full_context = None
         mb = backend._max
         d, p = self._device, self._pinned
-        images = backend._engines[0].inputs["images"]
+        images = backend._engines[0].inputs[CONTRACT.images]
         self.images_d, self.images_h = d(mb * _bytes(images)), p(mb * _bytes(images))
-        keep_sizes = [e.inputs["keep"][0].itemsize for e in backend._engines[1:]] or [8]
+        keep_sizes = [e.inputs[CONTRACT.keep][0].itemsize for e in backend._engines[1:]] or [8]
         self.keep_d, self.keep_h = d(mb * max(keep_sizes)), p(mb * max(keep_sizes))
-        feats = [_bytes(e.outputs["features"]) for e in backend._engines[:-1]]
+        feats = [_bytes(e.outputs[CONTRACT.features]) for e in backend._engines[:-1]]
         self.features = [d(mb * max(feats)), d(mb * max(feats))]  # ping-pong
         engines = [*backend._engines, *([backend._full] if backend._full else [])]
-        outs = [(n, s) for e in engines for n, s in e.outputs.items() if n != "features"]
+        outs = [(n, s) for e in engines for n, s in e.outputs.items() if n != CONTRACT.features]
         small = max(_bytes(s) for _, s in outs)
         self.score_d, self.label_d = d(mb * 8), d(mb * 8)
         self.score_h, self.label_h = p(mb * 8), p(mb * 8)
@@ -177,6 +224,10 @@ class _Workspace:
         return b
 
     def free(self) -> None:
+        """Wait for the stream's pending work (a failed call may leave copies queued), then
+        free the buffers and the stream."""
+        if self.stream.handle is not None:
+            self.stream.synchronize()
         self.contexts, self.full_context = [], None
         for b in self._bufs:
             b.free()
@@ -185,7 +236,14 @@ class _Workspace:
 
 
 def _bytes(spec: tuple[np.dtype, tuple[int, ...]]) -> int:
+    """Bytes of one sample (row) of a tensor; its sample dims must be known (>= 0)."""
     dtype, shape = spec
+    if any(int(d) < 0 for d in shape):
+        raise BundleError(
+            f"a tensor has sample shape {list(shape)} with a dynamic (-1) dimension beyond the "
+            "batch; expected static sample dimensions (dgconvert sizes its buffers from them). "
+            "Fix: re-export the bundle with static image dimensions."
+        )
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
@@ -213,7 +271,7 @@ class TensorRTBackend(Backend):
                 f"engine set {self.key!r} has {len(stages)} engines for {bundle.num_stages} stages; "
                 f"the bundle changed since the build. Fix: `{REBUILD.format(path=bundle.path)}`."
             )
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._runtime = create_trt_object(trt, "Runtime", trt.Logger(trt.Logger.WARNING))
         self._engines = [self._load(s, k) for k, s in enumerate(stages)]
         self._full = self._load(self.record["full"], -1) if self.record.get("full") else None
         self._check_chain()
@@ -226,8 +284,8 @@ class TensorRTBackend(Backend):
     # -- loading -------------------------------------------------------------------------
     def _load(self, rec: dict[str, Any], k: int) -> _Engine:
         trt, fix = self._trt, REBUILD.format(path=self.bundle.path)
-        path = self.bundle.path / rec["file"]
         what = "full model" if k < 0 else f"stage {k}"
+        path = self.bundle.resolve(rec.get("file"), f"engines[{self.key!r}] {what} file")
         if not path.is_file():
             raise BundleError(f"engine file {path} ({what}) is missing. Fix: `{fix}`.")
         data = path.read_bytes()  # read once: checked, then deserialized
@@ -249,14 +307,27 @@ class TensorRTBackend(Backend):
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             shape = tuple(int(s) for s in engine.get_tensor_shape(name))
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                inputs[name] = (dtype, shape[1:])
-                hi = int(engine.get_tensor_profile_shape(name, 0)[2][0])
-                max_rows = hi if max_rows is None else min(max_rows, hi)
+                hi_shape = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[2])
+                # a dynamic (-1) sample dim takes the profile's maximum: buffers fit any shape
+                sample = tuple(h if d < 0 else d for d, h in zip(shape[1:], hi_shape[1:],
+                                                                  strict=True))
+                if sample != shape[1:]:
+                    log.info("%s input %s: dynamic sample dims %s sized from the profile "
+                             "maximum %s", what, name, list(shape[1:]), list(sample))
+                inputs[name] = (dtype, sample)
+                max_rows = hi_shape[0] if max_rows is None else min(max_rows, hi_shape[0])
             else:
                 outputs[name] = (dtype, shape[1:])
+                if any(d < 0 for d in shape[1:]):
+                    raise BundleError(
+                        f"engine {path} ({what}) output {name!r} has shape {list(shape)}: a "
+                        "dynamic dimension beyond the batch; expected static sample "
+                        f"dimensions (the buffers are sized from them). Fix: re-export the "
+                        f"bundle with static image dimensions, then `{fix}`."
+                    )
         last = self.bundle.num_stages - 1
-        want_in = {"images"} if k <= 0 else {"x", "keep"}
-        want_out = {"logits"} if k < 0 else {"score", "label"} | ({"features"} if k < last else set())
+        want_in = {CONTRACT.images} if k <= 0 else {CONTRACT.x, CONTRACT.keep}
+        want_out = {CONTRACT.logits} if k < 0 else {CONTRACT.score, CONTRACT.label} | ({CONTRACT.features} if k < last else set())
         if set(inputs) != want_in or not want_out <= set(outputs):
             raise BundleError(
                 f"engine {path} ({what}) has inputs {sorted(inputs)} and outputs {sorted(outputs)}; "
@@ -267,8 +338,8 @@ class TensorRTBackend(Backend):
 
     def _check_chain(self) -> None:
         for k in range(1, len(self._engines)):
-            out = self._engines[k - 1].outputs["features"]
-            inp = self._engines[k].inputs["x"]
+            out = self._engines[k - 1].outputs[CONTRACT.features]
+            inp = self._engines[k].inputs[CONTRACT.x]
             if out != inp:
                 raise BundleError(
                     f"stage {k - 1} engine writes features {out[0]} {list(out[1])} but stage {k} "
@@ -305,9 +376,9 @@ class TensorRTBackend(Backend):
         else:
             rows = self._bind_gather(ws, ctx, eng, k, inputs, keep)
         last = k == len(self._engines) - 1
-        addresses = {"score": ws.score_d.ptr, "label": ws.label_d.ptr}
+        addresses = {CONTRACT.score: ws.score_d.ptr, CONTRACT.label: ws.label_d.ptr}
         if not last:
-            addresses["features"] = ws.features[k % 2].ptr
+            addresses[CONTRACT.features] = ws.features[k % 2].ptr
         for name in eng.outputs:
             if not ctx.set_tensor_address(name, addresses.get(name, ws.scratch.ptr)):
                 raise BackendUnavailableError(f"TensorRT refused the address of output {name!r} (stage {k})")
@@ -319,12 +390,12 @@ class TensorRTBackend(Backend):
         ws.generation += 1
         feats = None
         if not last:
-            dtype, sample = eng.outputs["features"]
+            dtype, sample = eng.outputs[CONTRACT.features]
             feats = DeviceFeatures(ws.features[k % 2].ptr, (rows, *sample), dtype, k, ws.generation, ws)
         return StageOutput(feats, score, label)
 
     def _bind_images(self, ws: _Workspace, ctx: Any, eng: _Engine, images: Any) -> int:
-        dtype, sample = eng.inputs["images"]
+        dtype, sample = eng.inputs[CONTRACT.images]
         x = np.asarray(images)
         if x.ndim != len(sample) + 1 or tuple(x.shape[1:]) != sample:
             raise InputError(f"images have shape {tuple(x.shape)}, expected [N, {', '.join(map(str, sample))}]")
@@ -335,7 +406,7 @@ class TensorRTBackend(Backend):
         host = ws.images_h.view(dtype, x.size)
         host[:] = x.reshape(-1)
         ws.stream.htod(ws.images_d.ptr, ws.images_h.ptr, host.nbytes)
-        self._bind(ctx, "images", x.shape, ws.images_d.ptr)
+        self._bind(ctx, CONTRACT.images, x.shape, ws.images_d.ptr)
         return n
 
     def _bind_gather(self, ws: _Workspace, ctx: Any, eng: _Engine, k: int, feats: Any,
@@ -364,12 +435,12 @@ class TensorRTBackend(Backend):
                 f"keep indices span {lo}..{hi} but stage {k - 1} produced {feats.shape[0]} rows; "
                 f"expected indices in 0..{feats.shape[0] - 1}."
             )
-        kdtype = eng.inputs["keep"][0]
+        kdtype = eng.inputs[CONTRACT.keep][0]
         host = ws.keep_h.view(kdtype, m)
         host[:] = idx
         ws.stream.htod(ws.keep_d.ptr, ws.keep_h.ptr, host.nbytes)
-        self._bind(ctx, "x", feats.shape, feats.ptr)
-        self._bind(ctx, "keep", (m,), ws.keep_d.ptr)
+        self._bind(ctx, CONTRACT.x, feats.shape, feats.ptr)
+        self._bind(ctx, CONTRACT.keep, (m,), ws.keep_d.ptr)
         return m
 
     @staticmethod
@@ -380,7 +451,7 @@ class TensorRTBackend(Backend):
             raise BackendUnavailableError(f"TensorRT refused the address of input {name!r}")
 
     def _fetch(self, ws: _Workspace, eng: _Engine, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        sdt, ldt = eng.outputs["score"][0], eng.outputs["label"][0]
+        sdt, ldt = eng.outputs[CONTRACT.score][0], eng.outputs[CONTRACT.label][0]
         ws.stream.dtoh(ws.score_h.ptr, ws.score_d.ptr, rows * sdt.itemsize)
         ws.stream.dtoh(ws.label_h.ptr, ws.label_d.ptr, rows * ldt.itemsize)
         ws.stream.synchronize()
@@ -400,9 +471,13 @@ class TensorRTBackend(Backend):
             ws.full_context = self._full.engine.create_execution_context()
         ctx, eng = ws.full_context, self._full
         n = self._bind_images(ws, ctx, eng, images)
-        ldt, lshape = eng.outputs["logits"]
+        ldt, lshape = eng.outputs[CONTRACT.logits]
         for name in eng.outputs:
-            ctx.set_tensor_address(name, ws.scratch.ptr if name == "logits" else ws.score_d.ptr)
+            if not ctx.set_tensor_address(name, ws.scratch.ptr if name == CONTRACT.logits else ws.score_d.ptr):
+                raise BackendUnavailableError(
+                    f"TensorRT refused the address of output {name!r} of the full model; "
+                    "see the TensorRT log above."
+                )
         if not ctx.execute_async_v3(ws.stream.ptr):
             raise BackendUnavailableError("TensorRT execution of the full model failed")
         count = n * int(np.prod(lshape, dtype=np.int64))

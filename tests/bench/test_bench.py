@@ -341,7 +341,8 @@ def test_batch_one_path_matches_batched_predictions(tiny: dict[str, Any]) -> Non
 
 
 def test_thread_pool_settings() -> None:
-    from dgconvert.runtime.onnxruntime_backend import BackendOptionError, session_options
+    from dgconvert.core.errors import BackendOptionError
+    from dgconvert.runtime.onnxruntime_backend import session_options
 
     off, run, on = (session_options(1, s) for s in (False, "run", True))
     assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"

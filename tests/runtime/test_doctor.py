@@ -12,7 +12,13 @@ import dgconvert as dg
 from dgconvert.cli import main
 from dgconvert.core.bundle import Bundle
 from dgconvert.runtime.cuda import GpuInfo
-from dgconvert.runtime.doctor import backend_status, bundle_status, collect, format_report
+from dgconvert.runtime.doctor import (
+    backend_status,
+    bundle_status,
+    collect,
+    format_report,
+    version_problems,
+)
 from dgconvert.runtime.select import Probe
 from tests.models import build
 
@@ -35,7 +41,8 @@ def test_everything_missing_names_install_commands() -> None:
     assert not st["tensorrt"].available
     assert st["tensorrt"].missing == ["tensorrt", "cuda-python", "an NVIDIA GPU"]
     assert st["tensorrt"].install == "pip install tensorrt cuda-python"
-    assert not st["onnxruntime-gpu"].available and "pip install onnxruntime-gpu" in st["onnxruntime-gpu"].install
+    assert not st["onnxruntime-gpu"].available
+    assert "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu<1.27'" in st["onnxruntime-gpu"].install
     assert st["onnxruntime"].available and st["onnxruntime"].install is None
 
 
@@ -103,3 +110,56 @@ def test_build_rejects_bad_options(bundle_path: Path) -> None:
     assert res.exit_code == 2 and "bf16" in res.output
     res = CliRunner().invoke(main, ["build", str(bundle_path), "--workspace", "lots"])
     assert res.exit_code != 0 and "not understood" in res.output
+
+
+# -- problems doctor flags (issue 14) ---------------------------------------------------------
+def test_driver_older_than_the_runtimes_is_flagged() -> None:
+    old = {"driver": "12.8", "runtime": "13.0"}
+    versions = {"cuda-python": "13.0.1", "tensorrt": "11.1.0"}
+    probs = version_problems(old, versions, {"onnxruntime-gpu": "1.27.0"})
+    assert len(probs) == 3
+    assert "supports CUDA 12.8, older than cuda-python 13.0.1 (CUDA runtime 13.0)" in probs[0]
+    assert "TensorRT 11.1.0 (built for CUDA 13)" in probs[1] and "needs >= 580" in probs[1]
+    assert "onnxruntime-gpu 1.27.0 (built for CUDA 13)" in probs[2]
+    assert all("pip install 'dgconvert[gpu-cu12]'" in p for p in probs)
+    ok = version_problems({"driver": "12.8", "runtime": "12.6"}, {"tensorrt": "10.8.0"},
+                          {"onnxruntime-gpu": "1.26.0"})
+    assert ok == []
+    assert version_problems({"driver": "none", "runtime": "13.0"}, versions, {}) == []
+
+
+def test_onnxruntime_beside_onnxruntime_gpu_is_flagged() -> None:
+    probs = version_problems({}, {}, {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.26.0"})
+    assert len(probs) == 1 and "#26996" in probs[0] and "pip uninstall -y onnxruntime" in probs[0]
+
+
+def test_collect_reads_versions_when_the_driver_is_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import fakes_tensorrt as fakes
+
+    gpu = fakes.install(monkeypatch)
+    gpu.rt.driver_version, gpu.rt.runtime_version = 12080, 13000
+    gpu.rt.device_count = (fakes.Err.cudaErrorInsufficientDriver, None)
+    r = collect()
+    assert r.cuda["driver"] == "12.8" and r.cuda["runtime"] == "13.0"
+    assert "cudaErrorInsufficientDriver" in r.cuda["error"]
+    assert any("supports CUDA 12.8, older than cuda-python" in p for p in r.problems)
+    st = _by_name(r.backends)
+    assert not st["tensorrt"].available and "CUDA driver that cuda-python can use" in st["tensorrt"].detail
+    assert "Problems" in format_report(r)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_listed_cuda_provider_that_does_not_load_is_flagged() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime really has the CUDA provider")
+    p = Probe(trt_version=None, gpus=[H100],
+              ort_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    r = collect(probe_result=p)
+    assert any("CUDAExecutionProvider is listed by onnxruntime but does not load" in x
+               for x in r.problems)
+    st = _by_name(r.backends)["onnxruntime-gpu"]
+    assert not st.available and "listed but does not" in st.detail
+    text = format_report(r)
+    assert "-- onnxruntime-gpu" in text and "!! CUDAExecutionProvider is listed" in text

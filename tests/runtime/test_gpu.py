@@ -2,7 +2,8 @@
 Runtime (CPU) stage by stage and end to end; device-resident chaining; threads.
 
 Every test carries ``@pytest.mark.gpu``; tests/conftest.py skips them with a reason where
-TensorRT, cuda-python or an NVIDIA GPU is missing.
+TensorRT, cuda-python or an NVIDIA GPU is missing. TF32 is off in the engines and in ONNX
+Runtime's CUDA provider (``use_tf32=0``): parity is checked against exact FP32 math.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.models import build
 
 pytestmark = pytest.mark.gpu
 MAX = 64
+TOL = {"rtol": 1e-3, "atol": 1e-4}  # FP32 vs FP32 (TF32 off): kernel choice, not precision
 
 
 def _pixels(n: int, fashion: bool) -> np.ndarray:
@@ -49,7 +51,7 @@ def _copy(src: Path, tmp_path: Path, name: str) -> Bundle:
 @pytest.fixture(scope="module")
 def fp32(src: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     b = _copy(src, tmp_path_factory.mktemp("fp32"), "m.dg")
-    build_engines(b, BuildOptions(precision="fp32", max_batch=MAX, opt_batch=32))
+    build_engines(b, BuildOptions(precision="fp32", max_batch=MAX, opt_batch=32, tf32=False))
     return Bundle.load(b.path)
 
 
@@ -65,6 +67,7 @@ def data(fashion_available: bool, fp32: Bundle) -> dict[str, Any]:
 def test_build_writes_engines_for_this_gpu(fp32: Bundle) -> None:
     key, gpu, version = local_engine_key()
     rec = fp32.manifest.engines[key]
+    assert rec["tf32"] is False
     assert rec["gpu"] == gpu.name and rec["tensorrt"] == version and rec["max_batch"] == MAX
     for k, s in enumerate(rec["stages"]):
         assert (fp32.path / s["file"]).stat().st_size == s["bytes"] > 0
@@ -79,15 +82,15 @@ def test_stage_parity_with_onnxruntime(fp32: Bundle, data: dict[str, Any]) -> No
     t_out, o_out = trt_be.run_stage(0, x, None), ort_be.run_stage(0, x, None)
     rng = np.random.default_rng(0)
     for k in range(1, fp32.num_stages + 1):
-        np.testing.assert_allclose(t_out.score, o_out.score, rtol=1e-2, atol=1e-2)  # TF32 allowed
+        np.testing.assert_allclose(t_out.score, o_out.score, **TOL)
         assert (t_out.label == o_out.label).mean() >= 0.99
         if k == fp32.num_stages:
             break
-        np.testing.assert_allclose(t_out.features.to_host(), o_out.features, rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(t_out.features.to_host(), o_out.features, **TOL)
         n = len(o_out.score)
         keep = np.sort(rng.choice(n, max(1, n * 2 // 3), replace=False)).astype(np.int64)
         t_out, o_out = trt_be.run_stage(k, t_out.features, keep), ort_be.run_stage(k, o_out.features, keep)
-    np.testing.assert_allclose(trt_be.run_full(x), ort_be.run_full(x), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(trt_be.run_full(x), ort_be.run_full(x), **TOL)
     trt_be.close()
 
 
@@ -159,9 +162,12 @@ def test_onnxruntime_gpu_io_binding(fp32: Bundle, data: dict[str, Any]) -> None:
         pytest.skip("onnxruntime-gpu is not installed (pip install onnxruntime-gpu)")
     from dgconvert.runtime.onnxruntime_gpu import OnnxRuntimeGpuBackend, OrtFeatures
 
-    be = OnnxRuntimeGpuBackend(fp32)
+    cuda_ep = ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})  # exact FP32
+    be = OnnxRuntimeGpuBackend(fp32, providers=[cuda_ep, "CPUExecutionProvider"])
     out = be.run_stage(0, data["x"][:8], None)
     assert isinstance(out.features, OrtFeatures) and "cuda" in out.features.device()
+    np.testing.assert_allclose(out.score, OnnxRuntimeBackend(fp32).run_stage(0, data["x"][:8], None).score,
+                               **TOL)
     ref = GatedRunner(fp32, backend="onnxruntime", thresholds=data["t"]).predict(data["pixels"])
     got = GatedRunner(fp32, backend=be, thresholds=data["t"]).predict(data["pixels"])
     assert (got.labels == ref.labels).mean() >= 0.99

@@ -2,17 +2,16 @@
 
 Pure functions (engine keys, profiles, precision plans, FP16 graph rewrite, manifest records,
 backend choice) are tested directly. The build and the TensorRT backend are then run end to
-end against small fakes of ``tensorrt`` and ``cuda.bindings.runtime`` defined here: the fake
-CUDA keeps "device" memory in host buffers and the fake engine executes the ONNX graph it
-was built from with ONNX Runtime, reading and writing the bound addresses. That checks our
-side of the API contract (profiles, flags, bindings, ping-pong buffers, pinned copies,
-handles, errors, threads, freeing) — the real libraries are exercised in tests/test_gpu.py.
+end against the strict fakes of ``tensorrt`` (10 and 11) and ``cuda.bindings.runtime`` in
+tests/fakes_tensorrt.py (real cuda-bindings types, asynchronous streams, separate device and
+pinned memory; the fake engine executes the ONNX graph it was built from with ONNX Runtime,
+reading and writing the bound addresses). That checks our side of the API contract
+(profiles, flags, bindings, ping-pong buffers, pinned copies, stream handles, errors,
+threads, freeing) — the real libraries are exercised in tests/runtime/test_gpu.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import hashlib
 import json
 import sys
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -32,6 +30,7 @@ from dgconvert.convert.precision import (
     Fp16Report,
     calibration_batches,
     convert_to_fp16,
+    modelopt_calibration_options,
     stage_calibration_inputs,
 )
 from dgconvert.convert.tensorrt import (
@@ -57,9 +56,10 @@ from dgconvert.runtime.tensorrt_backend import (
     sanitize_gpu_name,
     trt_version_tuple,
 )
+from tests import fakes_tensorrt as fakes
+from tests.fakes_tensorrt import GPU_NAME, Kind
 from tests.models import build
 
-GPU_NAME = "NVIDIA Fake GPU 80GB HBM3"
 KEY10 = "nvidia-fake-gpu-80gb-hbm3_sm90_trt10.8"
 
 
@@ -173,7 +173,7 @@ def test_modules_import_without_tensorrt_or_cuda() -> None:
                 "dgconvert.convert.tensorrt", "dgconvert.convert.precision", "dgconvert.cli.build",
                 "dgconvert.cli.doctor"]:
         importlib.import_module(mod)
-    assert "tensorrt" not in sys.modules or isinstance(sys.modules["tensorrt"], _FakeTRT)
+    assert "tensorrt" not in sys.modules or isinstance(sys.modules["tensorrt"], fakes.FakeTRT)
 
 
 # -- FP16 graph rewrite on synthetic graphs ----------------------------------------------------
@@ -277,307 +277,15 @@ def test_fp16_rewrite_refuses_control_flow() -> None:
         convert_to_fp16(m)
 
 
-# -- fakes of tensorrt and cuda-python -------------------------------------------------------
-class _Err(enum.IntEnum):
-    cudaSuccess = 0
-    cudaErrorMemoryAllocation = 2
-
-
-class _Kind(enum.IntEnum):
-    cudaMemcpyHostToDevice = 1
-    cudaMemcpyDeviceToHost = 2
-
-
-class _FakeCudaRuntime(types.ModuleType):
-    """Host memory standing in for device memory; records what is alive."""
-
-    cudaError_t = _Err
-    cudaMemcpyKind = _Kind
-
-    def __init__(self) -> None:
-        super().__init__("cuda.bindings.runtime")
-        self.live: dict[int, Any] = {}
-        self.copies: list[tuple[int, int]] = []  # (kind, nbytes)
-        self.lock = threading.Lock()
-
-    def _alloc(self, n: int) -> tuple[_Err, int]:
-        buf = ctypes.create_string_buffer(int(n))
-        ptr = ctypes.addressof(buf)
-        with self.lock:
-            self.live[ptr] = buf
-        return _Err.cudaSuccess, ptr
-
-    def _free(self, ptr: int) -> tuple[_Err]:
-        with self.lock:
-            del self.live[int(ptr)]
-        return (_Err.cudaSuccess,)
-
-    cudaMalloc = _alloc
-    cudaMallocHost = _alloc
-    cudaFree = _free
-    cudaFreeHost = _free
-
-    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: Any, stream: Any) -> tuple[_Err]:
-        ctypes.memmove(int(dst), int(src), int(n))
-        with self.lock:
-            self.copies.append((int(kind), int(n)))
-        return (_Err.cudaSuccess,)
-
-    def cudaMemcpy(self, dst: int, src: int, n: int, kind: Any) -> tuple[_Err]:
-        ctypes.memmove(int(dst), int(src), int(n))
-        return (_Err.cudaSuccess,)
-
-    def cudaStreamCreate(self) -> tuple[_Err, int]:
-        return _Err.cudaSuccess, 0x5EED
-
-    def cudaStreamSynchronize(self, s: Any) -> tuple[_Err]:
-        return (_Err.cudaSuccess,)
-
-    def cudaStreamDestroy(self, s: Any) -> tuple[_Err]:
-        return (_Err.cudaSuccess,)
-
-    def cudaSetDevice(self, d: int) -> tuple[_Err]:
-        return (_Err.cudaSuccess,)
-
-    def cudaGetDeviceCount(self) -> tuple[_Err, int]:
-        return _Err.cudaSuccess, 1
-
-    def cudaGetDeviceProperties(self, i: int) -> tuple[_Err, Any]:
-        return _Err.cudaSuccess, types.SimpleNamespace(
-            name=GPU_NAME.encode() + b"\0\0\0", major=9, minor=0, totalGlobalMem=80 * 2**30)
-
-    def cudaDriverGetVersion(self) -> tuple[_Err, int]:
-        return _Err.cudaSuccess, 12080
-
-    def cudaRuntimeGetVersion(self) -> tuple[_Err, int]:
-        return _Err.cudaSuccess, 12060
-
-
-_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
-_ORT_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64"}
-
-
-class _FakeTRT(types.ModuleType):
-    """Enough of the tensorrt Python API for dgconvert's build and backend."""
-
-    def __init__(self, version: str) -> None:
-        super().__init__("tensorrt")
-        self.__version__ = version
-        self.builds: list[dict[str, Any]] = []
-        trt = self
-        self.DataType = enum.Enum("DataType", list(_NP))
-        self.TensorIOMode = enum.Enum("TensorIOMode", ["INPUT", "OUTPUT"])
-        self.BuilderFlag = enum.IntEnum("BuilderFlag", ["FP16", "INT8", "TF32"])
-        self.MemoryPoolType = enum.IntEnum("MemoryPoolType", ["WORKSPACE"])
-        self.NetworkDefinitionCreationFlag = enum.IntEnum(
-            "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, severity: int = 2) -> None:
-                self.severity = severity
-
-        class IInt8EntropyCalibrator2:
-            def __init__(self) -> None:
-                pass
-
-        class Network:
-            def __init__(self, flags: int) -> None:
-                self.flags, self.model, self.inputs = flags, None, []
-
-            @property
-            def num_inputs(self) -> int:
-                return len(self.inputs)
-
-            def get_input(self, i: int) -> Any:
-                return types.SimpleNamespace(name=self.inputs[i])
-
-        class OnnxParser:
-            num_errors = 0
-
-            def __init__(self, network: Network, logger: Logger) -> None:
-                self.network = network
-
-            def parse(self, blob: bytes) -> bool:
-                m = onnx.load_from_string(bytes(blob))
-                self.network.model = m
-                inits = {t.name for t in m.graph.initializer}
-                self.network.inputs = [i.name for i in m.graph.input if i.name not in inits]
-                return True
-
-        class Profile:
-            def __init__(self) -> None:
-                self.shapes: dict[str, tuple] = {}
-
-            def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
-                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-        class Cache:
-            def __init__(self, blob: bytes) -> None:
-                self.blob = bytes(blob) + b"+"
-
-            def serialize(self) -> bytes:
-                return self.blob
-
-        class Config:
-            def __init__(self) -> None:
-                self.flags: list[str] = []
-                self.profiles: list[Profile] = []
-                self.int8_calibrator = None
-                self.calibration_profile = None
-                self.pool: dict[Any, int] = {}
-                self.cache = None
-
-            def set_flag(self, f: Any) -> None:
-                self.flags.append(f.name)
-
-            def set_memory_pool_limit(self, pool: Any, n: int) -> None:
-                self.pool[pool.name] = n
-
-            def add_optimization_profile(self, p: Profile) -> int:
-                self.profiles.append(p)
-                return len(self.profiles) - 1
-
-            def set_calibration_profile(self, p: Profile) -> bool:
-                self.calibration_profile = p
-                return True
-
-            def create_timing_cache(self, blob: bytes) -> Cache:
-                return Cache(blob)
-
-            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-                self.cache = cache
-                return True
-
-        class Builder:
-            def __init__(self, logger: Logger) -> None:
-                pass
-
-            def create_network(self, flags: int = 0) -> Network:
-                return Network(flags)
-
-            def create_builder_config(self) -> Config:
-                return Config()
-
-            def create_optimization_profile(self) -> Profile:
-                return Profile()
-
-            def build_serialized_network(self, network: Network, config: Config) -> bytes:
-                cal = config.int8_calibrator
-                batches = 0
-                if cal is not None:  # drive the calibrator like TensorRT does
-                    if cal.read_calibration_cache() is None:
-                        while (ptrs := cal.get_batch(list(network.inputs))) is not None:
-                            assert len(ptrs) == len(network.inputs) and all(ptrs)
-                            batches += 1
-                        cal.write_calibration_cache(b"calibration-table")
-                prof = config.profiles[0].shapes
-                trt.builds.append({
-                    "inputs": list(network.inputs), "flags": list(config.flags),
-                    "network_flags": network.flags, "profile": prof, "pool": dict(config.pool),
-                    "calibration_batches": batches, "timing_cache": config.cache is not None,
-                    "calibration_profile": config.calibration_profile.shapes if config.calibration_profile else None,
-                    "input_types": {i.name: i.type.tensor_type.elem_type for i in network.model.graph.input},
-                })
-                return json.dumps({
-                    "onnx": network.model.SerializeToString().hex(),
-                    "profile": {k: [list(s) for s in v] for k, v in prof.items()},
-                }).encode()
-
-        class Engine:
-            def __init__(self, blob: bytes) -> None:
-                d = json.loads(blob)
-                self.sess = ort.InferenceSession(bytes.fromhex(d["onnx"]), providers=["CPUExecutionProvider"])
-                self.profile = d["profile"]
-                self.io = {}
-                for t in self.sess.get_inputs():
-                    self.io[t.name] = (trt.TensorIOMode.INPUT, t)
-                for t in self.sess.get_outputs():
-                    self.io[t.name] = (trt.TensorIOMode.OUTPUT, t)
-                self.names = list(self.io)
-
-            @property
-            def num_io_tensors(self) -> int:
-                return len(self.names)
-
-            def get_tensor_name(self, i: int) -> str:
-                return self.names[i]
-
-            def get_tensor_mode(self, name: str) -> Any:
-                return self.io[name][0]
-
-            def get_tensor_dtype(self, name: str) -> Any:
-                return trt.DataType[_ORT_TYPES[self.io[name][1].type]]
-
-            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                return tuple(d if isinstance(d, int) else -1 for d in self.io[name][1].shape)
-
-            def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
-                return [tuple(s) for s in self.profile[name]]
-
-            def create_execution_context(self) -> Context:
-                return Context(self)
-
-        class Context:
-            def __init__(self, engine: Engine) -> None:
-                self.engine, self.shapes, self.addr = engine, {}, {}
-
-            def set_input_shape(self, name: str, shape: tuple) -> bool:
-                lo, _, hi = self.engine.profile[name]
-                ok = all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True))
-                self.shapes[name] = tuple(shape)
-                return ok
-
-            def set_tensor_address(self, name: str, ptr: int) -> bool:
-                self.addr[name] = int(ptr)
-                return True
-
-            def execute_async_v3(self, stream_handle: int) -> bool:
-                e = self.engine
-                feeds = {}
-                for name, (mode, t) in e.io.items():
-                    if mode == trt.TensorIOMode.INPUT:
-                        dt = np.dtype(_NP[_ORT_TYPES[t.type]])
-                        shape = self.shapes[name]
-                        n = int(np.prod(shape)) * dt.itemsize
-                        raw = (ctypes.c_uint8 * n).from_address(self.addr[name])
-                        feeds[name] = np.frombuffer(bytes(raw), dt).reshape(shape)
-                outs = e.sess.run(None, feeds)
-                for (name, _), arr in zip(
-                        [(n, m) for n, (m, _) in e.io.items() if m == trt.TensorIOMode.OUTPUT], outs, strict=True):
-                    arr = np.ascontiguousarray(arr)
-                    ctypes.memmove(self.addr[name], arr.ctypes.data, arr.nbytes)
-                return True
-
-        class Runtime:
-            def __init__(self, logger: Logger) -> None:
-                pass
-
-            def deserialize_cuda_engine(self, blob: bytes) -> Engine | None:
-                try:
-                    return Engine(blob)
-                except (ValueError, KeyError):
-                    return None
-
-        self.Logger, self.Builder, self.OnnxParser, self.Runtime = Logger, Builder, OnnxParser, Runtime
-        self.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
-
-    def nptype(self, dt: Any) -> type:
-        return _NP[dt.name]
-
-
+# -- the strict fakes (tests/fakes_tensorrt.py) ---------------------------------------------
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Install fake ``tensorrt`` 10.8 and ``cuda.bindings.runtime``; yields (trt, rt)."""
-    rt = _FakeCudaRuntime()
-    pkg, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
-    pkg.bindings, bindings.runtime = bindings, rt  # type: ignore[attr-defined]
-    trt = _FakeTRT("10.8.0.43")
-    for name, mod in {"cuda": pkg, "cuda.bindings": bindings, "cuda.bindings.runtime": rt,
-                      "tensorrt": trt}.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return types.SimpleNamespace(trt=trt, rt=rt, set_version=lambda v: setattr(trt, "__version__", v))
+    """Fake ``tensorrt`` 10.8 and ``cuda.bindings.runtime``: ``.trt``, ``.rt``, ``.use(v)``."""
+    return fakes.install(monkeypatch, "10.8.0.43")
+
+
+def _no_memory(rt: fakes.FakeCudaRuntime) -> bool:
+    return not rt.device and not rt.pinned
 
 
 @pytest.fixture(scope="module")
@@ -654,7 +362,7 @@ def test_build_fp16_uses_flag_on_trt10_and_fp16_graph_on_trt11(fake_gpu: Any, bu
     assert all(b["flags"] == ["FP16"] and b["network_flags"] == 0 for b in b10)
     assert b10[1]["input_types"]["x"] == TensorProto.FLOAT
     fake_gpu.trt.builds = []
-    fake_gpu.set_version("11.2.0.1")
+    fake_gpu.use("11.2.0.1")
     rec = build_engines(bundle, BuildOptions(precision="fp16", max_batch=16, full=False))
     b11 = fake_gpu.trt.builds
     assert all(b["flags"] == [] and b["network_flags"] == 2 for b in b11)  # STRONGLY_TYPED
@@ -678,7 +386,7 @@ def test_build_int8_trt10_calibrates_with_entropy_calibrator(fake_gpu: Any, bund
     assert builds[1]["calibration_profile"]["x"][0][0] == 16
     caches = sorted(p.name for p in (bundle.path / "engines" / KEY10).glob("*.calib"))
     assert caches == [f"stage{k}.calib" for k in range(bundle.num_stages)]
-    assert not fake_gpu.rt.live  # calibration buffers freed
+    assert _no_memory(fake_gpu.rt)  # calibration buffers freed
     fake_gpu.trt.builds = []  # a rebuild reads the caches instead of calibrating again
     build_engines(bundle, BuildOptions(precision="int8", max_batch=32, data=pixels, calib_batch=16,
                                        full=False))
@@ -687,7 +395,7 @@ def test_build_int8_trt10_calibrates_with_entropy_calibrator(fake_gpu: Any, bund
 
 def test_build_int8_trt11_quantizes_with_modelopt(fake_gpu: Any, bundle: Bundle,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_gpu.set_version("11.0.0")
+    fake_gpu.use("11.0.0")
     pixels = (np.random.default_rng(0).random((20, 1, 28, 28)) * 255).astype(np.uint8)
     monkeypatch.setitem(sys.modules, "modelopt", None)  # not installed
     with pytest.raises(BackendUnavailableError, match="ModelOpt.*pip install 'nvidia-modelopt"):
@@ -710,6 +418,10 @@ def test_build_int8_trt11_quantizes_with_modelopt(fake_gpu: Any, bundle: Bundle,
     assert set(calls[0]["calibration_data"]) == {"images"} and calls[0]["calibration_data"]["images"].shape == (20, 1, 28, 28)
     assert set(calls[2]["calibration_data"]) == {"x", "keep"}
     np.testing.assert_array_equal(calls[2]["calibration_data"]["keep"], np.arange(20))
+    x_shape = "x".join(map(str, calls[2]["calibration_data"]["x"].shape))
+    assert calls[2]["calibration_shapes"] == f"x:{x_shape},keep:20"  # one full-N step
+    assert calls[0]["calibration_shapes"] == "images:20x1x28x28"
+    assert all(c["calibration_eps"] == ["cuda:0", "cpu"] for c in calls)
     assert all(b["flags"] == [] and b["calibration_batches"] == 0 for b in fake_gpu.trt.builds)
     assert not list((bundle.path / "engines").rglob("*.int8.onnx"))
 
@@ -750,18 +462,17 @@ def test_backend_matches_onnxruntime_and_keeps_features_on_device(fake_gpu: Any,
     fake_gpu.rt.copies.clear()
     keep = np.array([7, 2, 5], np.int64)
     o1 = be.run_stage(1, o0.features, keep)
-    h2d = [n for kind, n in fake_gpu.rt.copies if kind == _Kind.cudaMemcpyHostToDevice]
-    d2h = [n for kind, n in fake_gpu.rt.copies if kind == _Kind.cudaMemcpyDeviceToHost]
+    h2d = [n for kind, n in fake_gpu.rt.copies if kind == Kind.cudaMemcpyHostToDevice]
+    d2h = [n for kind, n in fake_gpu.rt.copies if kind == Kind.cudaMemcpyDeviceToHost]
     assert h2d == [3 * 8] and d2h == [3 * 4, 3 * 8]  # keep in; score, label out
     ort1 = OnnxRuntimeBackend(bundle).run_stage(1, ort0.features, keep)
     np.testing.assert_allclose(o1.score, ort1.score, rtol=1e-5)
     np.testing.assert_array_equal(o1.label, ort1.label)
     assert o1.features.ptr != o0.features.ptr  # ping-pong
     np.testing.assert_allclose(be.run_full(x[:5]), OnnxRuntimeBackend(bundle).run_full(x[:5]), rtol=1e-5)
-    live_before_close = len(fake_gpu.rt.live)
-    assert live_before_close > 0
+    assert fake_gpu.rt.device and fake_gpu.rt.pinned
     runner.close()
-    assert not fake_gpu.rt.live  # every device and pinned buffer freed
+    assert _no_memory(fake_gpu.rt)  # every device and pinned buffer freed
 
 
 def test_backend_rejects_misuse_with_clear_errors(fake_gpu: Any, bundle: Bundle) -> None:
@@ -781,20 +492,20 @@ def test_backend_rejects_misuse_with_clear_errors(fake_gpu: Any, bundle: Bundle)
         be.run_stage(1, o0.features, np.array([0]))  # o0's buffer may have been reused
     be.run_stage(2, o1.features, np.array([1]))
     be.close()
-    assert not fake_gpu.rt.live
+    assert _no_memory(fake_gpu.rt)
 
 
 def test_backend_checks_engines_belong_to_this_gpu_and_version(fake_gpu: Any, bundle: Bundle) -> None:
     with pytest.raises(BundleError, match=f"no TensorRT engines.*{KEY10}.*built: none.*dgconvert build"):
         TensorRTBackend(bundle)
     build_engines(bundle, BuildOptions(max_batch=8, full=False))
-    fake_gpu.set_version("10.8.1")  # same key (10.8), different build of TensorRT
+    fake_gpu.use("10.8.1")  # same key (10.8), different build of TensorRT
     with pytest.raises(BundleError, match="built with TensorRT 10.8.0.43, this is TensorRT 10.8.1.*dgconvert build"):
         TensorRTBackend(bundle)
-    fake_gpu.set_version("10.9.0")
+    fake_gpu.use("10.9.0")
     with pytest.raises(BundleError, match="_trt10.9.*built: nvidia-fake"):
         TensorRTBackend(bundle)
-    fake_gpu.set_version("10.8.0.43")
+    fake_gpu.use("10.8.0.43")
     engine = bundle.path / "engines" / KEY10 / "stage2.engine"
     data = engine.read_bytes()
     engine.write_bytes(data[:-2] + b"  ")
@@ -831,7 +542,7 @@ def test_backend_is_thread_safe(fake_gpu: Any, bundle: Bundle) -> None:
         np.testing.assert_array_equal(res.exit_stage, ref.exit_stage)
     assert len(runner.backend._workspaces) == 4  # one set of contexts/buffers per thread
     runner.close()
-    assert not fake_gpu.rt.live
+    assert _no_memory(fake_gpu.rt)
 
 
 # -- backend="auto" ----------------------------------------------------------------------------
@@ -863,3 +574,134 @@ def test_pick_backend_prefers_matching_engines_then_ort_gpu_then_cpu(bundle: Bun
 
 def test_errors_are_dgconvert_errors() -> None:
     assert issubclass(BuildError, DGConvertError) and issubclass(cuda.CudaError, BackendUnavailableError)
+
+
+# -- API-review fixes (issue 14) ------------------------------------------------------------
+def test_backend_enqueues_on_its_own_stream_handle(fake_gpu: Any, bundle: Bundle) -> None:
+    """execute_async_v3 gets int(cudaStream_t) of the thread's stream (not getPtr()), and
+    nothing is read before the stream is synchronized."""
+    build_engines(bundle, BuildOptions(max_batch=16, full=False))
+    be = TensorRTBackend(bundle)
+    out = be.run_stage(0, _images(4), None)
+    ws = be._ws()
+    assert be._trt.executions == [int(ws.stream.handle)] == [fakes.STREAM_BASE]
+    assert ws.stream.handle.getPtr() != int(ws.stream.handle)
+    assert fake_gpu.rt.pending() == 0 and out.score.shape == (4,)
+    other = TensorRTBackend(bundle)  # a second backend gets its own stream
+    other.run_stage(0, _images(2), None)
+    assert be._trt.executions[-1] != fakes.STREAM_BASE
+    be.close()
+    other.close()
+    assert _no_memory(fake_gpu.rt) and not fake_gpu.rt.streams
+
+
+def test_trt11_fake_lacks_the_removed_apis(fake_gpu: Any) -> None:
+    trt = fake_gpu.use("11.1.0")
+    assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt.BuilderFlag, "INT8")
+    assert not hasattr(trt, "IInt8EntropyCalibrator2")
+    assert not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    config = trt.Builder(trt.Logger()).create_builder_config()
+    with pytest.raises(AttributeError):
+        config.int8_calibrator = object()
+    assert not hasattr(config, "set_calibration_profile")
+
+
+def test_cuda_that_cannot_start_is_backend_unavailable(fake_gpu: Any, bundle: Bundle) -> None:
+    """trt.Runtime / trt.Builder return nullptr (pybind11 TypeError) when CUDA cannot start."""
+    build_engines(bundle, BuildOptions(max_batch=8, full=False))
+    fake_gpu.trt.cuda_broken = True
+    with pytest.raises(BackendUnavailableError, match="Runtime.*nullptr.*driver.*dgconvert doctor"):
+        TensorRTBackend(bundle)
+    with pytest.raises(BackendUnavailableError, match="Builder.*nullptr.*CUDA 12 \\(driver >= 525"):
+        build_engines(bundle, BuildOptions(max_batch=8, full=False))
+    fake_gpu.use("11.1.0").cuda_broken = True
+    with pytest.raises(BackendUnavailableError, match="TensorRT 11.x is built for CUDA 13 \\(driver >= 580"):
+        build_engines(bundle, BuildOptions(max_batch=8, full=False))
+
+
+def test_dynamic_sample_dims_size_buffers_from_the_profile(fake_gpu: Any, bundle: Bundle) -> None:
+    """A -1 beyond the batch dim takes the profile maximum (was: a negative buffer size)."""
+    build_engines(bundle, BuildOptions(max_batch=16, full=False))
+    fake_gpu.trt.dynamic_sample_dims = True
+    x = _images(12, seed=2)
+    t = _spread(bundle, x)
+    ref = GatedRunner(bundle, backend="onnxruntime", thresholds=t).predict(x)
+    runner = GatedRunner(bundle, backend="tensorrt", thresholds=t)
+    got = runner.predict(x)
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    assert runner.backend._engines[1].inputs["x"][1] == tuple(
+        bundle.manifest["stages"][1]["inputs"][0]["shape"][1:])
+    runner.close()
+    from dgconvert.runtime.tensorrt_backend import _bytes
+
+    with pytest.raises(BundleError, match="dynamic \\(-1\\).*static"):
+        _bytes((np.dtype(np.float32), (8, -1, 7)))
+
+
+def test_run_full_checks_set_tensor_address(fake_gpu: Any, bundle: Bundle) -> None:
+    build_engines(bundle, BuildOptions(max_batch=8))
+    be = TensorRTBackend(bundle)
+    fake_gpu.trt.refuse_addresses = {"logits"}
+    with pytest.raises(BackendUnavailableError, match="refused the address of output 'logits'"):
+        be.run_full(_images(2))
+    be.close()
+
+
+def test_int8_calibrator_frees_buffers_and_carries_its_cache(fake_gpu: Any, bundle: Bundle) -> None:
+    pixels = (np.random.default_rng(0).random((32, 1, 28, 28)) * 255).astype(np.uint8)
+    opts = BuildOptions(precision="int8", max_batch=16, data=pixels, calib_batch=16,
+                        calib_samples=32, full=False)
+    build_engines(bundle, opts)
+    folder = bundle.path / "engines" / KEY10
+    assert [b["calibration_batches"] for b in fake_gpu.trt.builds] == [2] * bundle.num_stages
+    for _ in range(2):  # rebuilds read the cache, keep it in the new folder, leak nothing
+        fake_gpu.trt.builds = []
+        build_engines(bundle, opts)
+        assert [b["calibration_batches"] for b in fake_gpu.trt.builds] == [0] * bundle.num_stages
+        assert sorted(p.name for p in folder.glob("*.calib")) == [
+            f"stage{k}.calib" for k in range(bundle.num_stages)]
+        assert _no_memory(fake_gpu.rt)
+
+
+def test_build_can_turn_tf32_off(fake_gpu: Any, bundle: Bundle) -> None:
+    build_engines(bundle, BuildOptions(max_batch=8, full=False))
+    assert all(b["tf32"] for b in fake_gpu.trt.builds)
+    fake_gpu.trt.builds = []
+    rec = build_engines(bundle, BuildOptions(max_batch=8, full=False, tf32=False))
+    assert rec["tf32"] is False and not any(b["tf32"] for b in fake_gpu.trt.builds)
+    fake_gpu.use("11.1.0")
+    build_engines(bundle, BuildOptions(max_batch=8, full=False, tf32=False))
+    assert not fake_gpu.trt.builds[-1]["tf32"]
+
+
+def test_modelopt_calibrates_a_stage_in_one_full_n_step(bundle: Bundle) -> None:
+    """ModelOpt splits inputs by calibration_shapes; full-N shapes keep x and keep whole."""
+    inputs = stage_calibration_inputs(bundle, _images(6))[1]
+    opts = modelopt_calibration_options(inputs)
+    x_shape = "x".join(map(str, inputs["x"].shape))
+    assert opts == {"calibration_shapes": f"x:{x_shape},keep:6", "calibration_eps": ["cuda:0", "cpu"]}
+    sess = ort.InferenceSession(str(bundle.stage_file(1)), providers=["CPUExecutionProvider"])
+    assert sess.run(["score"], inputs)[0].shape == (6,)
+    with pytest.raises(BundleError, match="keep indexes row 6 but x has 6 rows.*arange"):
+        modelopt_calibration_options({"x": inputs["x"], "keep": np.arange(7)})
+
+
+def test_modelopt_reader_feeds_a_stage1_graph_with_these_options(bundle: Bundle) -> None:
+    """With ModelOpt's real reader: its default 1-row chunks break the stage-1 graph (keep
+    indexes past a 1-row x); our calibration_shapes give one step that runs."""
+    calib_utils = pytest.importorskip("modelopt.onnx.quantization.calib_utils",
+                                      reason="nvidia-modelopt is not installed (int8 extra)")
+    inputs = stage_calibration_inputs(bundle, _images(6))[1]
+    path = str(bundle.stage_file(1))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    default = calib_utils.CalibrationDataProvider(path, inputs)
+    with pytest.raises(Exception, match="out of (data )?bounds|indices"):  # noqa: B017
+        while (feed := default.get_next()) is not None:
+            sess.run(None, feed)
+    shapes = modelopt_calibration_options(inputs)["calibration_shapes"]
+    ours = calib_utils.CalibrationDataProvider(path, inputs, shapes)
+    steps = 0
+    while (feed := ours.get_next()) is not None:
+        assert sess.run(["score"], feed)[0].shape == (6,)
+        steps += 1
+    assert steps == 1
