@@ -11,7 +11,7 @@ import pytest
 
 from tests import fakes_tensorrt as fakes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 

@@ -75,7 +75,7 @@ def test_probe_marks_cuda_python_only_once_gpus_are_listed(monkeypatch: pytest.M
     p = probe()
     assert p.trt_version == "10.8.0.43" and p.cuda_installed and not p.cuda_python
     assert "cudaErrorNoDevice" in p.notes["cuda"]
-    b = types.SimpleNamespace(manifest={"engines": {}}, path="m.dg")  # all pick_backend reads
+    b = types.SimpleNamespace(manifest=types.SimpleNamespace(engines={}), path="m.dg")
     name, _, why = pick_backend(b, p)  # type: ignore[arg-type]
     assert name == "onnxruntime" and "CUDA does not start" in why and "cudaErrorNoDevice" in why
     gpu.rt.device_count = (Err.cudaSuccess, 1)

@@ -630,7 +630,7 @@ def test_dynamic_sample_dims_size_buffers_from_the_profile(fake_gpu: Any, bundle
     got = runner.predict(x)
     np.testing.assert_array_equal(got.labels, ref.labels)
     assert runner.backend._engines[1].inputs["x"][1] == tuple(
-        bundle.manifest["stages"][1]["inputs"][0]["shape"][1:])
+        bundle.manifest.stages[1].inputs[0].shape[1:])
     runner.close()
     from dgconvert.runtime.tensorrt_backend import _bytes
 
