@@ -27,7 +27,9 @@ from dgconvert.bench.memory import PeakMemory
 from dgconvert.bench.report import BenchReport, build_results, stage_ms
 from dgconvert.bench.systems import (
     OnnxFull,
+    OnnxFullDefault,
     OnnxGated,
+    PrefixProbe,
     StageProbe,
     System,
     TorchFull,
@@ -79,13 +81,16 @@ def measure(
     config: BenchConfig,
     num_stages: int,
     probe: StageProbe | None = None,
+    prefix: PrefixProbe | None = None,
 ) -> Measurements:
-    """Time every system (and the stage probe) at every batch size, interleaved."""
+    """Time every system (and the stage and prefix probes) at every batch size, interleaved."""
     sizes = config.check(len(images))
     pool = min(config.samples, len(images))
     mem = PeakMemory()
     m = Measurements()
-    runners: list[Any] = [*systems, *([probe] if probe else [])]
+    probes = {id(p): rec for p, rec in ((probe, m.stage_seconds), (prefix, m.prefix_seconds))
+              if p is not None}
+    runners: list[Any] = [*systems, *(p for p in (probe, prefix) if p is not None)]
     fits = [b for b in sizes if b <= pool]
     m.skipped = [b for b in sizes if b > pool]
     bar = _progress(len(fits) * (config.warmup + config.repeats) * len(runners), config.progress)
@@ -101,12 +106,12 @@ def measure(
             for item in runners[shift:] + runners[:shift]:
                 bar.set_postfix_str(f"batch {b}, {item.id}", refresh=False)
                 mine = share[item.id]
-                if isinstance(item, StageProbe):
+                if id(item) in probes:
                     item.reset()
                     for xb in mine:
                         item.run(xb)
                     if record:
-                        m.stage_seconds.setdefault(b, []).append(list(item.seconds))
+                        probes[id(item)].setdefault(b, []).append(list(item.seconds))
                     bar.update(1)
                     continue
                 item.reset_rows()
@@ -130,7 +135,7 @@ def measure(
     return m
 
 
-def _cap(item: System | StageProbe, config: BenchConfig) -> int:
+def _cap(item: System | StageProbe | PrefixProbe, config: BenchConfig) -> int:
     """Images per timed pass for this system."""
     if getattr(item, "framework", "onnx") == "torch":
         return min(config.samples, config.torch_samples)
@@ -211,6 +216,9 @@ def run_benchmark(
     main = GatedRunner(b, backend=be, thresholds=list(thresholds) if thresholds is not None else None,
                        max_batch=max_batch)
     systems: list[System] = [OnnxFull(main), OnnxGated(main)]
+    onnx_cpu = be.name == "onnxruntime"
+    if onnx_cpu:
+        systems.append(OnnxFullDefault(main))
     for name, t in (operating_points or {}).items():
         r = GatedRunner(b, backend=be, thresholds=list(t), max_batch=max_batch)
         systems.append(OnnxGated(r, id=f"gated[{name}]", label=f"gated {name} ({be.name}, ours)"))
@@ -219,9 +227,10 @@ def run_benchmark(
         net = model if hasattr(model, "gated_forward") else load_torch_model(model)
         systems += [TorchFull(net), TorchMasked(net, main.thresholds)]
     probe = StageProbe(main)
+    prefix = PrefixProbe(main, getattr(be, "threads", threads)) if onnx_cpu else None
     try:
         with torch_threads(threads, net is not None):
-            meas = measure(systems, images, config, b.num_stages, probe)
+            meas = measure(systems, images, config, b.num_stages, probe, prefix)
             preds = {s.id: predict_all(s, images, max_batch) for s in systems}
     finally:
         be.close()
@@ -240,7 +249,8 @@ def run_benchmark(
         flops={"full": b.full_flops, "stages": b.stage_flops, "gates": b.gate_flops,
                "exit_costs": b.exit_costs()},
         stages=[{"batch_size": bs, "images": meas.images[probe.id][bs],
-                 "stage_ms_per_image": stage_ms(meas, bs)}
+                 "stage_ms_per_image": stage_ms(meas, bs),
+                 "prefix_ms_per_image": stage_ms(meas, bs, "prefixes") or None}
                 for bs in sorted(meas.stage_seconds)],
         results=results,
         memory_method=meas.memory_method,

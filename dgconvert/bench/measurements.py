@@ -14,5 +14,6 @@ class Measurements:
     rows: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     peak: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     stage_seconds: dict[int, list[list[float]]] = field(default_factory=dict)
+    prefix_seconds: dict[int, list[list[float]]] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)
     memory_method: str = ""

@@ -23,6 +23,7 @@ from dgconvert.bench.stats import (
     Spread,
     cost_share_flops,
     cost_share_time,
+    histogram_from_rows,
     paired_ratios,
     rows_from_histogram,
     summarize,
@@ -68,6 +69,9 @@ class SystemResult:
     ideal_flops_ms_per_image: float | None = None  # reference ms x FLOPs share
     efficiency: Spread | None = None  # ideal (time share) / measured
     efficiency_flops: Spread | None = None  # ideal (FLOPs share) / measured
+    ideal_prefix_ms_per_image: float | None = None  # each exit pays its ungated prefix only
+    efficiency_prefix: Spread | None = None  # ideal (prefixes) / measured: the physical limit
+    speedup_default: Spread | None = None  # a default ONNX Runtime session on full.onnx / this
     peak_rss_mb: float | None = None
     peak_rss_delta_mb: float | None = None
 
@@ -101,6 +105,9 @@ class SystemResult:
             "efficiency_flops": med(self.efficiency_flops),
             "ideal_ms_per_image": self.ideal_ms_per_image,
             "ideal_flops_ms_per_image": self.ideal_flops_ms_per_image,
+            "ideal_prefix_ms_per_image": self.ideal_prefix_ms_per_image,
+            "efficiency_prefix": med(self.efficiency_prefix),
+            "speedup_vs_default_session": med(self.speedup_default),
             "cost_share_time": self.cost_share_time,
             "cost_share_flops": self.cost_share_flops,
             "gflops_per_image": self.gflops_per_image,
@@ -112,10 +119,25 @@ class SystemResult:
 
 
 def stage_ms(meas: Measurements, batch_size: int, probe: str = "stages") -> list[float]:
-    """Median ms per image of each stage graph run alone on full batches."""
+    """Median ms per image of each stage graph (``probe="stages"``) or each ungated prefix
+    (``"prefixes"``) run alone on full batches; empty when that probe did not run."""
+    seconds = meas.prefix_seconds if probe == "prefixes" else meas.stage_seconds
+    if batch_size not in seconds:
+        return []
     n = meas.images[probe][batch_size]
-    return [1e3 * float(np.median(col)) / n
-            for col in zip(*meas.stage_seconds.get(batch_size, []), strict=True)]
+    return [1e3 * float(np.median(col)) / n for col in zip(*seconds[batch_size], strict=True)]
+
+
+def prefix_ideal_seconds(meas: Measurements, batch_size: int, rows_reached: Sequence[int],
+                         ) -> list[float] | None:
+    """Per repeat: the time the same images would take if each paid only the ungated prefix
+    up to its exit (exits from ``rows_reached``), from the prefixes timed in that repeat."""
+    rounds = meas.prefix_seconds.get(batch_size)
+    if not rounds:
+        return None
+    hist = histogram_from_rows(rows_reached)
+    n_probe = meas.images["prefixes"][batch_size]
+    return [sum(h * t / n_probe for h, t in zip(hist, pre, strict=True)) for pre in rounds]
 
 
 def build_results(
@@ -160,6 +182,14 @@ def build_results(
                         else rows_from_histogram(hist_timed))
                 if st_ms:
                     r.cost_share_time = cost_share_time(rows, st_ms)
+            if s.kind == "gated" and s.framework == "onnx":
+                ideal = prefix_ideal_seconds(meas, b, r.rows_per_stage)
+                if ideal is not None:
+                    r.ideal_prefix_ms_per_image = 1e3 * float(np.median(ideal)) / n
+                    r.efficiency_prefix = paired_ratios(ideal, secs)
+                default = meas.seconds.get("full-default", {}).get(b)
+                if default is not None and meas.images["full-default"][b] == n:
+                    r.speedup_default = paired_ratios(default, secs)
             if s.reference is not None and s.reference in meas.seconds:
                 ref = meas.seconds[s.reference][b]
                 if meas.images[s.reference][b] != n:
@@ -230,7 +260,8 @@ class BenchReport:
             "ms/image: median over repeats [min–max]; speed-up and efficiency: median of "
             "per-repeat ratios to the same framework's full model; efficiency = ideal / "
             "measured with ideal = full ms × cost share (time share from stage graphs timed "
-            "alone / FLOPs share).",
+            "alone / FLOPs share); the physical limit: each image pays only the ungated prefix "
+            "of the full model up to its exit (prefixes timed in the same rounds).",
         ]
         for b in self.batch_sizes:
             rows = [r for r in self.results if r.batch_size == b]
@@ -243,6 +274,9 @@ class BenchReport:
                 lines.append("")
                 lines.append(f"stage graphs alone, ms/image: {st} (sum "
                              f"{sum(stage['stage_ms_per_image']):.4f})")
+                if stage.get("prefix_ms_per_image"):
+                    pre = ", ".join(f"{v:.4f}" for v in stage["prefix_ms_per_image"])
+                    lines.append(f"ungated prefixes up to each exit, ms/image: {pre}")
         if self.skipped_batch_sizes:
             lines += ["", f"skipped batch sizes (more than the timed images): "
                       f"{self.skipped_batch_sizes}"]
@@ -270,11 +304,17 @@ def _fmt_hist(h: Sequence[int]) -> str:
 
 def render_table(rows: Sequence[SystemResult]) -> str:
     """Markdown table of result rows (one batch size)."""
-    head = ("| system | ms/image [min–max] | images/s | speed-up | accuracy | exits per stage "
-            "| GFLOPs/image | ideal ms (time / FLOPs) | efficiency (time / FLOPs) | peak RSS MB (Δ) |")
-    out = [head, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    head = ("| system | ms/image [min–max] | images/s | speed-up (vs default ORT) | accuracy "
+            "| exits per stage | GFLOPs/image | ideal ms (time / FLOPs) | efficiency (time / FLOPs) "
+            "| limit ms | efficiency vs limit | peak RSS MB (Δ) |")
+    out = [head, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sp = "–" if r.speedup is None else f"{r.speedup.median:.2f}×"
+        if r.speedup_default is not None:
+            sp += f" ({r.speedup_default.median:.2f}×)"
+        limit = ("–" if r.ideal_prefix_ms_per_image is None else
+                 f"{r.ideal_prefix_ms_per_image:.4f}")
+        eff_limit = "–" if r.efficiency_prefix is None else f"{r.efficiency_prefix.median:.3f}"
         ideal = ("–" if r.ideal_flops_ms_per_image is None else
                  f"{r.ideal_ms_per_image or float('nan'):.4f} / {r.ideal_flops_ms_per_image:.4f}")
         eff = ("–" if r.efficiency_flops is None else
@@ -285,7 +325,7 @@ def render_table(rows: Sequence[SystemResult]) -> str:
         out.append(
             f"| {r.system} | {r.ms.median:.4f} [{r.ms.min:.4f}–{r.ms.max:.4f}] | "
             f"{r.images_per_s:,.0f} | {sp} | {_fmt_acc(r.accuracy)} | {_fmt_hist(r.exit_histogram)} "
-            f"| {r.gflops_per_image:.4f} | {ideal} | {eff} | {mem} |"
+            f"| {r.gflops_per_image:.4f} | {ideal} | {eff} | {limit} | {eff_limit} | {mem} |"
         )
     return "\n".join(out)
 

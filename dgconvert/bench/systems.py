@@ -7,6 +7,8 @@
 ``torch-masked``   the naive PyTorch gated model: every sample through every stage and gate,
                    exits applied as a mask afterwards (``GatedNetwork.gated_forward``, what
                    the papers' code does)
+``full-default``   ``full.onnx`` in a default ONNX Runtime session (what a user would run
+                   instead of dgconvert)
 =================  =====================================================================
 
 Every system receives the same batches (uint8 pixels or float32) and does its own
@@ -25,6 +27,8 @@ import numpy as np
 
 from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.base import Backend
+from dgconvert.runtime.onnxruntime_backend import session_options
+from dgconvert.runtime.passes.prefix import prefix_graphs
 from dgconvert.runtime.runner import GatedRunner
 
 
@@ -96,6 +100,30 @@ class OnnxGated(System):
         return self.runner.stats
 
 
+class OnnxFullDefault(System):
+    """``full.onnx`` in a default ``onnxruntime.InferenceSession`` (no tuning at all)."""
+
+    kind, framework = "full", "onnx"
+
+    def __init__(self, runner: GatedRunner, id: str = "full-default") -> None:
+        import onnxruntime as ort
+
+        self.runner, self.id = runner, id
+        self.label = "full model (default ONNX Runtime session)"
+        self._sess = ort.InferenceSession(str(runner.bundle.full_file()),
+                                          providers=["CPUExecutionProvider"])
+        self._input = self._sess.get_inputs()[0].name
+        self._last = runner.bundle.num_stages - 1
+
+    def predict(self, images: np.ndarray) -> GatedResult:
+        x = self.runner.prepare(images)
+        labels = self._sess.run(None, {self._input: x})[0].argmax(axis=1).astype(np.int64)
+        return _ungated(labels, self._last)
+
+    def close(self) -> None:
+        self._sess = None
+
+
 class TorchFull(System):
     """PyTorch eager, the ungated model."""
 
@@ -139,6 +167,40 @@ class TorchMasked(TorchFull):
         with torch.inference_mode():
             return self.net.gated_forward(self._input(images), self.thresholds,
                                           return_scores=True)
+
+
+class PrefixProbe:
+    """Times the ungated prefix of the full model up to each exit point on full batches
+    (:mod:`dgconvert.runtime.passes.prefix`): what a sample exiting there pays at least.
+    Sessions as tuned as the backend's (``threads``, spinning off)."""
+
+    id = "prefixes"
+    label = "ungated prefixes up to each exit (physical limit)"
+
+    def __init__(self, runner: GatedRunner, threads: int | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        b = runner.bundle
+        models = prefix_graphs([onnx.load(str(b.stage_file(k))) for k in range(b.num_stages)],
+                               onnx.load(str(b.full_file())))
+        self.runner = runner
+        self._sessions = [ort.InferenceSession(m.SerializeToString(), session_options(threads),
+                                               providers=["CPUExecutionProvider"])
+                          for m in models]
+        self._inputs = [s.get_inputs()[0].name for s in self._sessions]
+        self.seconds: list[float] = []
+
+    def reset(self) -> None:
+        self.seconds = [0.0] * len(self._sessions)
+
+    def run(self, images: np.ndarray) -> None:
+        x = self.runner.prepare(images)
+        clock = time.perf_counter
+        for k, (sess, name) in enumerate(zip(self._sessions, self._inputs, strict=True)):
+            t0 = clock()
+            sess.run(None, {name: x})
+            self.seconds[k] += clock() - t0
 
 
 @dataclass

@@ -19,7 +19,7 @@ import dgconvert as dg
 from dgconvert.bench import BenchConfig, BenchError, run_benchmark
 from dgconvert.bench.measurements import Measurements
 from dgconvert.bench.memory import PeakMemory
-from dgconvert.bench.report import build_results, render_paper_table
+from dgconvert.bench.report import build_results, prefix_ideal_seconds, render_paper_table
 from dgconvert.bench.stats import (
     cost_share_flops,
     cost_share_time,
@@ -105,6 +105,16 @@ def _fake_bundle(tmp_path: Path) -> Bundle:
                                      FullInfo("full.onnx", 40), ThresholdInfo([0.5, 0.5])))
 
 
+def test_prefix_ideal_arithmetic() -> None:
+    """Each image pays its prefix: 2 exit at 0 (1 ms), 1 at 1 (2 ms), 1 at the end (4 ms)."""
+    m = Measurements()
+    m.images = {"prefixes": {4: 4}}
+    m.prefix_seconds = {4: [[0.004, 0.008, 0.016], [0.008, 0.016, 0.032]]}  # 1/2/4, 2/4/8 ms
+    ideal = prefix_ideal_seconds(m, 4, [4, 2, 1])
+    assert ideal == pytest.approx([2 * 0.001 + 0.002 + 0.004, 2 * 0.002 + 0.004 + 0.008])
+    assert prefix_ideal_seconds(m, 8, [8, 8, 8]) is None  # no prefixes timed at that size
+
+
 def test_build_results_arithmetic(tmp_path: Path) -> None:
     b = _fake_bundle(tmp_path)  # exit costs 10, 20, 40
     systems = [_Fake("full", "full", "onnx", None), _Fake("gated", "gated", "onnx", "full"),
@@ -174,7 +184,7 @@ def test_run_benchmark_report(tiny: dict[str, Any], tmp_path: Path) -> None:
                         backend="onnxruntime", threads=1, thresholds=tiny["t"],
                         model=tiny["net"], data_name="random")
     assert rep.skipped_batch_sizes == [64] and rep.batch_sizes == [1, 4]
-    systems = ["full", "gated", "torch-full", "torch-masked"]
+    systems = ["full", "gated", "full-default", "torch-full", "torch-masked"]
     assert [(r.system, r.batch_size) for r in rep.results] == [
         (s, b) for b in (1, 4) for s in systems]
     d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))  # strict JSON
@@ -203,6 +213,12 @@ def test_run_benchmark_report(tiny: dict[str, Any], tmp_path: Path) -> None:
             assert r["efficiency"] is None and r["exit_histogram"][-1] == 40
     assert [s["batch_size"] for s in d["stages"]] == [1, 4]
     assert all(len(s["stage_ms_per_image"]) == 4 for s in d["stages"])
+    # the physical limit: prefixes grow with the exit point, the last one is the full model
+    for s in d["stages"]:
+        pre = s["prefix_ms_per_image"]
+        assert len(pre) == 4 and all(v > 0 for v in pre)
+    assert gated["ideal_prefix_ms_per_image"] > 0 and gated["efficiency_prefix"] > 0
+    assert gated["speedup_vs_default_session"] > 0
     assert d["machine"]["usable_cores"] >= 1 and "onnxruntime" in d["machine"]["libraries"]
     md = rep.markdown()
     assert md.count("| gated |") == 2 and "### batch size 4" in md and "efficiency" in md
@@ -243,7 +259,8 @@ def test_cli_bench_writes_json_and_plot(tiny: dict[str, Any]) -> None:
     assert torch.get_num_threads() == threads_before  # the process-wide setting is put back
     assert "| torch-masked |" in out.output and "### batch size 8" in out.output
     d = json.loads((root / "b.json").read_text())
-    assert {r["system"] for r in d["results"]} == {"full", "gated", "torch-full", "torch-masked"}
+    assert {r["system"] for r in d["results"]} == {"full", "gated", "full-default", "torch-full",
+                                                   "torch-masked"}
     assert (root / "b.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(main, ["bench", str(tiny["bundle"].path), "--data", str(npz),
                                     "--batch-size", "0", "--no-torch"])
@@ -269,8 +286,10 @@ def test_cli_bench_staging_overhead(tiny: dict[str, Any]) -> None:
     assert out.exit_code == 0, out.output
     assert "gated[nobody exits]" in out.output
     rows = {r["system"]: r for r in json.loads((root / "s.json").read_text())["results"]}
-    assert set(rows) == {"full", "gated", "gated[nobody exits]"}
+    assert set(rows) == {"full", "gated", "full-default", "gated[nobody exits]"}
     off = rows["gated[nobody exits]"]
+    # nobody exits: the limit is the full model itself
+    assert off["ideal_prefix_ms_per_image"] > 0
     k = tiny["bundle"].num_stages
     assert off["exit_histogram"][:k - 1] == [0] * (k - 1) and off["exit_histogram"][-1] > 0
     assert off["accuracy"] == rows["full"]["accuracy"]
