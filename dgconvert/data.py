@@ -426,10 +426,11 @@ def _load_npz(path: Path, num_classes: int | None) -> Dataset:
             names = z["classes"] if "classes" in keys else None
     except DataError:
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
+            zipfile.BadZipFile, zlib.error) as e:  # what zipfile and numpy raise on bad bytes
         raise DataError(
-            f"{path}: unreadable .npz ({type(e).__name__}: {e}); truncated, corrupt or it "
-            "holds pickled objects. Fix: re-save it with np.savez(path, x=images, y=labels)."
+            f"{path}: unreadable .npz ({type(e).__name__}: {e}); truncated, corrupt, encrypted "
+            "or it holds pickled objects. Fix: re-save it with np.savez(path, x=images, y=labels)."
         ) from e
     images = _as_images(x, f"{path}['x']")
     labels = None if y is None else _as_labels(y, f"{path}['y']")
