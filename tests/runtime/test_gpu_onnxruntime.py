@@ -7,6 +7,7 @@ whose sessions then really fall back to the CPU, which is the silent-fallback ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import dgconvert as dg
 from dgconvert.convert.tensorrt import BuildOptions, build_engines
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import BackendUnavailableError
@@ -25,15 +25,14 @@ from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.onnxruntime_gpu import OnnxRuntimeGpuBackend, OrtFeatures, provider_loads
 from dgconvert.runtime.select import Probe
 from tests import fakes_tensorrt as fakes
-from tests.models import build
 
 CUDA_EP = "CUDAExecutionProvider"
 pytestmark = pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return dg.export(build("resnet"), tmp_path_factory.mktemp("ortgpu") / "m.dg", verify=False)
+def bundle(exported_bundle: Callable[..., Any]) -> Bundle:
+    return exported_bundle("resnet").bundle  # read only: tests that change it copy it
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import json
 import sys
 import threading
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import dgconvert as dg
 from dgconvert.convert.precision import (
     Fp16Report,
     calibration_batches,
@@ -58,7 +58,6 @@ from dgconvert.runtime.tensorrt_backend import (
 )
 from tests import fakes_tensorrt as fakes
 from tests.fakes_tensorrt import GPU_NAME, Kind
-from tests.models import build
 
 KEY10 = "nvidia-fake-gpu-80gb-hbm3_sm90_trt10.8"
 
@@ -288,19 +287,9 @@ def _no_memory(rt: fakes.FakeCudaRuntime) -> bool:
     return not rt.device and not rt.pinned
 
 
-@pytest.fixture(scope="module")
-def bundle_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    net = build("resnet")
-    return dg.export(net, tmp_path_factory.mktemp("src") / "m.dg", verify=False).path
-
-
 @pytest.fixture
-def bundle(bundle_src: Path, tmp_path: Path) -> Bundle:
-    import shutil
-
-    dst = tmp_path / "m.dg"
-    shutil.copytree(bundle_src, dst)
-    return Bundle.load(dst)
+def bundle(exported_bundle: Callable[..., Any], tmp_path: Path) -> Bundle:
+    return exported_bundle("resnet").copy_to(tmp_path)
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
