@@ -18,32 +18,31 @@ def describe_bundle(path: Path) -> str:
     costs = b.exit_costs()
     full = costs[-1] or 1.0
     lines = [
-        f"bundle {b.path} (schema {m['schema_version']}, dgconvert {m.get('dgconvert_version')}, "
-        f"created {m.get('created')})",
-        f"input: {m['input']['shape']} {m['input']['dtype']}, normalization "
-        f"{m['input'].get('normalization')}",
+        f"bundle {b.path} (schema {m.schema_version}, dgconvert {m.dgconvert_version}, "
+        f"created {m.created})",
+        f"input: {m.input.shape} {m.input.dtype}, normalization {m.input.normalization}",
         f"classes ({b.num_classes}): {', '.join(b.classes)}",
         f"full model: {b.full_flops / 1e6:.2f} MFLOPs/image",
         "",
         "stage  file           MFLOPs  cum.share  gate                      threshold",
     ]
-    for k, s in enumerate(m["stages"]):
-        g = s["gate"]
-        gate = f"{g['type']} (score {g['score']}, {g['flops']} FLOPs)" if g else "final"
+    for k, s in enumerate(m.stages):
+        g = s.gate
+        gate = f"{g.type} (score {g.score}, {g.flops} FLOPs)" if g else "final"
         thr = f"{b.thresholds[k]:.4g}" if k < b.num_gates else "-"
         lines.append(
-            f"{k:5d}  {s['file']:<13s}  {s['flops'] / 1e6:6.2f}  {100 * costs[k] / full:8.1f} %  "
+            f"{k:5d}  {s.file:<13s}  {s.flops / 1e6:6.2f}  {100 * costs[k] / full:8.1f} %  "
             f"{gate:<24s}  {thr}"
         )
-    t = m["thresholds"]
-    lines.append(f"\nthresholds from: {t.get('source')} ({t.get('updated')})")
-    cal = m.get("calibration")
+    t = m.thresholds
+    lines.append(f"\nthresholds from: {t.source} ({t.updated})")
+    cal = m.calibration
     if cal:
         lines.append(
             f"calibration: target {cal.get('target_accuracy')}, accuracy {cal.get('accuracy')}, "
             f"cost fraction {cal.get('cost_fraction')}, method {cal.get('method')}"
         )
-    engines = m.get("engines") or {}
+    engines = m.engines
     lines.append(f"engines: {', '.join(engines) if engines else 'none (run `dgconvert build` on a GPU)'}")
     return "\n".join(lines)
 
