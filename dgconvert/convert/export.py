@@ -39,6 +39,15 @@ def _tensor_specs(names: tuple[str, ...], values: list[torch.Tensor],
     ]
 
 
+def _multi_exit_source(net: GatedNetwork) -> dict[str, Any]:
+    """What a network converted from a multi-exit model was (``source.multi_exit``)."""
+    info = net.meta.get("multi_exit")
+    if not info:
+        return {}
+    model = type(net.backbone).__name__ if net.backbone is not None else None
+    return {"multi_exit": {"model": model, "exits": list(info["exits"]), "score": info["score"]}}
+
+
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -111,7 +120,7 @@ def export(
             full=FullInfo("full.onnx", count_flops(net, example[:1])),
             thresholds=ThresholdInfo(list(net.thresholds), "export", now_iso()),
             classes=list(net.classes),
-            source=source or {},
+            source={**(source or {}), **_multi_exit_source(net)},
             opset=OPSET,
         )
         for info in [*manifest.stages, manifest.full]:
