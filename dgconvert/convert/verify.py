@@ -168,7 +168,7 @@ def verify_bundle(
                 f"gated_forward (first rows {np.flatnonzero(bad)[:5].tolist()})"
             )
     if net.meta.get("multi_exit") and net.backbone is not None:
-        verify_own_exits(net, bundle, backend, x, report, atol=atol, rtol=rtol)
+        verify_own_exits(net, bundle, backend, x, report)
     backend.close()
     if report.mismatches and raise_on_mismatch:
         raise ExportVerificationError(report.mismatches)
@@ -198,13 +198,16 @@ def verify_own_exits(
     backend: OnnxRuntimeBackend,
     x: torch.Tensor,
     report: VerificationReport,
-    *,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
 ) -> None:
     """Runtime vs the multi-exit model's own exit rule, sample by sample, at batch 1, 7 and
-    ``len(x)``, with thresholds spread over the gates, lenient and strict ones."""
+    ``len(x)``, with thresholds spread over the gates, lenient and strict ones.
+
+    Samples within float noise of a threshold or of a label tie are not judged: ten times
+    the largest difference the stage checks saw (at least 1e-6), so that the clustered
+    scores of an untrained model still leave most samples judged."""
     info = net.meta["multi_exit"]
+    seen = [report.max_abs.get(k, 0.0) for k in (CONTRACT.score, CONTRACT.gate_logits, CONTRACT.logits)]
+    tol = 1e-6 + 10 * max(seen)
     with torch.no_grad():
         scores = net.all_exits(x).scores.numpy()
     sets = {
@@ -214,7 +217,7 @@ def verify_own_exits(
     }
     x_np = x.numpy()
     for name, t in sets.items():
-        labels, stage, near = own_exit_rule(net, x, t, atol + rtol)
+        labels, stage, near = own_exit_rule(net, x, t, tol)
         for batch in sorted({1, 7, len(x)}):
             res = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch).predict(x_np)
             bad = ((res.labels != labels) | (res.exit_stage != stage)) & ~near
