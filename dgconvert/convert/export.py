@@ -26,6 +26,7 @@ from dgconvert.core.manifest import (
     now_iso,
 )
 from dgconvert.gating.flops import count_flops, stage_flops
+from dgconvert.gating.multi_exit import MultiExitInfo
 from dgconvert.gating.network import GatedNetwork
 
 
@@ -41,11 +42,8 @@ def _tensor_specs(names: tuple[str, ...], values: list[torch.Tensor],
 
 def _multi_exit_source(net: GatedNetwork) -> dict[str, Any]:
     """What a network converted from a multi-exit model was (``source.multi_exit``)."""
-    info = net.meta.get("multi_exit")
-    if not info:
-        return {}
-    model = type(net.backbone).__name__ if net.backbone is not None else None
-    return {"multi_exit": {"model": model, "exits": list(info["exits"]), "score": info["score"]}}
+    info = MultiExitInfo.of(net.meta)
+    return {} if info is None else {"multi_exit": info.source(net.backbone)}
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -25,7 +25,7 @@ from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import ExportVerificationError
 from dgconvert.core.exits import exit_points
 from dgconvert.core.gates import exit_head_score
-from dgconvert.gating.multi_exit import own_exit_outputs
+from dgconvert.gating.multi_exit import MultiExitInfo, own_exit_outputs
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.runner import GatedRunner
@@ -167,7 +167,7 @@ def verify_bundle(
                 f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from "
                 f"gated_forward (first rows {np.flatnonzero(bad)[:5].tolist()})"
             )
-    if net.meta.get("multi_exit") and net.backbone is not None:
+    if MultiExitInfo.of(net.meta) is not None and net.backbone is not None:
         verify_own_exits(net, bundle, backend, x, report)
     backend.close()
     if report.mismatches and raise_on_mismatch:
@@ -180,9 +180,11 @@ def own_exit_rule(net: GatedNetwork, x: torch.Tensor, thresholds: list[float], t
     """The exit rule applied to the original multi-exit model's own outputs (numpy, float64
     scores): ``(labels, exit_stage, near)`` where ``near`` marks samples within ``tol`` of a
     threshold or of a tie between the two best logits of the exit taken."""
-    info = net.meta["multi_exit"]
-    outs = own_exit_outputs(net.backbone, x, info["outputs"])
-    scores = np.stack([exit_head_score(lg, c, info["score"]) for lg, c in outs[:-1]], axis=1)
+    info = MultiExitInfo.of(net.meta)
+    if info is None or net.backbone is None:
+        raise ValueError("own_exit_rule needs a network built by GatedNetwork.from_multi_exit")
+    outs = own_exit_outputs(net.backbone, x, info.outputs)
+    scores = np.stack([exit_head_score(lg, c, info.score) for lg, c in outs[:-1]], axis=1)
     labels = np.stack([lg.argmax(axis=1) for lg, _ in outs], axis=1)
     ties = np.stack([_tie_rows(lg, tol) for lg, _ in outs], axis=1)
     t = np.asarray(thresholds, np.float64)
@@ -205,7 +207,9 @@ def verify_own_exits(
     Samples within float noise of a threshold or of a label tie are not judged: ten times
     the largest difference the stage checks saw (at least 1e-6), so that the clustered
     scores of an untrained model still leave most samples judged."""
-    info = net.meta["multi_exit"]
+    info = MultiExitInfo.of(net.meta)
+    if info is None or net.backbone is None:
+        raise ValueError("verify_own_exits needs a network built by GatedNetwork.from_multi_exit")
     seen = [report.max_abs.get(k, 0.0) for k in (CONTRACT.score, CONTRACT.gate_logits, CONTRACT.logits)]
     tol = 1e-6 + 10 * max(seen)
     with torch.no_grad():
@@ -226,6 +230,6 @@ def verify_own_exits(
                 report.mismatches.append(
                     f"own exits ({name} thresholds {np.round(t, 4).tolist()}, max_batch={batch}): "
                     f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from the "
-                    f"{info['score']!r} rule applied to {type(net.backbone).__name__}'s own exit "
+                    f"{info.score!r} rule applied to {type(net.backbone).__name__}'s own exit "
                     f"outputs (first rows {np.flatnonzero(bad)[:5].tolist()})"
                 )

@@ -77,6 +77,29 @@ class ExitHeadGate(GateHead):
         return {**super().spec(), "exit": self.exit_name, "confidence": self.has_confidence}
 
 
+@dataclass(frozen=True)
+class MultiExitInfo:
+    """What a network converted by ``from_multi_exit`` records in ``meta["multi_exit"]``:
+    the exit heads' names, the score rule, and the index of each exit's entry in the model's
+    output list (the final classifier's last)."""
+
+    exits: list[str]
+    score: str
+    outputs: list[int]
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> MultiExitInfo | None:
+        """The record in a GatedNetwork's ``meta``, or None for other networks."""
+        rec = meta.get("multi_exit")
+        return None if not rec else cls(list(rec["exits"]), str(rec["score"]),
+                                        [int(i) for i in rec["outputs"]])
+
+    def source(self, model: nn.Module | None) -> dict[str, Any]:
+        """The bundle manifest's ``source.multi_exit`` record."""
+        return {"model": None if model is None else type(model).__name__,
+                "exits": list(self.exits), "score": self.score}
+
+
 @dataclass
 class MultiExitParts:
     """What :func:`split_multi_exit` found: stage bodies, exit gates, where each exit's
