@@ -183,3 +183,14 @@ def eenet(num_classes: int = 10, width: int = 8, seed: int = 0) -> EENet:
     """The EENets-style test model, initialised from ``seed`` (importable: ``--arch``)."""
     torch.manual_seed(seed)
     return _randomize_bn(EENet(num_classes, width))  # type: ignore[return-value]
+
+
+class TemperatureExitNet(SDNResNet):
+    """Ops after the exit-head modules (a temperature, a log-softmax) belong to the exit."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = self.layer1(self.stem(x))
+        b = self.layer2(a)
+        c = self.layer3(b)
+        return [self.exit1(a) / 3.0, F.log_softmax(self.exit2(b), dim=1),
+                self.fc(torch.flatten(F.adaptive_avg_pool2d(c, 1), 1))]

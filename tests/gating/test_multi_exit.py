@@ -131,6 +131,37 @@ def test_gated_forward_equals_own_exit_rule(
         assert (np.bincount(stage, minlength=len(exits) + 1) > 0).all()
 
 
+@pytest.mark.parametrize("score", ["max-softmax", "margin-logits"])
+def test_ops_after_the_head_module_belong_to_the_exit(score: str) -> None:
+    torch.manual_seed(0)
+    net = _build(lambda: mm.TemperatureExitNet().eval(), SDN[1], score)
+    x = _x(64, seed=4)
+    with torch.no_grad():
+        out = net.all_exits(x)
+    own = own_exit_outputs(net.backbone, x, net.meta["multi_exit"]["outputs"])
+    for k, (logits, _) in enumerate(own[:-1]):
+        np.testing.assert_allclose(out.scores[:, k].numpy(), exit_head_score(logits, None, score),
+                                   rtol=1e-5, atol=1e-6)
+    # the temperature changes the score: the gate is the entry, not just the module
+    with torch.no_grad():
+        plain = exit_score(net.backbone.exit1(net.stages[0](x)), None, score).numpy()
+    assert np.abs(plain - out.scores[:, 0].numpy()).max() > 1e-3
+
+
+def test_cli_choices_derive_from_the_gate_kinds() -> None:
+    from click.testing import CliRunner
+
+    from dgconvert.cli import main
+
+    fit_help = CliRunner().invoke(main, ["gates", "fit", "--help"]).output
+    export_help = CliRunner().invoke(main, ["export", "--help"]).output
+    assert "neg-entropy" not in fit_help and "exit-head" not in fit_help
+    for score in EXIT_SCORES:
+        assert score in export_help
+    with pytest.raises(ValueError, match="unknown gate type 'exit-head'"):
+        dg.gating.make_gate("exit-head", 8, 10)
+
+
 def test_final_classifier_may_be_named_too() -> None:
     net = _build(mm.eenet, [*EENET[1], "final"], "neg-entropy")
     assert net.num_gates == 3 and net.meta["multi_exit"]["exits"] == EENET[1]
