@@ -194,3 +194,12 @@ class TemperatureExitNet(SDNResNet):
         c = self.layer3(b)
         return [self.exit1(a) / 3.0, F.log_softmax(self.exit2(b), dim=1),
                 self.fc(torch.flatten(F.adaptive_avg_pool2d(c, 1), 1))]
+
+
+class TrainingOnlyExitsNet(SDNResNet):
+    """Returns every exit in eval mode, only the final logits while training (the path
+    converted is the inference one)."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        outs = super().forward(x)
+        return outs[-1:] if self.training else outs

@@ -207,6 +207,18 @@ def _copy(gm: fx.GraphModule, keep: list[fx.Node], start: fx.Node, outs: Sequenc
     return fx.GraphModule(gm, graph)
 
 
+def _run(model: nn.Module, x: torch.Tensor) -> Any:
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as exc:  # the model's own code may raise anything
+        raise CutError(
+            f"{type(model).__name__} failed on example_input of shape {tuple(x.shape)}: {exc}. "
+            "Expected an input the model accepts. Fix: pass example_input (or input_shape) "
+            "of the model's input size."
+        ) from exc
+
+
 def split_multi_exit(
     model: nn.Module, exits: Sequence[str], score: str, example_input: torch.Tensor
 ) -> MultiExitParts:
@@ -232,20 +244,17 @@ def split_multi_exit(
         raise CutError(f"exit(s) {unknown} are not modules of {name}; expected names from "
                        f"model.named_modules(), e.g. {children[:10]}.")
     was_training = model.training
-    model.eval()
+    model.eval()  # run and trace the inference path (forward may branch on self.training)
     try:
-        with torch.no_grad():
-            raw = model(example_input)
-    except Exception as exc:  # the model's own code may raise anything
-        raise CutError(
-            f"{name} failed on example_input of shape {tuple(example_input.shape)}: {exc}. "
-            "Expected an input the model accepts. Fix: pass example_input (or input_shape) "
-            "of the model's input size."
-        ) from exc
+        raw = _run(model, example_input)
+        try:
+            gm = _trace(model, exits)
+        except CutError as exc:
+            raise CutError(f"{exc} (For a multi-exit model the exit heads are traced as "
+                           "opaque calls; the trunk itself must be traceable.)") from exc
     finally:
         model.train(was_training)
     values = _entries(raw, name)
-    gm = _trace(model, exits)
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     placeholders = [n for n in nodes if n.op == "placeholder"]

@@ -162,6 +162,13 @@ def test_cli_choices_derive_from_the_gate_kinds() -> None:
         dg.gating.make_gate("exit-head", 8, 10)
 
 
+def test_the_inference_path_is_converted_whatever_the_mode() -> None:
+    model = mm.TrainingOnlyExitsNet().train()
+    net = GatedNetwork.from_multi_exit(model, SDN[1], "max-softmax", _x(4))
+    assert model.training  # left as it was
+    assert net.num_gates == 2
+
+
 def test_final_classifier_may_be_named_too() -> None:
     net = _build(mm.eenet, [*EENET[1], "final"], "neg-entropy")
     assert net.num_gates == 3 and net.meta["multi_exit"]["exits"] == EENET[1]
