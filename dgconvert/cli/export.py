@@ -1,12 +1,16 @@
-"""``dgconvert export``: gated checkpoint -> verified staged ONNX bundle."""
+"""``dgconvert export``: gated checkpoint (or a multi-exit model with ``--exits``) ->
+verified staged ONNX bundle."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from dgconvert.cli.common import friendly_errors
+from dgconvert.cli.common import friendly_errors, parse_ints
+from dgconvert.cli.gates import _parse_kwargs
+from dgconvert.core.gates import DEFAULT_EXIT_SCORE, EXIT_SCORES
 
 
 @click.command("export")
@@ -23,13 +27,32 @@ from dgconvert.cli.common import friendly_errors
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (not recommended).")
+@click.option("--exits", default=None,
+              help="MODEL is a multi-exit model trained elsewhere (forward returns one entry per "
+                   "exit, the final classifier's last): comma-separated names of its exit-head "
+                   "modules in execution order, e.g. exit1,exit2.")
+@click.option("--score", type=click.Choice(EXIT_SCORES), default=None,
+              help=f"With --exits: the exit score rule (default {DEFAULT_EXIT_SCORE}; confidence = "
+                   "the exit's own (logits, confidence) output, EENets).")
+@click.option("--arch", default=None,
+              help="With --exits and a state_dict MODEL: the architecture 'module:callable'.")
+@click.option("--arch-kwargs", default=None, help="JSON keyword arguments for --arch.")
+@click.option("--input-shape", default=None,
+              help="With --exits: one input's shape C,H,W (default: the checkpoint's, else "
+                   "--data's, e.g. 1,28,28).")
+@click.option("--normalization", default=None,
+              help='With --exits: uint8 -> float normalization as JSON, e.g. \'{"scale": 255, '
+                   '"mean": [0.286], "std": [0.353]}\' (default: the checkpoint\'s, else none).')
 @friendly_errors
 def export_cmd(
     model: Path, output: Path | None, force: bool, trust_pickle: bool, data: str | None,
-    verify_samples: int, atol: float, rtol: float, no_verify: bool,
+    verify_samples: int, atol: float, rtol: float, no_verify: bool, exits: str | None,
+    score: str | None, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
+    normalization: str | None,
 ) -> None:
-    """Export a gated network (MODEL.pt from `dgconvert gates fit` or dgconvert.save) to a
-    bundle: one ONNX graph per stage with its gate fused, plus full.onnx, verified."""
+    """Export a gated network (MODEL.pt from `dgconvert gates fit` or dgconvert.save), or with
+    --exits a multi-exit model as it is, to a bundle: one ONNX graph per stage with its gate
+    fused, plus full.onnx, verified."""
     import torch
 
     import dgconvert as dg
@@ -37,7 +60,20 @@ def export_cmd(
     from dgconvert.core.manifest import portable
     from dgconvert.core.preprocess import normalize
 
-    net = dg.load(model, trust_pickle=trust_pickle)
+    multi = {"--score": score, "--arch": arch, "--arch-kwargs": arch_kwargs,
+             "--input-shape": input_shape, "--normalization": normalization}
+    if exits is None:
+        given = [k for k, v in multi.items() if v is not None]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} only apply to a multi-exit model; expected --exits "
+                "NAME,NAME,... too. Fix: add --exits, or drop those options for a dgconvert "
+                "gated checkpoint."
+            )
+        net = dg.load(model, trust_pickle=trust_pickle)
+    else:
+        net = _multi_exit_net(model, exits, score or DEFAULT_EXIT_SCORE, arch, arch_kwargs,
+                              input_shape, normalization, data, trust_pickle)
     out = output or model.with_suffix(".dg")
     verify_input = None
     if data:
@@ -57,3 +93,40 @@ def export_cmd(
                 "verified_on": portable(data) if data else "random inputs"},
     )
     click.echo(f"wrote {bundle.path} ({bundle.num_stages} stages, {bundle.num_gates} gates)")
+
+
+def _multi_exit_net(
+    model: Path, exits: str, score: str, arch: str | None, arch_kwargs: str | None,
+    input_shape: str | None, normalization: str | None, data: str | None, trust_pickle: bool,
+) -> Any:
+    """Load a multi-exit model (whole pickle or state_dict + --arch) and convert it."""
+    import dgconvert as dg
+    from dgconvert.gating.network import GatedNetwork
+
+    names = [e.strip() for e in exits.split(",") if e.strip()]
+    if not names:
+        raise click.BadParameter(f"expected comma-separated module names, got {exits!r}",
+                                 param_hint="--exits")
+    kwargs = _parse_kwargs(arch_kwargs, "--arch-kwargs")
+    if kwargs is not None and not arch:
+        raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
+    module, info = dg.load_backbone(model, arch=arch, arch_kwargs=kwargs,
+                                    trust_pickle=trust_pickle)
+    recorded = info.get("input") or {}
+    if input_shape:
+        shape = parse_ints(input_shape, "--input-shape")
+    elif recorded.get("shape"):
+        shape = list(recorded["shape"])
+    elif data:
+        ds = dg.load_dataset(data)
+        shape = list(ds.sample_shape) if len(ds.sample_shape) != 2 else [1, *ds.sample_shape]
+    else:
+        raise click.UsageError(
+            f"the input shape of {model.name} is unknown; expected --input-shape C,H,W (e.g. "
+            "1,28,28) or --data with real inputs."
+        )
+    norm = _parse_kwargs(normalization, "--normalization") or recorded.get("normalization")
+    return GatedNetwork.from_multi_exit(
+        module, names, score, input_shape=shape, normalization=norm,
+        classes=info.get("classes"), arch=info.get("arch"),
+    )

@@ -56,11 +56,11 @@ def _parse_kwargs(text: str | None, hint: str) -> dict[str, Any] | None:
 @click.option("--cut", "cuts", default="layer1,layer2,layer3", show_default=True,
               help="Comma-separated module names; a gate follows each.")
 @click.option("--gate", type=click.Choice(GATE_TYPES), default=DEFAULT_GATE, show_default=True,
-              help="Gate head: " + ", ".join(f"{k.name} ({k.loss})" for k in GATE_KINDS.values())
+              help="Gate head: " + ", ".join(f"{n} ({GATE_KINDS[n].loss})" for n in GATE_TYPES)
               + ".")
 @click.option("--score", type=click.Choice(SCORE_CHOICES), default=None,
               help="Exit score (default: " + ", ".join(
-                  f"{k.default_score} for {k.name}" for k in GATE_KINDS.values()) + ").")
+                  f"{GATE_KINDS[n].default_score} for {n}" for n in GATE_TYPES) + ").")
 @click.option("--hinge", type=click.Choice(HINGES), default=DEFAULT_HINGE,
               show_default=True, help="dgate loss: Crammer-Singer multi-class or one-vs-all (the paper).")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,

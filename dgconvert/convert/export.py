@@ -26,6 +26,7 @@ from dgconvert.core.manifest import (
     now_iso,
 )
 from dgconvert.gating.flops import count_flops, stage_flops
+from dgconvert.gating.multi_exit import MultiExitInfo
 from dgconvert.gating.network import GatedNetwork
 
 
@@ -37,6 +38,12 @@ def _tensor_specs(names: tuple[str, ...], values: list[torch.Tensor],
                    str(v.dtype).removeprefix("torch."))
         for n, v in zip(names, values, strict=True)
     ]
+
+
+def _multi_exit_source(net: GatedNetwork) -> dict[str, Any]:
+    """What a network converted from a multi-exit model was (``source.multi_exit``)."""
+    info = MultiExitInfo.of(net.meta)
+    return {} if info is None else {"multi_exit": info.source(net.backbone)}
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -111,7 +118,7 @@ def export(
             full=FullInfo("full.onnx", count_flops(net, example[:1])),
             thresholds=ThresholdInfo(list(net.thresholds), "export", now_iso()),
             classes=list(net.classes),
-            source=source or {},
+            source={**(source or {}), **_multi_exit_source(net)},
             opset=OPSET,
         )
         for info in [*manifest.stages, manifest.full]:

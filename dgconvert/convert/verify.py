@@ -5,8 +5,11 @@ Per stage, on real inputs and several ``keep`` vectors (all rows, a random subse
 outputs within ``atol + rtol * |ref|``; labels exactly, except where the reference's two
 best logits are closer than the tolerance (a tie that float noise may break). Then the
 runtime chain is compared with :meth:`GatedNetwork.gated_forward` sample by sample, with
-thresholds at which samples exit at every gate. Mismatches are collected and raised once
-as :class:`~dgconvert.core.errors.ExportVerificationError`.
+thresholds at which samples exit at every gate. A network converted from a multi-exit model
+(:meth:`GatedNetwork.from_multi_exit`) is also checked against the model's *own* outputs:
+the runtime's labels and exit stages equal the score rule applied to the model's list of
+exit logits, sample by sample, at several threshold sets. Mismatches are collected and
+raised once as :class:`~dgconvert.core.errors.ExportVerificationError`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from dgconvert.convert.stages import stage_modules
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import ExportVerificationError
+from dgconvert.core.exits import exit_points
+from dgconvert.core.gates import exit_head_score
+from dgconvert.gating.multi_exit import MultiExitInfo, own_exit_outputs
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.runner import GatedRunner
@@ -161,7 +167,69 @@ def verify_bundle(
                 f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from "
                 f"gated_forward (first rows {np.flatnonzero(bad)[:5].tolist()})"
             )
+    if MultiExitInfo.of(net.meta) is not None and net.backbone is not None:
+        verify_own_exits(net, bundle, backend, x, report)
     backend.close()
     if report.mismatches and raise_on_mismatch:
         raise ExportVerificationError(report.mismatches)
     return report
+
+
+def own_exit_rule(net: GatedNetwork, x: torch.Tensor, thresholds: list[float], tol: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exit rule applied to the original multi-exit model's own outputs (numpy, float64
+    scores): ``(labels, exit_stage, near)`` where ``near`` marks samples within ``tol`` of a
+    threshold or of a tie between the two best logits of the exit taken."""
+    info = MultiExitInfo.of(net.meta)
+    if info is None or net.backbone is None:
+        raise ValueError("own_exit_rule needs a network built by GatedNetwork.from_multi_exit")
+    outs = own_exit_outputs(net.backbone, x, info.outputs)
+    scores = np.stack([exit_head_score(lg, c, info.score) for lg, c in outs[:-1]], axis=1)
+    labels = np.stack([lg.argmax(axis=1) for lg, _ in outs], axis=1)
+    ties = np.stack([_tie_rows(lg, tol) for lg, _ in outs], axis=1)
+    t = np.asarray(thresholds, np.float64)
+    stage = exit_points(scores, t)
+    rows = np.arange(len(stage))
+    near = (np.abs(scores - t) <= tol).any(axis=1) | ties[rows, stage]
+    return labels[rows, stage].astype(np.int64), stage, near
+
+
+def verify_own_exits(
+    net: GatedNetwork,
+    bundle: Bundle,
+    backend: OnnxRuntimeBackend,
+    x: torch.Tensor,
+    report: VerificationReport,
+) -> None:
+    """Runtime vs the multi-exit model's own exit rule, sample by sample, at batch 1, 7 and
+    ``len(x)``, with thresholds spread over the gates, lenient and strict ones.
+
+    Samples within float noise of a threshold or of a label tie are not judged: ten times
+    the largest difference the stage checks saw (at least 1e-6), so that the clustered
+    scores of an untrained model still leave most samples judged."""
+    info = MultiExitInfo.of(net.meta)
+    if info is None or net.backbone is None:
+        raise ValueError("verify_own_exits needs a network built by GatedNetwork.from_multi_exit")
+    seen = [report.max_abs.get(k, 0.0) for k in (CONTRACT.score, CONTRACT.gate_logits, CONTRACT.logits)]
+    tol = 1e-6 + 10 * max(seen)
+    with torch.no_grad():
+        scores = net.all_exits(x).scores.numpy()
+    sets = {
+        "spread": _spread(scores),
+        "lenient": np.quantile(scores, 0.5, axis=0).tolist(),
+        "strict": np.quantile(scores, 0.9, axis=0).tolist(),
+    }
+    x_np = x.numpy()
+    for name, t in sets.items():
+        labels, stage, near = own_exit_rule(net, x, t, tol)
+        for batch in sorted({1, 7, len(x)}):
+            res = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch).predict(x_np)
+            bad = ((res.labels != labels) | (res.exit_stage != stage)) & ~near
+            report.checks += 1
+            if bad.any():
+                report.mismatches.append(
+                    f"own exits ({name} thresholds {np.round(t, 4).tolist()}, max_batch={batch}): "
+                    f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from the "
+                    f"{info.score!r} rule applied to {type(net.backbone).__name__}'s own exit "
+                    f"outputs (first rows {np.flatnonzero(bad)[:5].tolist()})"
+                )

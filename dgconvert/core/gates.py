@@ -1,9 +1,15 @@
 """Gate-type metadata (torch-free): names, score kinds, defaults. The torch heads, the
-fitting code and the CLI's choices all derive from :data:`GATE_KINDS`."""
+fitting code and the CLI's choices all derive from :data:`GATE_KINDS`.
+
+The ``exit-head`` kind is a multi-exit model's own exit head (SDN, BranchyNet, MSDNet,
+EENets), fused as it is; :func:`exit_head_score` is its score rule on the head's outputs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,13 @@ class GateKind:
     default_threshold: float  # a conservative starting threshold (calibrate to do better)
     loss: str  # what fits it
     summary: str
+    fittable: bool = True  # ``gates fit`` can attach and train it
+    #: per score kind starting thresholds where they differ from ``default_threshold``
+    score_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, score: str) -> float:
+        """The starting threshold of score kind ``score``."""
+        return self.score_thresholds.get(score, self.default_threshold)
 
 
 GATE_KINDS: dict[str, GateKind] = {
@@ -27,13 +40,25 @@ GATE_KINDS: dict[str, GateKind] = {
                  "linear head; score = max softmax probability (BranchyNet-style)"),
         GateKind("confidence", ("sigmoid",), "sigmoid", 0.5, "EENet L_v2",
                  "EENet pool exit: class head + sigmoid confidence head"),
+        GateKind("exit-head",
+                 ("max-softmax", "margin-softmax", "margin-logits", "neg-entropy", "confidence"),
+                 "max-softmax", 0.99, "the model's own training",
+                 "a multi-exit model's own exit head, fused as it is (SDN, BranchyNet, EENets)",
+                 fittable=False,
+                 score_thresholds={"margin-logits": 10.0, "neg-entropy": -0.05,
+                                   "confidence": 0.5}),
     )
 }
 
-GATE_TYPES: tuple[str, ...] = tuple(GATE_KINDS)
-#: Every score kind some gate supports, in a stable order.
-SCORE_CHOICES: tuple[str, ...] = tuple(dict.fromkeys(s for k in GATE_KINDS.values()
-                                                     for s in k.scores))
+#: Gate types ``gates fit`` attaches and trains (``make_gate`` builds them).
+GATE_TYPES: tuple[str, ...] = tuple(n for n, k in GATE_KINDS.items() if k.fittable)
+#: Every score kind some fittable gate supports, in a stable order.
+SCORE_CHOICES: tuple[str, ...] = tuple(dict.fromkeys(s for n in GATE_TYPES
+                                                     for s in GATE_KINDS[n].scores))
+#: The gate kind of a multi-exit model's own exit heads, and its score rules.
+EXIT_HEAD = "exit-head"
+EXIT_SCORES: tuple[str, ...] = GATE_KINDS[EXIT_HEAD].scores
+DEFAULT_EXIT_SCORE = GATE_KINDS[EXIT_HEAD].default_score
 #: The gate ``gates fit`` attaches by default, and the dgate loss it uses.
 DEFAULT_GATE = "dgate"
 HINGES: tuple[str, ...] = ("ovr", "crammer-singer")
@@ -45,7 +70,9 @@ def gate_kind(name: str) -> GateKind:
     try:
         return GATE_KINDS[name]
     except KeyError:
-        raise ValueError(f"unknown gate type {name!r}; expected one of {GATE_TYPES}") from None
+        raise ValueError(
+            f"unknown gate type {name!r}; expected one of {tuple(GATE_KINDS)}"
+        ) from None
 
 
 def check_score(gate: str, score: str | None) -> str:
@@ -55,3 +82,31 @@ def check_score(gate: str, score: str | None) -> str:
     if score not in kind.scores:
         raise ValueError(f"gate {gate!r} got score={score!r}; expected one of {kind.scores}")
     return score
+
+
+def exit_head_score(logits: np.ndarray, confidence: np.ndarray | None, score: str) -> np.ndarray:
+    """The ``exit-head`` score rule in numpy (float64): ``logits [N, C]`` and, for
+    ``score="confidence"``, the exit's own confidence ``[N]`` or ``[N, 1]``; returns ``[N]``.
+
+    ``max-softmax``: largest softmax probability; ``margin-softmax`` / ``margin-logits``:
+    top-1 minus top-2 of the softmax / of the logits; ``neg-entropy``: ``sum p log p``;
+    ``confidence``: the confidence as it is.
+    """
+    if score not in EXIT_SCORES:
+        raise ValueError(f"exit score {score!r} is unknown; expected one of {EXIT_SCORES}")
+    z = np.asarray(logits, np.float64)
+    if score == "confidence":
+        if confidence is None:
+            raise ValueError("score='confidence' needs the exit's confidence output; got none")
+        return np.asarray(confidence, np.float64).reshape(len(z))
+    if score == "margin-logits":
+        top2 = np.sort(z, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    if score == "max-softmax":
+        return p.max(axis=1)
+    if score == "margin-softmax":
+        top2 = np.sort(p, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    return (p * (z - z.max(axis=1, keepdims=True) - np.log(e.sum(axis=1, keepdims=True)))).sum(1)

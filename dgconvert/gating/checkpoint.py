@@ -86,12 +86,15 @@ def save(net: GatedNetwork, path: str | Path, *, pickle: bool = False) -> Path:
         return atomic_write(path, lambda p: torch.save(net, p))
     arch, backbone = net.meta.get("arch"), net.backbone
     if arch is None or backbone is None:
+        how = "from_multi_exit" if net.meta.get("multi_exit") else "from_backbone"
         raise CheckpointError(
-            "this GatedNetwork has no importable architecture (it was not built with "
-            "GatedNetwork.from_backbone(..., arch={'factory': 'module:callable', 'kwargs': {...}})); "
+            f"this GatedNetwork has no importable architecture (it was not built with "
+            f"GatedNetwork.{how}(..., arch={{'factory': 'module:callable', 'kwargs': {{...}}}})); "
             "a weights-only checkpoint could not rebuild it. Fix: pass arch=..., or save with "
             "pickle=True and load with trust_pickle=True."
         )
+    if net.meta.get("multi_exit"):
+        return _save_multi_exit(net, backbone, arch, path)
     state = {
         "format": GATED_FORMAT,
         "version": VERSION,
@@ -129,6 +132,15 @@ def load(path: str | Path, *, trust_pickle: bool = False) -> GatedNetwork:
     _load_state(backbone, obj["backbone_state"], path)
     backbone.eval()
     spec = obj["input"]
+    if obj.get("multi_exit"):
+        info = obj["multi_exit"]
+        net = GatedNetwork.from_multi_exit(
+            backbone, info["exits"], info["score"], input_shape=spec["shape"],
+            normalization=spec.get("normalization"), classes=obj.get("classes"),
+            arch=obj["arch"],
+        )
+        net.thresholds = [float(t) for t in obj["thresholds"]]
+        return net
     net = GatedNetwork.from_backbone(
         backbone,
         obj["cuts"],
@@ -145,6 +157,26 @@ def load(path: str | Path, *, trust_pickle: bool = False) -> GatedNetwork:
     if obj.get("fit"):
         net.meta["fit"] = obj["fit"]
     return net
+
+
+def _save_multi_exit(net: GatedNetwork, model: nn.Module, arch: dict[str, Any],
+                     path: str | Path) -> Path:
+    """A converted multi-exit model: its arch, exit names and score, and its own weights
+    (the exit heads are part of the model); :func:`load` rebuilds it with
+    :meth:`GatedNetwork.from_multi_exit`."""
+    info = net.meta["multi_exit"]
+    state = {
+        "format": GATED_FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "multi_exit": {"exits": list(info["exits"]), "score": info["score"]},
+        "num_classes": net.num_classes,
+        "input": {"shape": net.input_shape, "normalization": net.normalization},
+        "classes": net.classes,
+        "thresholds": net.thresholds,
+        "backbone_state": model.state_dict(),
+    }
+    return atomic_write(path, lambda p: torch.save(state, p))
 
 
 def _load_state(module: nn.Module, state: dict[str, Any], path: str | Path) -> None:

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from dgconvert.core.exits import GatedResult, exit_points
-from dgconvert.core.gates import gate_kind
+from dgconvert.core.gates import DEFAULT_EXIT_SCORE, gate_kind
 from dgconvert.gating.cut import cut_backbone
 from dgconvert.gating.heads import FinalHead, GateHead, make_gate, pool_features
+from dgconvert.gating.multi_exit import split_multi_exit
 
 
 class AllExits(NamedTuple):
@@ -76,7 +77,7 @@ class GatedNetwork(nn.Module):
     @staticmethod
     def default_threshold(gate: GateHead) -> float:
         """A conservative starting threshold per gate type (calibrate to do better)."""
-        return gate_kind(gate.gate_type).default_threshold
+        return gate_kind(gate.gate_type).threshold_for(gate.score_kind)
 
     @property
     def num_gates(self) -> int:
@@ -143,6 +144,48 @@ class GatedNetwork(nn.Module):
             normalization=normalization,
             classes=classes,
             meta={"cuts": list(cuts), **({"arch": arch} if arch else {})},
+        )
+        net._backbone = model
+        return net
+
+    @classmethod
+    def from_multi_exit(
+        cls,
+        model: nn.Module,
+        exits: Sequence[str],
+        score: str = DEFAULT_EXIT_SCORE,
+        example_input: torch.Tensor | None = None,
+        *,
+        input_shape: Sequence[int] | None = None,
+        normalization: dict[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+        arch: dict[str, Any] | None = None,
+    ) -> GatedNetwork:
+        """Convert a multi-exit model trained elsewhere (SDN, BranchyNet, MSDNet, EENets) as
+        it is: ``model.forward`` returns one entry per exit (logits, or ``(logits,
+        confidence)``), the final classifier's last; ``exits`` names the exit-head modules
+        in execution order. The trunk is cut where each head reads it and each head becomes
+        its stage's gate, scored by ``score`` (one of
+        :data:`dgconvert.core.gates.EXIT_SCORES`). ``arch`` as in :meth:`from_backbone`.
+        """
+        if example_input is None:
+            if input_shape is None:
+                raise ValueError("from_multi_exit needs example_input or input_shape")
+            example_input = torch.zeros(2, *input_shape)
+        if input_shape is None:
+            input_shape = list(example_input.shape[1:])
+        parts = split_multi_exit(model, exits, score, example_input)
+        meta: dict[str, Any] = {
+            "multi_exit": {"exits": parts.exits, "score": score, "outputs": parts.outputs}
+        }
+        net = cls(
+            parts.stages,
+            parts.gates,
+            parts.num_classes,
+            input_shape=input_shape,
+            normalization=normalization,
+            classes=classes,
+            meta={**meta, **({"arch": arch} if arch else {})},
         )
         net._backbone = model
         return net
