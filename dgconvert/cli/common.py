@@ -82,3 +82,21 @@ def threads_option(fn: F) -> F:
     return click.option(
         "--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)."
     )(fn)
+
+
+def parse_json_object(text: str | None, hint: str) -> dict[str, Any] | None:
+    """A JSON object option (``--arch-kwargs``, ``--normalization``), or None when empty."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"expected a JSON object such as '{{\"widths\": [8, 16, 16, 32]}}', got {text!r} ({exc})",
+            param_hint=hint,
+        ) from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter(
+            f"expected a JSON object, got {type(value).__name__}: {text!r}", param_hint=hint
+        )
+    return value

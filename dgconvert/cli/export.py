@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from dgconvert.cli.common import friendly_errors, parse_ints
-from dgconvert.cli.gates import _parse_kwargs
+from dgconvert.cli.common import friendly_errors, parse_ints, parse_json_object
 from dgconvert.core.gates import DEFAULT_EXIT_SCORE, EXIT_SCORES
 
 
@@ -107,7 +106,7 @@ def _multi_exit_net(
     if not names:
         raise click.BadParameter(f"expected comma-separated module names, got {exits!r}",
                                  param_hint="--exits")
-    kwargs = _parse_kwargs(arch_kwargs, "--arch-kwargs")
+    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
     if kwargs is not None and not arch:
         raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
     module, info = dg.load_backbone(model, arch=arch, arch_kwargs=kwargs,
@@ -125,7 +124,7 @@ def _multi_exit_net(
             f"the input shape of {model.name} is unknown; expected --input-shape C,H,W (e.g. "
             "1,28,28) or --data with real inputs."
         )
-    norm = _parse_kwargs(normalization, "--normalization") or recorded.get("normalization")
+    norm = parse_json_object(normalization, "--normalization") or recorded.get("normalization")
     return GatedNetwork.from_multi_exit(
         module, names, score, input_shape=shape, normalization=norm,
         classes=info.get("classes"), arch=info.get("arch"),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from dgconvert.cli.common import friendly_errors, write_json
+from dgconvert.cli.common import friendly_errors, parse_json_object, write_json
 from dgconvert.core.gates import (
     DEFAULT_GATE,
     DEFAULT_HINGE,
@@ -22,23 +21,6 @@ from dgconvert.core.gates import (
 @click.group("gates", context_settings={"help_option_names": ["-h", "--help"]})
 def gates_group() -> None:
     """Attach gate heads to a trained backbone and fit them."""
-
-
-def _parse_kwargs(text: str | None, hint: str) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(
-            f"expected a JSON object such as '{{\"widths\": [8, 16, 16, 32]}}', got {text!r} ({exc})",
-            param_hint=hint,
-        ) from exc
-    if not isinstance(value, dict):
-        raise click.BadParameter(
-            f"expected a JSON object, got {type(value).__name__}: {text!r}", param_hint=hint
-        )
-    return value
 
 
 @gates_group.command("fit")
@@ -110,7 +92,7 @@ def fit_cmd(
     options: dict[str, Any] = {"gate": gate, "score": score, "hinge": hinge, "standardize": standardize}
     if paper:
         options.update(PAPER_DGATE)
-    kwargs = _parse_kwargs(arch_kwargs, "--arch-kwargs")
+    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
     arch_spec: str | dict[str, Any] | None = arch
     if arch and kwargs is not None:
         arch_spec = {"factory": arch, "kwargs": kwargs}
@@ -120,7 +102,7 @@ def fit_cmd(
         backbone, data, cut_list, **options, l2=l2, epochs=epochs, batch_size=batch_size,
         lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
         cost_weight=cost_weight, arch=arch_spec, trust_pickle=trust_pickle, seed=seed,
-        normalization=_parse_kwargs(normalization, "--normalization"), progress=True,
+        normalization=parse_json_object(normalization, "--normalization"), progress=True,
     )  # fmt: skip
     click.echo(result.table())
     dg.save(result.net, output)
