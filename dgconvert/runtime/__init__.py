@@ -9,14 +9,18 @@ from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.backends import BACKENDS, backend_class, create_backend
 from dgconvert.runtime.base import Backend, StageOutput
+from dgconvert.runtime.pool import GatedPool, PoolClosedError, PoolFullError
 from dgconvert.runtime.runner import GatedRunner
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "Bundle",
+    "GatedPool",
     "GatedResult",
     "GatedRunner",
+    "PoolClosedError",
+    "PoolFullError",
     "StageOutput",
     "backend_class",
     "create_backend",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,14 @@ class Backend(abc.ABC):
         compaction inside, returning ``(score, label)`` per stage over the rows that reached
         it (a row of stage ``k`` continues iff ``not score >= thresholds[k]``). None when
         the backend only runs stage by stage."""
+        return None
+
+    def merge_features(self, parts: Sequence[tuple[Any, np.ndarray]]) -> Any | None:
+        """One features handle holding ``features[keep]`` of every ``(features, keep)`` part,
+        in order (rows of different batches of the same stage, for re-batching), or None
+        when this backend cannot merge them. Default: host arrays."""
+        if all(isinstance(f, np.ndarray) for f, _ in parts):
+            return np.concatenate([f[keep] for f, keep in parts])
         return None
 
     def max_batch(self) -> int | None:

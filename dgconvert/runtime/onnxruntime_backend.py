@@ -323,6 +323,16 @@ class OnnxRuntimeBackend(Backend):
         feats = outs[0] if not block else BlockedFeatures(outs[0], path.channels, block, k)
         return StageOutput(feats, outs[1], outs[2])
 
+    def merge_features(self, parts: Sequence[tuple[Any, np.ndarray]]) -> Any | None:
+        """Rows of several stage outputs as one handle (blocked features stay blocked)."""
+        first = parts[0][0]
+        if isinstance(first, BlockedFeatures) and all(
+                isinstance(f, BlockedFeatures) and f.stage == first.stage and f.block == first.block
+                for f, _ in parts):
+            value = np.concatenate([f.value[keep] for f, keep in parts])
+            return BlockedFeatures(value, first.channels, first.block, first.stage)
+        return super().merge_features(parts)
+
     def run_contract(self, k: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output of stage ``k``'s graph as exported (no fused or composed path)."""
         io = self.stage_io[k]

@@ -93,6 +93,11 @@ class GatedRunner:
                                  self._thresholds)
 
     @property
+    def exit_thresholds(self) -> np.ndarray:
+        """float32 thresholds as compared (``score >= t``): a gate that is off is NaN."""
+        return self._exit_at
+
+    @property
     def stats(self) -> list[int]:
         """Rows each stage processed since creation or :meth:`reset_stats`."""
         with self._lock:

@@ -1,0 +1,136 @@
+"""In-process continuous batching: many client threads sending small requests to a
+``GatedPool`` (gated) and to a ``GatedPool(full=True)`` (the ungated model, same batching).
+
+For each client count and request size, closed-loop clients send requests for a fixed time;
+the two pools are measured alternately (``--rounds`` each) and the throughput ratio is taken
+per round. The ideal speed-up of the exit mix is the one ``dgconvert bench`` reports at the
+pool's batch size: full time / sum over exits of the ungated prefix time (the physical
+limit) and the FLOPs share.
+
+    .venv/bin/python benchmarks/pool_throughput.py [BUNDLE] [--clients 1,8,32] [--sizes 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _util import DEFAULT_BUNDLE, TEST_DATA, header, require, write_results
+
+from dgconvert.bench import BenchConfig, run_benchmark
+from dgconvert.core.bundle import Bundle
+from dgconvert.data import load_dataset
+from dgconvert.runtime import GatedPool
+
+
+def _closed_loop(pool: GatedPool, images: np.ndarray, clients: int, size: int,
+                 seconds: float) -> tuple[float, list[float]]:
+    """Requests/s and per-request latencies (ms) of ``clients`` threads for ``seconds``."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * clients
+    lat: list[list[float]] = [[] for _ in range(clients)]
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(i)
+        while time.perf_counter() < stop:
+            rows = rng.integers(0, len(images) - size)
+            t0 = time.perf_counter()
+            pool.predict(images[rows:rows + size], timeout=60)
+            lat[i].append(1e3 * (time.perf_counter() - t0))
+            counts[i] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(counts) / (time.perf_counter() - t0), [v for li in lat for v in li]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
+    ap.add_argument("--data", default=TEST_DATA)
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--sizes", default="1,8")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-delay-ms", type=float, default=2.0)
+    ap.add_argument("--stem", default="pool_throughput")
+    args = ap.parse_args()
+    bundle = Bundle.load(require(args.bundle, "bundle"))
+    images = load_dataset(args.data).images
+    # the ideal speed-up of this exit mix, from the bench harness at the pool's batch size
+    rep = run_benchmark(bundle, images[:2048], config=BenchConfig(
+        batch_sizes=[args.max_batch], repeats=3, samples=2048, progress=False),
+        backend="onnxruntime")
+    gated = rep.result("gated", args.max_batch)
+    full = rep.result("full", args.max_batch)
+    limit_speedup = full.ms.median / (gated.ideal_prefix_ms_per_image or float("nan"))
+    flops_speedup = 1.0 / (gated.cost_share_flops or float("nan"))
+    rows: list[dict[str, Any]] = []
+    pools = {"gated": GatedPool(bundle, max_batch=args.max_batch,
+                                max_delay_ms=args.max_delay_ms, backend="onnxruntime"),
+             "full": GatedPool(bundle, max_batch=args.max_batch,
+                               max_delay_ms=args.max_delay_ms, full=True, backend="onnxruntime")}
+    try:
+        for clients in (int(c) for c in args.clients.split(",")):
+            for size in (int(s) for s in args.sizes.split(",")):
+                rps: dict[str, list[float]] = {"gated": [], "full": []}
+                lats: dict[str, list[float]] = {"gated": [], "full": []}
+                for r in range(args.rounds):
+                    for name in (("gated", "full") if r % 2 == 0 else ("full", "gated")):
+                        v, lat = _closed_loop(pools[name], images, clients, size, args.seconds)
+                        rps[name].append(v)
+                        lats[name] += lat
+                ratios = [g / f for g, f in zip(rps["gated"], rps["full"], strict=True)]
+                ratio = statistics.median(ratios)
+                rows.append({
+                    "clients": clients, "request_size": size,
+                    "gated_images_per_s": statistics.median(rps["gated"]) * size,
+                    "full_images_per_s": statistics.median(rps["full"]) * size,
+                    "speedup": ratio, "speedup_min": min(ratios), "speedup_max": max(ratios),
+                    "of_limit_speedup": ratio / limit_speedup,
+                    "of_flops_speedup": ratio / flops_speedup,
+                    "gated_p50_ms": float(np.percentile(lats["gated"], 50)),
+                    "gated_p99_ms": float(np.percentile(lats["gated"], 99)),
+                    "full_p50_ms": float(np.percentile(lats["full"], 50)),
+                    "full_p99_ms": float(np.percentile(lats["full"], 99)),
+                })
+                print(rows[-1], flush=True)
+        stats = {name: {"rows_per_stage": p.stats, "mean_batch": float(np.mean(p.batch_sizes))}
+                 for name, p in pools.items()}
+    finally:
+        for p in pools.values():
+            p.close()
+    md = [header("GatedPool: continuous batching across client threads", [
+        f"bundle: {bundle.path.name}, thresholds {bundle.thresholds}, max_batch "
+        f"{args.max_batch}, max_delay_ms {args.max_delay_ms}",
+        f"exit mix at batch {args.max_batch}: ideal speed-up {limit_speedup:.2f}× (physical "
+        f"limit: ungated prefixes) / {flops_speedup:.2f}× (FLOPs share); the runner measured "
+        f"{gated.speedup.median:.2f}× there" if gated.speedup else "",
+        f"rows per stage (gated pool): {stats['gated']['rows_per_stage']}, mean batch "
+        f"{stats['gated']['mean_batch']:.1f}; full pool mean batch "
+        f"{stats['full']['mean_batch']:.1f}"]),
+        "| clients | request | gated img/s | full img/s | speed-up [min–max] | of limit speed-up "
+        "| of FLOPs speed-up | gated p50 / p99 ms | full p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['clients']} | {r['request_size']} | {r['gated_images_per_s']:,.0f} | "
+                  f"{r['full_images_per_s']:,.0f} | {r['speedup']:.2f}× [{r['speedup_min']:.2f}–"
+                  f"{r['speedup_max']:.2f}] | {r['of_limit_speedup']:.2f} | "
+                  f"{r['of_flops_speedup']:.2f} | {r['gated_p50_ms']:.2f} / "
+                  f"{r['gated_p99_ms']:.2f} | {r['full_p50_ms']:.2f} / {r['full_p99_ms']:.2f} |")
+    write_results(args.stem, "\n".join(md), {"rows": rows, "limit_speedup": limit_speedup,
+                                             "flops_speedup": flops_speedup, "pools": stats})
+
+
+if __name__ == "__main__":
+    main()
