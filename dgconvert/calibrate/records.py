@@ -1,7 +1,9 @@
 """Gate records from the collection pass, and the exact simulation of an exit rule.
 
-A sample exits at the first gate ``k`` with ``scores[i, k] >= thresholds[k]`` and takes
-``labels[i, k]``; otherwise it takes ``final_labels[i]``. ``+inf`` disables a gate.
+A sample exits at the first gate ``k`` that is on (``thresholds[k] < +inf``) with
+``scores[i, k] >= thresholds[k]`` and takes ``labels[i, k]``; otherwise it takes
+``final_labels[i]``. Non-finite scores: a gate that is off never exits, whatever the score
+(+inf included); a NaN score never exits; a +inf score exits wherever the gate is on.
 ``exit_costs[k]`` (length K+1, non-decreasing) is the cumulative cost paid by a sample
 leaving at exit point ``k``; ``k = K`` is the final stage.
 """
@@ -36,7 +38,8 @@ class GateRecords:
     """Every gate's score and label, and the final label, for each of n samples.
 
     ``scores`` is stored as float32 [n, K] (what the runtime compares), ``labels`` as
-    int64 [n, K] and ``final_labels`` as int64 [n]. NaN scores are rejected.
+    int64 [n, K] and ``final_labels`` as int64 [n]. Scores may be NaN or infinite (see the
+    module doc for what they do).
     """
 
     scores: np.ndarray
@@ -52,11 +55,6 @@ class GateRecords:
         if scores.dtype == bool or not np.issubdtype(scores.dtype, np.number):
             raise CalibrationError(f"scores must be real numbers, got dtype {scores.dtype}")
         scores = scores.astype(np.float32, copy=False)
-        if not np.isfinite(scores).all():
-            raise CalibrationError(
-                "scores contain NaN or infinities (a +inf score would exit even at a disabled "
-                "gate); fix the gate head before calibrating"
-            )
         labels = _int_array("labels", self.labels, 2)
         final = _int_array("final_labels", self.final_labels, 1)
         if labels.shape != scores.shape:
@@ -174,8 +172,10 @@ def first_fire(fires: np.ndarray) -> np.ndarray:
 
 
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """First gate with ``score >= threshold`` per sample, ``K`` when none fires."""
-    return first_fire(scores >= thresholds[None, :]).astype(np.int64)
+    """First gate that is on with ``score >= threshold`` per sample, ``K`` when none fires
+    (NaN scores never fire; a gate at +inf is off even for a +inf score)."""
+    on = thresholds < np.inf
+    return first_fire((scores >= thresholds[None, :]) & on[None, :]).astype(np.int64)
 
 
 def simulate(
