@@ -95,17 +95,24 @@ def paired_counts(
 
 def _tail_le(t: int, n: int, eps: float, q: np.ndarray) -> np.ndarray:
     """``sup P(L - F <= t)`` over trinomials with discordance rate ``q`` (one value per
-    entry) and drop >= ``eps``: the drop ``max(eps, -q)`` (conservative by ``_TAIL``)."""
-    from scipy import stats
+    entry) and drop >= ``eps``: the drop ``max(eps, -q)``. Sums over the discordant count
+    m up to far in the upper tail; the tail beyond is added whole (conservative)."""
+    from scipy import special, stats
 
     q = np.clip(np.asarray(q, np.float64), max(eps, 0.0), 1.0)
-    hi = int(min(n, stats.binom.isf(_TAIL, n, float(q.max())) + 1))
-    m = np.arange(hi + 1)[None, :]
+    qm = float(q.max())
+    hi = int(min(n, math.ceil(n * qm + 12 * math.sqrt(n * qm * (1 - qm)) + 40)))
+    m = np.arange(hi + 1, dtype=np.float64)[None, :]
     qq = q[:, None]
     e = np.maximum(eps, -qq)
-    r = np.where(qq > 0, (qq + e) / (2 * np.where(qq > 0, qq, 1.0)), 0.5)
-    inner = stats.binom.cdf(np.floor((t + m) / 2), m, np.clip(r, 0.0, 1.0))
-    out = (stats.binom.pmf(m, n, qq) * inner).sum(axis=1) + stats.binom.sf(hi, n, q)
+    r = np.clip(np.where(qq > 0, (qq + e) / (2 * np.where(qq > 0, qq, 1.0)), 0.5), 0.0, 1.0)
+    k = np.floor((t + m) / 2)
+    inner = stats.binom.cdf(k, m, r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logpmf = (special.gammaln(n + 1) - special.gammaln(m + 1) - special.gammaln(n - m + 1)
+                  + special.xlogy(m, qq) + special.xlog1py(n - m, -qq))
+    tail = special.bdtrc(hi, n, q) if hi < n else np.zeros_like(q)
+    out = (np.exp(logpmf) * inner).sum(axis=1) + tail
     return np.minimum(out, 1.0)
 
 
@@ -130,13 +137,18 @@ def paired_drop_pvalue(losses: int, fixes: int, n: int, max_drop: float, delta: 
     return float(min(1.0, _tail_le(losses - fixes, n, eps, grid).max() + gamma))
 
 
-def drop_upper_bound(losses: int, fixes: int, n: int, delta: float) -> float:
-    """Smallest drop ``e`` that the paired test certifies (``drop <= e`` with confidence
-    1 - delta); 1.0 when none is."""
+def drop_upper_bound(losses: int, fixes: int, n: int, delta: float, tol: float = 1e-6) -> float:
+    """Smallest drop ``e`` (within ``tol``) that the paired test certifies (``drop <= e``
+    with confidence 1 - delta); 1.0 when none is."""
     if n <= 0 or paired_drop_pvalue(losses, fixes, n, 1.0 - 1e-9, delta) > delta:
         return 1.0
-    lo, hi = -1.0 + 1e-9, 1.0 - 1e-9
-    for _ in range(40):
+    lo = max(-1.0 + 1e-9, (losses - fixes) / n)  # the observed drop is never certified
+    hi = min(1.0 - 1e-9, lo + 8.0 * math.sqrt(losses + fixes + 4.0) / n + 1e-3)
+    if paired_drop_pvalue(losses, fixes, n, lo, delta) <= delta:
+        lo = -1.0 + 1e-9
+    if paired_drop_pvalue(losses, fixes, n, hi, delta) > delta:
+        hi = 1.0 - 1e-9
+    while hi - lo > tol:
         mid = 0.5 * (lo + hi)
         if paired_drop_pvalue(losses, fixes, n, mid, delta) <= delta:
             hi = mid

@@ -9,7 +9,8 @@ gate. Every distinct behaviour of a threshold on these samples has exactly one i
 
 Non-finite scores (see :mod:`records`): a +inf score is ranked as the largest float32,
 the threshold that lets it exit with its gate on; a NaN score gets rank ``D_k + 1``, which
-no index reaches, so it never exits.
+no index reaches, so it never exits. So does a -inf score: only a -inf threshold would let
+it out, and calibration never proposes one (it has no JSON encoding).
 
 Costs are kept as totals over samples (not means) so integer costs stay exact.
 """
@@ -134,7 +135,7 @@ class Problem:
         for g in range(k):
             s = records.scores[:, g].astype(np.float64)
             s = np.where(s == np.inf, top, s)
-            nan = np.isnan(s)
+            nan = np.isnan(s) | (s == -np.inf)
             uniq, inv = np.unique(-s[~nan], return_inverse=True)
             rank[~nan, g] = inv.ravel() + 1
             rank[nan, g] = uniq.size + 1
