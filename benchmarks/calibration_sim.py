@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.calibrate import CalibrationError, GateRecords, calibrate, simulate
+from dgconvert.calibrate.pipeline import CONFIDENCE_HOLDOUT, SELECT_MARGIN
 from dgconvert.calibrate.search import search
 
 ROOT = Path(__file__).resolve().parent
@@ -61,16 +62,17 @@ def _drop(rec: GateRecords, y: np.ndarray, t: tuple[float, ...], costs: np.ndarr
     return float(np.mean(rec.final_labels == y) - out.accuracy), 1.0 - out.cost_fraction
 
 
-def run_split(job: tuple[int, float, int, float]) -> list[dict[str, Any]]:
+def run_split(job: tuple[int, float, int, float, float, float, tuple[str, ...]]
+              ) -> list[dict[str, Any]]:
     """Every mode on one random split: ``(calibration size, max drop in points, split
-    index, confidence)``."""
-    size, drop_pt, split, conf = job
+    index, confidence, select margin, confidence-mode holdout, modes)``."""
+    size, drop_pt, split, conf, margin, conf_holdout, modes = job
     rec, y, costs = _DATA["rec"], _DATA["y"], _DATA["costs"]
     perm = np.random.default_rng([size, int(drop_pt * 1000), split]).permutation(rec.n)
     cal, unseen = np.sort(perm[:size]), np.sort(perm[size:])
     rc, yc, ru, yu = rec.subset(cal), y[cal], rec.subset(unseen), y[unseen]
     rows = []
-    for mode in MODES:
+    for mode in modes:
         row: dict[str, Any] = {"size": size, "max_drop": drop_pt, "split": split, "mode": mode}
         start = time.perf_counter()
         try:
@@ -80,9 +82,10 @@ def run_split(job: tuple[int, float, int, float]) -> list[dict[str, Any]]:
                 res = search(rc.subset(part), yc[part], costs, target_acc=full - drop_pt / 100)
                 t, fallback, est = res.best.thresholds, False, None
             else:
-                r = calibrate(rc, yc, costs, max_drop=drop_pt / 100,
-                              confidence=conf if mode == "confidence" else None, seed=split,
-                              frontier_points=24)
+                c = conf if mode == "confidence" else None
+                r = calibrate(rc, yc, costs, max_drop=drop_pt / 100, confidence=c, seed=split,
+                              holdout=0.3 if c is None else conf_holdout,
+                              select_margin=margin)
                 t, fallback, est = r.thresholds, r.fallback, r.expected
         except CalibrationError as exc:
             row.update(error=str(exc)[:200])
@@ -142,8 +145,9 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{100 * meta['full_accuracy']:.2f} %",
         f"- {meta['splits']} random calibration/unseen splits per row; the unseen part is "
         "every image not in the calibration set",
-        f"- confidence mode: `--confidence {meta['confidence']}`; holdout 0.3 (calibrate's "
-        "default) in both modes",
+        f"- confidence mode: `--confidence {meta['confidence']}`, held-out share "
+        f"{meta['confidence_holdout']}; default mode: held-out share 0.3, selection margin "
+        f"{meta['select_margin']} standard errors",
         f"- command: `{meta['command']}`; {meta['seconds']:.0f} s",
         "",
         "Drops are in accuracy points below the full model on the same unseen images; "
@@ -187,6 +191,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             for mode in MODES:
                 rs = [r for r in rows if (r["size"], r["max_drop"], r["mode"]) == (size, drop, mode)
                       and "error" not in r]
+                if not rs:
+                    continue
                 ax.plot([r["flops_cut"] for r in rs], [r["unseen_drop"] for r in rs], ".",
                         color=colors[mode], alpha=0.6, label=mode)
             ax.axhline(drop, color="k", linestyle="--", linewidth=0.8)
@@ -210,14 +216,23 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=40)
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--margin", type=float, default=None,
+                    help="default mode's selection margin in standard errors (calibrate's default)")
+    ap.add_argument("--conf-holdout", type=float, default=None,
+                    help="held-out share in confidence mode (calibrate's default)")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--stem", default="calibration_sim")
     args = ap.parse_args()
     start = time.perf_counter()
     rec, y, costs = load(args.records)
     with np.load(args.records) as z:
         sources = [str(s) for s in z["sources"]] if "sources" in z else []
-    jobs = [(int(s), float(d), i, args.confidence) for s in args.sizes.split(",")
-            for d in args.drops.split(",") for i in range(args.splits)]
+    margin = SELECT_MARGIN if args.margin is None else args.margin
+    conf_holdout = CONFIDENCE_HOLDOUT if args.conf_holdout is None else args.conf_holdout
+    modes = tuple(args.modes.split(","))
+    jobs = [(int(s), float(d), i, args.confidence, margin, conf_holdout, modes)
+            for s in args.sizes.split(",") for d in args.drops.split(",")
+            for i in range(args.splits)]
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.workers, initializer=_init,
                              initargs=(str(args.records),)) as pool:
@@ -232,6 +247,7 @@ def main() -> None:
         "n": rec.n, "gates": rec.num_gates, "sources": sources,
         "full_accuracy": float(np.mean(rec.final_labels == y)), "splits": args.splits,
         "confidence": args.confidence, "exit_costs": costs.tolist(),
+        "select_margin": margin, "confidence_holdout": conf_holdout,
         "command": " ".join(["benchmarks/calibration_sim.py", *sys.argv[1:]]),
         "seconds": time.perf_counter() - start,
     }

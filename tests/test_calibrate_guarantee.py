@@ -17,6 +17,7 @@ from dgconvert.calibrate import (
     fixed_sequence_test,
     paired_drop_pvalue,
     simulate,
+    split_indices,
 )
 from dgconvert.calibrate.selection import estimate, walk_frontier
 
@@ -81,7 +82,7 @@ def test_fixed_sequence_drop_guarantee_covers_on_known_truth() -> None:
     """Family fixed in advance: the chosen vector's true drop is within max_drop in at least
     1 - delta of draws, and the test still picks gated vectors most of the time."""
     rng = np.random.default_rng(11)
-    eps, reps, n = 0.01, 80, 1000
+    eps, reps, n = 0.01, 60, 1000
     grid = np.linspace(1.0, 0.6, 21)
     family = [[math.inf, math.inf]] + [[float(t), float(t)] for t in grid]
     truth = np.array([0.0] + [true_drop(t, t) for t in grid])
@@ -116,7 +117,8 @@ def test_fallback_to_the_full_model(caplog: pytest.LogCaptureFixture) -> None:
     assert res.thresholds == (math.inf, math.inf) and res.bound.drop_upper_bound == 0.0
     assert "full model" in caplog.text
     assert res.to_dict()["fallback"] is True and "guarantee" in res.promise
-    full = float(np.mean(final == y))
+    cal = split_indices(n, 0.5, 1)[0]  # the search part (confidence mode's default holdout)
+    full = float(np.mean(final[cal] == y[cal]))  # reachable there, not certifiable on 600
     with pytest.raises(CalibrationError, match="cannot certify"):
         calibrate(rec, y, COSTS, target_acc=full - 0.003, confidence=0.9, seed=1)
 
@@ -158,8 +160,6 @@ def test_default_mode_estimate_is_unbiased_on_known_truth() -> None:
 
 
 def _held(n: int, seed: int) -> np.ndarray:
-    from dgconvert.calibrate import split_indices
-
     return split_indices(n, 0.3, seed)[1]
 
 

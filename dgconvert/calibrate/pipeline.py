@@ -30,6 +30,10 @@ from dgconvert.calibrate.report import (
 from dgconvert.calibrate.search import check_target, shared_value, solve
 from dgconvert.calibrate.selection import estimate, walk_frontier
 
+SELECT_MARGIN = 0.0  # default mode: standard errors kept below the target in the walk
+DEFAULT_HOLDOUT = 0.3  # default mode: the share held out for the unseen-data estimate
+CONFIDENCE_HOLDOUT = 0.5  # with a confidence: the share held out for the test
+
 
 def _target(full: float, target_acc: float | None, max_drop: float | None) -> float:
     if (target_acc is None) == (max_drop is None):
@@ -94,19 +98,21 @@ def calibrate(
     target_acc: float | None = None,
     max_drop: float | None = None,
     confidence: float | None = None,
-    holdout: float = 0.3,
+    holdout: float | None = None,
     seed: int = 0,
     num_classes: int | None = None,
     cost_unit: str = "flops",
     method: str = "auto",
     frontier_points: int = 24,
     search_share: float = 0.5,
+    select_margin: float = SELECT_MARGIN,
 ) -> CalibrationResult:
     """Choose gate thresholds: cheapest expected cost with accuracy >= target on new data.
 
     ``target_acc`` is an absolute accuracy, ``max_drop`` a drop below the full model's
     accuracy; both are fractions (0.947, 0.01 = one point). A seeded split keeps ``holdout``
-    of the samples aside. Default mode: the rest is split again (``search_share`` for the
+    of the samples aside (default: ``DEFAULT_HOLDOUT``, with a confidence
+    ``CONFIDENCE_HOLDOUT``). Default mode: the rest is split again (``search_share`` for the
     search); the accuracy-vs-cost frontier is searched on one part and walked on the other
     (:mod:`selection`), and the held-out part estimates the chosen vector's unseen accuracy,
     drop and cost with 90 % intervals. With ``confidence`` (e.g. 0.9) the frontier is
@@ -120,6 +126,8 @@ def calibrate(
     y = check_ground_truth(rec, y, num_classes)
     costs = check_exit_costs(rec, exit_costs)
     conf = None if confidence is None else check_confidence(confidence)
+    if holdout is None:
+        holdout = DEFAULT_HOLDOUT if conf is None else CONFIDENCE_HOLDOUT
     cal_idx, held_idx = split_indices(rec.n, holdout, seed)
     if conf is not None and held_idx.size == 0:
         raise CalibrationError("confidence needs held-out samples to test on: use holdout > 0")
@@ -158,10 +166,12 @@ def calibrate(
     bound = None
     kind = "exact" if exact else "heuristic"
     if conf is None:
-        walk = walk_frontier(sel_rec, sel_y, family, costs, target=target, max_drop=drop)
+        walk = walk_frontier(sel_rec, sel_y, family, costs, target=target, max_drop=drop,
+                             margin=select_margin)
         chosen, fallback = walk.thresholds, walk.fallback
         selection = {"rule": "frontier walk, stop at first failure", "family_size": len(family),
-                     "passed": walk.passed, "selected": walk.selected}
+                     "passed": walk.passed, "selected": walk.selected,
+                     "margin_se": select_margin}
         expected = estimate(rec.subset(held_idx), y[held_idx], chosen, costs)
         method_name = f"frontier-walk+{kind}"
     else:

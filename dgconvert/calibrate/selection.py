@@ -54,12 +54,14 @@ def walk_frontier(
     *,
     target: float,
     max_drop: float | None = None,
+    margin: float = 0.0,
 ) -> Walk:
     """Walk ``family`` (most accurate first) on these samples; see the module doc.
 
-    With ``max_drop`` a vector passes when its paired drop here is at most ``max_drop``;
-    otherwise when its accuracy here is at least ``target``. When nothing passes, the full
-    model is chosen (``max_drop``) or the first, most accurate vector (``target``).
+    With ``max_drop`` a vector passes when its paired drop here plus ``margin`` standard
+    errors is at most ``max_drop``; otherwise when its accuracy here minus ``margin``
+    standard errors is at least ``target``. When nothing passes, the full model is chosen
+    (``max_drop``) or the first, most accurate vector (``target``).
     """
     k = records.num_gates
     full_right = records.final_labels == y
@@ -71,11 +73,14 @@ def walk_frontier(
         else:
             out = simulate(records, y, t, exit_costs)
             right = out.prediction == y
+            n = records.n
             if max_drop is not None:
-                drop = (np.count_nonzero(full_right & ~right) - np.count_nonzero(~full_right & right))
-                ok = drop <= max_drop * records.n + 1e-9
+                d = full_right.astype(np.int64) - right.astype(np.int64)
+                se = float(d.std()) / math.sqrt(n)
+                ok = float(d.mean()) + margin * se <= max_drop + 1e-12
             else:
-                ok = out.correct >= target * records.n - 1e-9
+                acc = out.correct / n
+                ok = acc - margin * math.sqrt(acc * (1 - acc) / n) >= target - 1e-12
         if not ok:
             break
         outs.append(out)

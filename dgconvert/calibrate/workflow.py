@@ -36,7 +36,7 @@ def calibrate_bundle(
     target_acc: float | None = None,
     max_drop: float | None = None,
     confidence: float | None = None,
-    holdout: float = 0.3,
+    holdout: float | None = None,
     exit_costs: Sequence[float] | None = None,
     cost: str = "flops",
     backend: str = "auto",

@@ -20,7 +20,8 @@ from dgconvert.cli.common import backend_option, friendly_errors, threads_option
 @click.option("--max-drop", type=float, default=None, help="Or: at most this many points below the full model's accuracy.")
 @click.option("--confidence", type=float, default=None,
               help="Guarantee the target on unseen data with this probability (e.g. 0.9): Learn-then-Test on the held-out part (paired exact test with --max-drop; falls back to the full model when nothing is certified).")
-@click.option("--holdout", type=float, default=0.3, show_default=True, help="Share of the data held out: the unseen-data estimate (default mode) or the test (--confidence).")
+@click.option("--holdout", type=float, default=None,
+              help="Share of the data held out: for the unseen-data estimate (default 0.3) or, with --confidence, for the test (default 0.5).")
 @click.option("--cost", "cost_kind", type=click.Choice(["flops", "latency"]), default="flops", show_default=True,
               help="Cost per exit: manifest FLOPs, or per-stage latency measured on the backend.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size for --cost latency and --measure.")
@@ -34,7 +35,7 @@ from dgconvert.cli.common import backend_option, friendly_errors, threads_option
 @friendly_errors
 def calibrate_cmd(
     bundle: Path, data: str, target_acc: float | None, max_drop: float | None,
-    confidence: float | None, holdout: float, cost_kind: str, batch_size: int, measure: bool,
+    confidence: float | None, holdout: float | None, cost_kind: str, batch_size: int, measure: bool,
     backend: str, threads: int | None, json_out: Path | None, plot: Path | None,
     dry_run: bool, seed: int,
 ) -> None:
