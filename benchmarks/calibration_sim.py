@@ -32,9 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.calibrate import CalibrationError, GateRecords, calibrate, simulate
+from dgconvert.calibrate import (
+    CalibrationError,
+    Estimate,
+    GateRecords,
+    calibrate,
+    simulate,
+    split_indices,
+)
 from dgconvert.calibrate.pipeline import CONFIDENCE_HOLDOUT, SELECT_MARGIN
 from dgconvert.calibrate.search import search
+from dgconvert.calibrate.selection import estimate, walk_frontier
 
 ROOT = Path(__file__).resolve().parent
 RECORDS = ROOT / "data" / "reference_records.npz"
@@ -62,25 +70,56 @@ def _drop(rec: GateRecords, y: np.ndarray, t: tuple[float, ...], costs: np.ndarr
     return float(np.mean(rec.final_labels == y) - out.accuracy), 1.0 - out.cost_fraction
 
 
-def run_split(job: tuple[int, float, int, float, float, float, tuple[str, ...]]
-              ) -> list[dict[str, Any]]:
+def _row(base: dict[str, Any], ru: GateRecords, yu: np.ndarray, rec: GateRecords,
+         y: np.ndarray, costs: np.ndarray, t: tuple[float, ...], fallback: bool,
+         est: Estimate | None, seconds: float) -> dict[str, Any]:
+    d_u, cut_u = _drop(ru, yu, t, costs)
+    d_p, _ = _drop(rec, y, t, costs)
+    row = {**base, "unseen_drop": 100 * d_u, "pool_drop": 100 * d_p, "flops_cut": 100 * cut_u,
+           "fallback": fallback, "seconds": seconds}
+    if est is not None:
+        lo, hi = est.drop_interval
+        row.update(est_drop=100 * est.drop, est_lo=100 * lo, est_hi=100 * hi,
+                   est_cut=100 * (1 - est.cost_fraction))
+    return row
+
+
+def _other_margins(r: Any, rc: GateRecords, yc: np.ndarray, costs: np.ndarray, split: int,
+                   drop_pt: float, margins: tuple[float, ...]
+                   ) -> list[tuple[float, tuple[float, ...], bool, Estimate | None]]:
+    """The default mode's choice with other selection margins: the same split, search and
+    frontier as ``r`` (calibrate's own split rule), only the walk differs."""
+    cal_idx, held_idx = split_indices(rc.n, 0.3, split)
+    sel_pos, _ = split_indices(cal_idx.size, 0.5, split + 1)
+    sel = cal_idx[sel_pos]
+    family = [f.thresholds for f in r.frontier]
+    out = []
+    for m in margins:
+        w = walk_frontier(rc.subset(sel), yc[sel], family, costs, target=r.target_accuracy,
+                          max_drop=drop_pt / 100, margin=m)
+        out.append((m, w.thresholds, w.fallback,
+                    estimate(rc.subset(held_idx), yc[held_idx], w.thresholds, costs)))
+    return out
+
+
+def run_split(job: tuple[Any, ...]) -> list[dict[str, Any]]:
     """Every mode on one random split: ``(calibration size, max drop in points, split
-    index, confidence, select margin, confidence-mode holdout, modes)``."""
-    size, drop_pt, split, conf, margin, conf_holdout, modes = job
+    index, confidence, select margin, confidence-mode holdout, modes, extra margins)``."""
+    size, drop_pt, split, conf, margin, conf_holdout, modes, extra = job
     rec, y, costs = _DATA["rec"], _DATA["y"], _DATA["costs"]
     perm = np.random.default_rng([size, int(drop_pt * 1000), split]).permutation(rec.n)
     cal, unseen = np.sort(perm[:size]), np.sort(perm[size:])
     rc, yc, ru, yu = rec.subset(cal), y[cal], rec.subset(unseen), y[unseen]
     rows = []
     for mode in modes:
-        row: dict[str, Any] = {"size": size, "max_drop": drop_pt, "split": split, "mode": mode}
+        base: dict[str, Any] = {"size": size, "max_drop": drop_pt, "split": split, "mode": mode}
         start = time.perf_counter()
         try:
             if mode == "search-only":
                 part = np.sort(np.random.default_rng(split).permutation(size)[: int(0.7 * size)])
                 full = float(np.mean(rc.final_labels[part] == yc[part]))
                 res = search(rc.subset(part), yc[part], costs, target_acc=full - drop_pt / 100)
-                t, fallback, est = res.best.thresholds, False, None
+                t, fallback, est, r = res.best.thresholds, False, None, None
             else:
                 c = conf if mode == "confidence" else None
                 r = calibrate(rc, yc, costs, max_drop=drop_pt / 100, confidence=c, seed=split,
@@ -88,18 +127,14 @@ def run_split(job: tuple[int, float, int, float, float, float, tuple[str, ...]]
                               select_margin=margin)
                 t, fallback, est = r.thresholds, r.fallback, r.expected
         except CalibrationError as exc:
-            row.update(error=str(exc)[:200])
-            rows.append(row)
+            rows.append({**base, "error": str(exc)[:200]})
             continue
-        d_u, cut_u = _drop(ru, yu, t, costs)
-        d_p, _ = _drop(rec, y, t, costs)
-        row.update(unseen_drop=100 * d_u, pool_drop=100 * d_p, flops_cut=100 * cut_u,
-                   fallback=fallback, seconds=time.perf_counter() - start)
-        if est is not None:
-            lo, hi = est.drop_interval
-            row.update(est_drop=100 * est.drop, est_lo=100 * lo, est_hi=100 * hi,
-                       est_cut=100 * (1 - est.cost_fraction))
-        rows.append(row)
+        seconds = time.perf_counter() - start
+        rows.append(_row(base, ru, yu, rec, y, costs, t, fallback, est, seconds))
+        if mode == "default" and extra:
+            for m, t2, fb2, est2 in _other_margins(r, rc, yc, costs, split, drop_pt, extra):
+                base2 = {**base, "mode": f"default, margin {m:g} SE"}
+                rows.append(_row(base2, ru, yu, rec, y, costs, t2, fb2, est2, 0.0))
     return rows
 
 
@@ -107,7 +142,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (size, max drop, mode)."""
     out = []
     keys = sorted({(r["size"], r["max_drop"], r["mode"]) for r in rows},
-                  key=lambda k: (k[0], k[1], MODES.index(k[2])))
+                  key=lambda k: (k[0], k[1], MODES.index(k[2]) if k[2] in MODES else 0.5, k[2]))
     for size, drop, mode in keys:
         rs = [r for r in rows if (r["size"], r["max_drop"], r["mode"]) == (size, drop, mode)]
         ok = [r for r in rs if "error" not in r]
@@ -185,10 +220,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(4.2 * len(sizes), 3.6 * len(drops)))
     FigureCanvasAgg(fig)
     colors = {"default": "tab:blue", "confidence": "tab:green", "search-only": "tab:red"}
+    plotted = [m for m in MODES if m in {r["mode"] for r in rows}]
     for i, drop in enumerate(drops):
         for j, size in enumerate(sizes):
             ax = fig.add_subplot(len(drops), len(sizes), i * len(sizes) + j + 1)
-            for mode in MODES:
+            for mode in plotted:
                 rs = [r for r in rows if (r["size"], r["max_drop"], r["mode"]) == (size, drop, mode)
                       and "error" not in r]
                 if not rs:
@@ -221,6 +257,8 @@ def main() -> None:
     ap.add_argument("--conf-holdout", type=float, default=None,
                     help="held-out share in confidence mode (calibrate's default)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--extra-margins", default="",
+                    help="also the default mode's choice with these selection margins (SE)")
     ap.add_argument("--stem", default="calibration_sim")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -230,7 +268,8 @@ def main() -> None:
     margin = SELECT_MARGIN if args.margin is None else args.margin
     conf_holdout = CONFIDENCE_HOLDOUT if args.conf_holdout is None else args.conf_holdout
     modes = tuple(args.modes.split(","))
-    jobs = [(int(s), float(d), i, args.confidence, margin, conf_holdout, modes)
+    extra = tuple(float(m) for m in args.extra_margins.split(",") if m)
+    jobs = [(int(s), float(d), i, args.confidence, margin, conf_holdout, modes, extra)
             for s in args.sizes.split(",") for d in args.drops.split(",")
             for i in range(args.splits)]
     rows: list[dict[str, Any]] = []
