@@ -92,7 +92,7 @@ def _other_margins(r: Any, rc: GateRecords, yc: np.ndarray, costs: np.ndarray, s
     cal_idx, held_idx = split_indices(rc.n, 0.3, split)
     sel_pos, _ = split_indices(cal_idx.size, 0.5, split + 1)
     sel = cal_idx[sel_pos]
-    family = [f.thresholds for f in r.frontier]
+    family = list(r.family)
     out = []
     for m in margins:
         w = walk_frontier(rc.subset(sel), yc[sel], family, costs, target=r.target_accuracy,

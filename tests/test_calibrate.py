@@ -378,7 +378,8 @@ def test_calibrate_selects_and_reports_on_disjoint_samples(result_and_data: tupl
     ref = search(rec.subset(search_idx), y[search_idx], costs, target_acc=full_s - 0.02)
     assert res.search.thresholds == ref.best.thresholds
     # the chosen vector is the walk along the frontier on the selection part
-    family = [f.thresholds for f in res.frontier]
+    family = list(res.family)
+    assert family[0] == (math.inf,) * 3  # the path starts at the full model
     walk = walk_frontier(
         rec.subset(select_idx), y[select_idx], family, costs, target=res.target_accuracy,
         max_drop=0.02,

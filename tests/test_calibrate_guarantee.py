@@ -92,14 +92,14 @@ def test_fixed_sequence_drop_guarantee_covers_on_known_truth() -> None:
         rec, y = analytic_sample(rng, n)
         res = fixed_sequence_test(rec, y, family, COSTS, target=0.0, confidence=1 - DELTA,
                                   max_drop=eps)
-        chosen.append(0 if res.fallback else res.selected)
+        chosen.append(max(res.selected, 0))
         full = float(np.mean(rec.final_labels == y))
         drops = [full - simulate(rec, y, f, COSTS).accuracy for f in family]
         naive.append(max(j for j, d in enumerate(drops) if d <= eps))
     covered = np.mean(truth[chosen] <= eps)
     assert covered >= 1 - DELTA - 3 * math.sqrt(DELTA * (1 - DELTA) / reps)
     assert np.mean(np.array(chosen) > 0) > 0.5
-    assert np.mean(truth[naive] <= eps) < 1 - DELTA - 0.2  # the simulation tells bad from good
+    assert np.mean(truth[naive] <= eps) < 1 - DELTA - 0.1  # the simulation tells bad from good
 
 
 def test_fallback_to_the_full_model(caplog: pytest.LogCaptureFixture) -> None:

@@ -256,19 +256,21 @@ def fixed_sequence_test(
             f"there (lower bound {lb:.4%}, p-value {pvals[0]:.3g}). Lower the target, use more "
             "held-out data (--holdout), use --max-drop or drop --confidence."
         )
-    fallback = rejected == 0
-    if fallback:
+    if rejected == 0:
         chosen, thresholds = -1, (math.inf,) * k
         best = simulate(records, y, thresholds, exit_costs)
-        log.warning(
-            "no gated threshold vector is certified (drop <= %.4g with confidence %.3g on %d "
-            "samples; first p-value %.3g): falling back to the full model",
-            max_drop, 1 - delta, n, pvals[0],
-        )
     else:
         chosen = min(range(rejected), key=lambda j: (outcomes[j].cost, -outcomes[j].correct))
         thresholds = tuple(float(t) for t in family[chosen])
         best = outcomes[chosen]
+    fallback = is_full(thresholds)
+    if fallback:
+        first = next((p for p in pvals if p > 0.0), float("nan"))
+        log.warning(
+            "no gated threshold vector is certified (drop <= %.4g with confidence %.3g on %d "
+            "samples; first gated p-value %.3g): falling back to the full model",
+            max_drop, 1 - delta, n, first,
+        )
     drop_ub = None
     if max_drop is not None:
         losses, fixes = paired_counts(records, y, best.prediction)

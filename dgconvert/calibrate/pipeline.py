@@ -12,7 +12,7 @@ import numpy as np
 from dgconvert.calibrate.baselines import sequential_index
 from dgconvert.calibrate.bounds import check_confidence, fixed_sequence_test, split_indices
 from dgconvert.calibrate.errors import CalibrationError
-from dgconvert.calibrate.frontier import calibration_frontier
+from dgconvert.calibrate.frontier import calibration_frontier, selection_path
 from dgconvert.calibrate.problem import Problem, required_correct
 from dgconvert.calibrate.records import (
     GateRecords,
@@ -31,6 +31,7 @@ from dgconvert.calibrate.search import check_target, shared_value, solve
 from dgconvert.calibrate.selection import estimate, walk_frontier
 
 SELECT_MARGIN = 0.0  # default mode: standard errors kept below the target in the walk
+FAMILY_POINTS = 48  # least frontier targets: the family walked or tested (denser near the target)
 DEFAULT_HOLDOUT = 0.3  # default mode: the share held out for the unseen-data estimate
 CONFIDENCE_HOLDOUT = 0.5  # with a confidence: the share held out for the test
 
@@ -157,9 +158,9 @@ def calibrate(
     shared_t = shared_value(prob, target_s)
     shared = prob.evaluate(prob.to_index([shared_t] * prob.num_gates))
     fronts = calibration_frontier(
-        prob, [sol, seq, shared, full], target_s, max(frontier_points, 16)
+        prob, [sol, seq, shared, full], target_s, max(frontier_points, FAMILY_POINTS)
     )
-    family = [prob.to_thresholds(s.idx) for s in fronts]
+    family = [prob.to_thresholds(s.idx) for s in selection_path(prob, fronts)]
     ev = _Evaluator(rec, y, costs, cal_idx, held_idx, target)
     search_point = ev.point("search", prob.to_thresholds(sol.idx))
     sel_rec, sel_y = rec.subset(select_idx), y[select_idx]
@@ -211,4 +212,5 @@ def calibrate(
         expected=expected,
         promise=promise(target, drop, conf),
         selection=selection,
+        family=tuple(tuple(float(v) for v in t) for t in family),
     )

@@ -116,6 +116,7 @@ class CalibrationResult:
     selection: Mapping[str, Any] = field(default_factory=dict)  # sizes and walk/test details
     context: Mapping[str, Any] = field(default_factory=dict)  # bundle workflow: data, digests
     measured_ms_per_image: Mapping[str, float] | None = None  # timed rows (--measure)
+    family: tuple[tuple[float, ...], ...] = ()  # the path walked or tested, in order
 
     @property
     def mode(self) -> str:

@@ -91,7 +91,10 @@ def walk_frontier(
         log.warning("the most accurate frontier vector misses the target on the selection part")
         return Walk(tuple(float(v) for v in family[0]), 0, 0, True)
     j = min(range(len(outs)), key=lambda i: (outs[i].cost, -outs[i].correct))
-    return Walk(tuple(float(v) for v in family[j]), j, len(outs), False)
+    chosen = tuple(float(v) for v in family[j])
+    if is_full(chosen):
+        log.warning("no gated frontier vector keeps the target on the selection part: full model")
+    return Walk(chosen, j, len(outs), is_full(chosen))
 
 
 def _wilson(successes: int, n: int) -> tuple[float, float]:
