@@ -382,7 +382,7 @@ def test_calibrate_selects_and_reports_on_disjoint_samples(result_and_data: tupl
     assert family[0] == (math.inf,) * 3  # the path starts at the full model
     walk = walk_frontier(
         rec.subset(select_idx), y[select_idx], family, costs, target=res.target_accuracy,
-        max_drop=0.02,
+        max_drop=0.02, margin=res.selection["margin_se"],
     )
     assert res.thresholds == walk.thresholds and res.selection["passed"] == walk.passed
     # the estimate is the held-out part's, which neither the search nor the walk used

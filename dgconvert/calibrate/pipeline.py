@@ -30,7 +30,7 @@ from dgconvert.calibrate.report import (
 from dgconvert.calibrate.search import check_target, shared_value, solve
 from dgconvert.calibrate.selection import estimate, walk_frontier
 
-SELECT_MARGIN = 0.0  # default mode: standard errors kept below the target in the walk
+SELECT_MARGIN = 0.25  # default mode: standard errors of the paired drop kept below the target
 FAMILY_POINTS = 48  # least frontier targets: the family walked or tested (denser near the target)
 DEFAULT_HOLDOUT = 0.3  # default mode: the share held out for the unseen-data estimate
 CONFIDENCE_HOLDOUT = 0.5  # with a confidence: the share held out for the test

@@ -1,12 +1,15 @@
 """Default mode: select along the frontier on samples the search never saw, and estimate
 on samples the selection never saw.
 
-Selection (:func:`walk_frontier`). The frontier (fitted on the search part) is walked from
-the most accurate vector to the cheapest on the selection part; the walk stops at the
-first vector whose paired drop below the full model (or whose accuracy, for an absolute
-target) misses the target there, and the cheapest vector that passed is chosen. Stopping
-at the first failure limits the winner's curse of picking the cheapest of many noisy
-estimates. The all-off vector is the full model (drop 0): it always passes.
+Selection (:func:`walk_frontier`). The path along the frontier (fitted on the search part,
+:func:`dgconvert.calibrate.frontier.selection_path`: from the full model to the cheapest
+vector) is walked on the selection part; the walk stops at the first vector whose paired
+drop below the full model plus a small margin (in standard errors of that drop; or whose
+accuracy minus the margin, for an absolute target) misses the target there, and the
+cheapest vector that passed is chosen. Stopping at the first failure limits the winner's
+curse of picking the cheapest of many noisy estimates; the margin removes what is left of
+it (measured in benchmarks/results/calibration_sim.md). The all-off vector is the full
+model (drop 0): it always passes.
 
 Estimate (:func:`estimate`). The chosen vector is evaluated on the held-out part, which
 neither the search nor the selection used: accuracy, paired drop below the full model
