@@ -174,6 +174,7 @@ class BoundResult:
     max_drop: float | None = None  # the certified drop (paired test), None: absolute target
     drop_upper_bound: float | None = None  # tightest drop the paired test certifies
     fallback: bool = False  # nothing was certified: the full model (drop 0) is returned
+    family_size: int = 0  # vectors in the family (those after the first failure untested)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (+inf thresholds as null)."""
@@ -189,7 +190,8 @@ class BoundResult:
             "confidence": self.confidence,
             "delta": 1.0 - self.confidence,
             "n_test": self.n_test,
-            "family_size": len(self.pvalues),
+            "family_size": self.family_size or len(self.pvalues),
+            "tested": len(self.pvalues),
             "rejected": self.rejected,
             "selected": self.selected,
             "fallback": self.fallback,
@@ -289,4 +291,5 @@ def fixed_sequence_test(
         max_drop=max_drop,
         drop_upper_bound=drop_ub,
         fallback=fallback,
+        family_size=len(family),
     )
