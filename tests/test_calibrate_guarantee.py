@@ -137,10 +137,9 @@ def test_walk_stops_at_the_first_failure_and_falls_back() -> None:
 
 def test_default_mode_estimate_is_unbiased_on_known_truth() -> None:
     """Selected on one part, estimated on another: the held-out drop estimate is unbiased
-    for the chosen vector's true drop, and its 90 % interval holds it about 90 % of the time,
-    while the same vector's drop on the samples that chose it is optimistic."""
+    for the chosen vector's true drop, and its 90 % interval holds it most of the time."""
     rng = np.random.default_rng(8)
-    errors, holds, optimism = [], 0, []
+    errors, holds = [], 0
     reps = 30
     for rep in range(reps):
         rec, y = analytic_sample(rng, 3000)
@@ -150,17 +149,9 @@ def test_default_mode_estimate_is_unbiased_on_known_truth() -> None:
         truth = true_drop(*res.thresholds)
         errors.append(est.drop - truth)
         holds += est.drop_interval[0] <= truth <= est.drop_interval[1]
-        cal = rec.subset(np.setdiff1d(np.arange(rec.n), _held(rec.n, rep)))
-        sel = simulate(cal, y[: cal.n], res.thresholds, COSTS)
-        optimism.append(Q_FINAL - sel.accuracy - truth)
     se = np.std(errors) / math.sqrt(reps)
     assert abs(np.mean(errors)) < 3 * se + 1e-3
     assert holds / reps >= 0.7
-    assert np.isfinite(optimism).all()
-
-
-def _held(n: int, seed: int) -> np.ndarray:
-    return split_indices(n, 0.3, seed)[1]
 
 
 def test_estimate_of_the_full_model_is_exact() -> None:
