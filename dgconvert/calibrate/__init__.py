@@ -1,9 +1,12 @@
 """Threshold calibration for gated (early-exit) networks, numpy (+ scipy for bounds).
 
-Given the collection pass (:class:`GateRecords`), ground truth and per-exit cumulative
-costs, :func:`calibrate` picks the thresholds of least expected cost whose accuracy meets
-a target, optionally certified on held-out data, and compares them with the d-gate paper's
-sequential rule and a single shared threshold. Accuracies are fractions in [0, 1].
+One entry point, one result: given the collection pass (:class:`GateRecords`), ground
+truth and per-exit cumulative costs, :func:`calibrate` returns a :class:`CalibrationResult`
+with the thresholds of least expected cost whose accuracy meets a target on unseen data
+(on average by default; with a stated probability with ``confidence``), compared with the
+d-gate paper's sequential rule and a single shared threshold. Accuracies are fractions in
+[0, 1]. The searches (:mod:`dgconvert.calibrate.search`) are internal helpers;
+:func:`dgconvert.calibrate.workflow.calibrate_bundle` wraps :func:`calibrate` for a bundle.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from dgconvert.calibrate.bounds import (
     accuracy_lower_bound,
     binomial_pvalue,
     clopper_pearson_upper,
+    drop_upper_bound,
     fixed_sequence_test,
+    paired_drop_pvalue,
     split_indices,
 )
 from dgconvert.calibrate.errors import CalibrationError
@@ -26,14 +31,7 @@ from dgconvert.calibrate.report import (
     markdown_table,
     plot_frontier,
 )
-from dgconvert.calibrate.search import (
-    Candidate,
-    SearchResult,
-    brute_force_search,
-    search,
-    sequential_search,
-    shared_search,
-)
+from dgconvert.calibrate.selection import Estimate
 from dgconvert.core.exits import GateRecords, Outcome, as_records, simulate
 from dgconvert.core.manifest import decode_thresholds, encode_thresholds
 
@@ -41,27 +39,24 @@ __all__ = [
     "BoundResult",
     "CalibrationError",
     "CalibrationResult",
-    "Candidate",
+    "Estimate",
     "FrontierPoint",
     "GateRecords",
     "OperatingPoint",
     "Outcome",
-    "SearchResult",
     "SplitStats",
     "accuracy_lower_bound",
     "as_records",
     "binomial_pvalue",
-    "brute_force_search",
     "calibrate",
     "clopper_pearson_upper",
     "decode_thresholds",
+    "drop_upper_bound",
     "encode_thresholds",
     "fixed_sequence_test",
     "markdown_table",
+    "paired_drop_pvalue",
     "plot_frontier",
-    "search",
-    "sequential_search",
-    "shared_search",
     "simulate",
     "split_indices",
 ]

@@ -32,7 +32,11 @@ def sequential_index(prob: Problem, need: int) -> Solution:
 
 
 def _scores(prob: Problem) -> np.ndarray:
-    return np.stack([prob.values[g][prob.rank[:, g]] for g in range(prob.num_gates)], axis=1)
+    """Scores as ranked (+inf as the largest float32; NaN where a sample never exits)."""
+    return np.stack(
+        [np.append(prob.values[g], np.nan)[prob.rank[:, g]] for g in range(prob.num_gates)],
+        axis=1,
+    )
 
 
 def _count_at_least(x: np.ndarray, w: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -51,11 +55,15 @@ def shared_threshold(prob: Problem, goal: Goal) -> float | None:
     """
     s = _scores(prob)
     k = prob.num_gates
+    nan = np.isnan(s)
+    s = np.where(nan, -np.inf, s)  # never exits, except at a -inf threshold (left out below)
     prev = np.concatenate(
         [np.full((prob.n, 1), -np.inf), np.maximum.accumulate(s, axis=1)[:, :-1]], axis=1
     )
     cand = np.unique(np.concatenate([[np.inf], s.ravel()]))[::-1]
-    valid = s > prev
+    if nan.any():
+        cand = cand[cand > -np.inf]
+    valid = (s > prev) & ~nan
     top = s.max(axis=1)
     fin_c = prob.correct[:, k].astype(np.float64)
     corr = fin_c.sum() - _count_at_least(top, fin_c, cand)
@@ -77,7 +85,9 @@ def level_index(prob: Problem, goal: Goal, levels: int = 64) -> Solution | None:
     best: Solution | None = None
     for q in np.linspace(0.0, 1.0, levels + 1):
         pos = int(round(q * prob.n))
-        idx = [0] * prob.num_gates if pos == 0 else sorted_ranks[pos - 1].tolist()
+        idx = [0] * prob.num_gates
+        if pos:
+            idx = np.minimum(sorted_ranks[pos - 1], prob.sizes).tolist()  # NaN: D_k + 1
         sol = prob.evaluate(idx)
         if goal.better(sol, best):
             best = sol

@@ -1,19 +1,24 @@
 """The collection pass: run the bundle once with no exits and keep every gate's score and
 label and the final label per sample; cached inside the bundle by a hash of the stage
-graphs and of the data, so re-calibrating for another target is instant."""
+graphs, of the data and of the backend (name, precision, engines), so re-calibrating for
+another target is instant."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import GateRecords
 from dgconvert.core.io import atomic_write
+from dgconvert.runtime import GatedRunner
 
 CACHE_DIR = "cache"
 
@@ -26,11 +31,28 @@ def bundle_digest(bundle: Bundle) -> str:
     return h.hexdigest()
 
 
-def cache_path(bundle: Bundle, data_fingerprint: str, digest: str | None = None) -> Path:
+def engine_identity(backend: Any) -> str:
+    """What besides the graphs determines the scores: the backend, its precision and, for
+    TensorRT, the engine set (key and SHA-256 of every engine)."""
+    record = getattr(backend, "record", None) or {}
+    stages = record.get("stages") or []
+    parts = {
+        "backend": str(getattr(backend, "name", type(backend).__name__)),
+        "precision": str(record.get("precision", "fp32")),
+        "engines": str(getattr(backend, "key", "")),
+        "sha256": [str(s.get("sha256", "")) for s in stages if isinstance(s, dict)],
+    }
+    return json.dumps(parts, sort_keys=True)
+
+
+def cache_path(
+    bundle: Bundle, data_fingerprint: str, digest: str | None = None, identity: str = ""
+) -> Path:
     """Where the records of these stage graphs (``digest``: :func:`bundle_digest`, computed
-    when not given) on this data are cached."""
+    when not given) on this data, run by this backend (``identity``: :func:`engine_identity`),
+    are cached."""
     digest = digest or bundle_digest(bundle)
-    key = hashlib.sha256(f"{digest}:{data_fingerprint}".encode()).hexdigest()
+    key = hashlib.sha256(f"{digest}:{data_fingerprint}:{identity}".encode()).hexdigest()
     return bundle.path / CACHE_DIR / f"records-{key[:24]}.npz"
 
 
@@ -43,67 +65,40 @@ def collect_records(
     batch_size: int = 256,
     progress: bool = False,
     digest: str | None = None,
+    write_cache: bool = True,
     **backend_options: Any,
 ) -> tuple[GateRecords, bool]:
     """Gate records for ``images``; returns ``(records, from_cache)``.
 
     With a ``data_fingerprint`` (e.g. ``Dataset.fingerprint()``) the records are cached in
-    ``bundle/cache/`` and reused while the stage graphs and the data are unchanged
-    (``digest``: the stage graphs' :func:`bundle_digest`, if the caller has it already).
+    ``bundle/cache/`` and reused while the stage graphs, the data and the backend (name,
+    precision, engines) are unchanged (``digest``: the stage graphs' :func:`bundle_digest`,
+    if the caller has it already). ``write_cache=False`` reads the cache but never writes.
     """
-    from dgconvert.runtime import GatedRunner
-
-    path = cache_path(bundle, data_fingerprint, digest) if data_fingerprint else None
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            if len(z["final_labels"]) == len(images):
-                return GateRecords(z["scores"], z["labels"], z["final_labels"]), True
     runner = GatedRunner(bundle, backend=backend, max_batch=batch_size, **backend_options)
-    parts = []
-    starts = range(0, len(images), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="collect gate scores", unit="batch", leave=False)
-    for s in starts:
-        parts.append(runner.collect(images[s : s + batch_size]))
-    runner.close()
+    try:
+        path = None
+        if data_fingerprint:
+            path = cache_path(bundle, data_fingerprint, digest, engine_identity(runner.backend))
+        if path is not None and path.is_file():
+            with np.load(path) as z:
+                if len(z["final_labels"]) == len(images):
+                    return GateRecords(z["scores"], z["labels"], z["final_labels"]), True
+        parts = []
+        starts: Iterable[int] = range(0, len(images), batch_size)
+        if progress:
+            starts = tqdm(starts, desc="collect gate scores", unit="batch", leave=False)
+        for s in starts:
+            parts.append(runner.collect(images[s : s + batch_size]))
+    finally:
+        runner.close()
     records = GateRecords(
         np.concatenate([p.scores for p in parts]),
         np.concatenate([p.labels for p in parts]),
         np.concatenate([p.final_labels for p in parts]),
     )
-    if path is not None:
+    if path is not None and write_cache:
         buf = io.BytesIO()
         np.savez(buf, scores=records.scores, labels=records.labels, final_labels=records.final_labels)
         atomic_write(path, lambda p: p.write_bytes(buf.getvalue()))
     return records, False
-
-
-def latency_exit_costs(
-    bundle: Bundle,
-    images: np.ndarray,
-    *,
-    backend: str = "auto",
-    batch_size: int = 64,
-    repeats: int = 3,
-    **backend_options: Any,
-) -> list[float]:
-    """Cumulative measured ms/image of exiting at each point (each stage timed alone on full
-    batches of ``batch_size`` on the chosen backend)."""
-    from dgconvert.bench.systems import StageProbe
-    from dgconvert.runtime import GatedRunner
-
-    runner = GatedRunner(bundle, backend=backend, max_batch=batch_size, **backend_options)
-    probe = StageProbe(runner)
-    x = images[: max(batch_size, min(len(images), 4 * batch_size))]
-    probe.reset()
-    probe.run(x[:batch_size])  # warm-up
-    probe.reset()
-    for _ in range(repeats):
-        for s in range(0, len(x) - batch_size + 1, batch_size):
-            probe.run(x[s : s + batch_size])
-    runner.close()
-    rows = repeats * (len(x) // batch_size) * batch_size
-    per_stage = [1000.0 * t / rows for t in probe.seconds]
-    return list(np.cumsum(per_stage))

@@ -27,13 +27,14 @@ def pareto(solutions: Sequence[Solution]) -> list[Solution]:
 
 
 def frontier_targets(low: float, high: float, target: float | None, points: int) -> np.ndarray:
-    """Descending accuracy targets: evenly spread over [low, high], denser near ``target``."""
+    """Descending accuracy targets: a quarter evenly spread over [low, high], the rest within
+    1.5 points of ``target`` (where a walk or a test on other samples chooses)."""
     if points <= 0:
         return np.zeros(0)
-    spread = np.linspace(low, high, max(points // 2, 2))
+    spread = np.linspace(low, high, max(points // 4, 2))
     near = np.zeros(0)
     if target is not None:
-        near = np.clip(target + np.linspace(-0.01, 0.03, points - len(spread)), low, high)
+        near = np.clip(target + np.linspace(-0.015, 0.015, points - len(spread)), low, high)
     return np.unique(np.concatenate([spread, near, [high]]))[::-1]
 
 
@@ -62,3 +63,23 @@ def calibration_frontier(
     low = prob.evaluate(list(prob.sizes)).correct / prob.n
     targets = frontier_targets(low, top.correct / prob.n, target, points)
     return pareto([*frontier(prob, top, targets), *seeds])
+
+
+def selection_path(prob: Problem, points: Sequence[Solution], steps: int = 6) -> list[Solution]:
+    """The family that a walk or a test on other samples goes through: from the full model
+    (every gate off) along ``points`` (most accurate first), with ``steps`` index vectors
+    interpolated between neighbours (each gate's index moved in equal steps), keeping only
+    vectors that are cheaper than the one before. A fine, gradual path lets the first
+    failure on the other samples stop close to where the target is crossed."""
+    full = prob.evaluate([0] * prob.num_gates)
+    path = [full]
+    prev = np.zeros(prob.num_gates)
+    for s in points:
+        nxt = np.asarray(s.idx, np.float64)
+        for a in np.linspace(0.0, 1.0, steps + 1)[1:]:
+            idx = tuple(int(round(v)) for v in prev + a * (nxt - prev))
+            cand = s if a == 1.0 else prob.evaluate(idx)
+            if cand.cost < path[-1].cost and cand.idx != path[-1].idx:
+                path.append(cand)
+        prev = nxt
+    return path

@@ -24,7 +24,7 @@ def quantile_grid(prob: Problem, gate: int, size: int) -> np.ndarray:
     """``size`` indices at evenly spaced sample quantiles of the gate's scores, plus 0."""
     ranks = np.sort(prob.ranks[gate])
     pos = np.linspace(0, prob.n - 1, max(size, 2)).round().astype(np.int64)
-    return np.union1d([0], ranks[pos])
+    return np.union1d([0], np.minimum(ranks[pos], prob.sizes[gate]))  # NaN ranks: D_k + 1
 
 
 class LocalSearch:

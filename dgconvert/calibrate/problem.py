@@ -7,6 +7,11 @@ threshold vector is held as an index vector ``idx``: gate k lets sample i exit i
 gate. Every distinct behaviour of a threshold on these samples has exactly one index, so
 "all distinct score values (+inf) per gate" is ``idx[k] in 0..D_k``.
 
+Non-finite scores (see :mod:`records`): a +inf score is ranked as the largest float32,
+the threshold that lets it exit with its gate on; a NaN score gets rank ``D_k + 1``, which
+no index reaches, so it never exits. So does a -inf score: only a -inf threshold would let
+it out, and calibration never proposes one (it has no JSON encoding).
+
 Costs are kept as totals over samples (not means) so integer costs stay exact.
 """
 
@@ -126,9 +131,14 @@ class Problem:
         k = records.num_gates
         rank = np.empty((records.n, k), np.int64)
         values = []
+        top = float(np.finfo(np.float32).max)
         for g in range(k):
-            uniq, inv = np.unique(-records.scores[:, g].astype(np.float64), return_inverse=True)
-            rank[:, g] = inv.ravel() + 1
+            s = records.scores[:, g].astype(np.float64)
+            s = np.where(s == np.inf, top, s)
+            nan = np.isnan(s) | (s == -np.inf)
+            uniq, inv = np.unique(-s[~nan], return_inverse=True)
+            rank[~nan, g] = inv.ravel() + 1
+            rank[nan, g] = uniq.size + 1
             values.append(np.concatenate([[np.inf], -uniq]))
         labels = np.concatenate([records.labels, records.final_labels[:, None]], axis=1)
         correct = labels == y[:, None]

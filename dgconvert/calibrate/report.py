@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dgconvert.calibrate.bounds import BoundResult
+from dgconvert.calibrate.selection import Estimate
 from dgconvert.core.exits import Outcome
 from dgconvert.core.manifest import encode_thresholds
 
@@ -100,6 +101,23 @@ class CalibrationResult:
     holdout: float
     seed: int
     seconds: float
+    max_drop: float | None = None  # fraction; None: absolute target
+    expected: Estimate | None = None  # unseen estimate from samples not used to choose
+    promise: str = ""  # what the thresholds promise, one sentence
+    selection: Mapping[str, Any] = field(default_factory=dict)  # sizes and walk/test details
+    context: Mapping[str, Any] = field(default_factory=dict)  # bundle workflow: data, digests
+    measured_ms_per_image: Mapping[str, float] | None = None  # timed rows (--measure)
+    family: tuple[tuple[float, ...], ...] = ()  # the path walked or tested, in order
+
+    @property
+    def mode(self) -> str:
+        """``"expected"`` (default) or ``"guarantee"`` (with a confidence)."""
+        return "expected" if self.confidence is None else "guarantee"
+
+    @property
+    def fallback(self) -> bool:
+        """Nothing gated passed (or was certified): the full model was returned."""
+        return bool(self.selection.get("fallback", False))
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -167,6 +185,16 @@ class CalibrationResult:
             "holdout": self.holdout,
             "seed": self.seed,
             "seconds": self.seconds,
+            "mode": self.mode,
+            "promise": self.promise,
+            "max_drop": self.max_drop,
+            "expected": None if self.expected is None else self.expected.to_dict(),
+            "selection": dict(self.selection),
+            "fallback": self.fallback,
+            **dict(self.context),
+            "measured_ms_per_image": (
+                None if self.measured_ms_per_image is None else dict(self.measured_ms_per_image)
+            ),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -27,7 +27,7 @@ Algorithm (:func:`search`).
    Large regime: the same branch and bound restricted to per-gate quantile grids (a global
    coarse optimum; 32 values per gate for K = 4) is one more start for step 2.
 
-Cost: 4 gates x 50,000 samples take about 7 s of one core (``_bench_search``).
+Timing: benchmarks/search_speed.py.
 
 Because every start is kept in the race and moves only improve, the result is never worse
 than the sequential or shared choice on the calibration data. Accuracy targets are

@@ -1,48 +1,33 @@
-"""`calibrate_bundle`: the collection pass, the search, the report and the write-back.
+"""`calibrate_bundle`: the bundle-level wrapper of :func:`calibrate` (collection pass,
+calibration, write-back). It returns the same :class:`CalibrationResult`, with the bundle
+context (data, digests, cache use) in ``result.context``.
 
-This is what ``dgconvert calibrate`` runs; the CLI only parses options.
+Measured costs come from the caller (``exit_costs``; the CLI measures them with
+:mod:`dgconvert.bench.calibration`), so this layer never times anything itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dgconvert.calibrate.collect import bundle_digest, collect_records, latency_exit_costs
+from dgconvert.calibrate.collect import bundle_digest, collect_records
+from dgconvert.calibrate.errors import CalibrationError
 from dgconvert.calibrate.pipeline import calibrate
-from dgconvert.calibrate.report import CalibrationResult, markdown_table
+from dgconvert.calibrate.report import CalibrationResult
 from dgconvert.core.bundle import Bundle
-from dgconvert.core.manifest import Manifest, ThresholdInfo, now_iso
+from dgconvert.core.manifest import Manifest, ThresholdInfo, now_iso, portable
+from dgconvert.data import Dataset, load_dataset
 
 
-@dataclass
-class CalibrationOutcome:
-    result: CalibrationResult
-    record: dict[str, Any]  # the JSON report / manifest calibration record
-    table: str  # Markdown, d-gate paper Table 1 style
-    summary: str  # one paragraph for the terminal
-
-
-def measure_rows(
-    bundle: Bundle, images: np.ndarray, result: CalibrationResult, batch_size: int,
-    backend: str, **backend_options: Any,
-) -> dict[str, float]:
-    """Measured ms/image of the full model and of each row's thresholds on the backend:
-    one interleaved run of :func:`dgconvert.bench.run_benchmark` (same timing as ``bench``)."""
-    from dgconvert.bench import BenchConfig, run_benchmark
-
-    x = images[:2048]
-    size = min(batch_size, len(x))
-    rows = {name: list(getattr(result, name).thresholds) for name in ("ours", "sequential", "shared")}
-    config = BenchConfig(batch_sizes=[size], repeats=3, warmup=1, samples=len(x), progress=False)
-    rep = run_benchmark(bundle, x, config=config, backend=backend, operating_points=rows,
-                        backend_options=backend_options)
-    ms = {"full": rep.result("full", size).ms.median}
-    ms.update({name: rep.result(f"gated[{name}]", size).ms.median for name in rows})
-    return ms
+def load_data(bundle: str | Path | Bundle, data: str) -> tuple[Bundle, Dataset]:
+    """The bundle and the labelled data set of a ``--data`` spec, checked against it."""
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    ds = load_dataset(data, num_classes=b.num_classes)
+    ds.require_labels("calibration")
+    return b, ds
 
 
 def calibrate_bundle(
@@ -52,75 +37,120 @@ def calibrate_bundle(
     target_acc: float | None = None,
     max_drop: float | None = None,
     confidence: float | None = None,
-    holdout: float = 0.3,
+    holdout: float | None = None,
+    exit_costs: Sequence[float] | None = None,
     cost: str = "flops",
-    batch_size: int = 64,
-    measure: bool = False,
     backend: str = "auto",
     seed: int = 0,
     write: bool = True,
     progress: bool = False,
+    dataset: Dataset | None = None,
     **backend_options: Any,
-) -> CalibrationOutcome:
-    """Calibrate ``bundle`` on labelled ``data`` (a ``--data`` spec).
+) -> CalibrationResult:
+    """Calibrate ``bundle`` on labelled ``data`` (a ``--data`` spec; ``dataset``: the loaded
+    data set, if the caller has it already).
 
     ``target_acc`` is in percent (94.7) and ``max_drop`` in points (0.3), as on the command
-    line. With ``write`` the thresholds and the calibration record go into the manifest.
+    line. ``exit_costs``: cumulative cost per exit point (default: the manifest's FLOPs);
+    with ``cost="latency"`` they must be given, in ms. With ``write`` the thresholds and the
+    calibration record go into the manifest (:func:`write_calibration`); without it nothing
+    is written anywhere (the records cache included).
     """
-    from dgconvert.data import load_dataset
-
-    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    ds = load_dataset(data, num_classes=b.num_classes)
+    if dataset is None:
+        b, ds = load_data(bundle, data)
+    else:
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        ds = dataset
     y = ds.require_labels("calibration")
+    if cost not in ("flops", "latency"):
+        raise CalibrationError(f"cost must be 'flops' or 'latency', got {cost!r}")
+    if cost == "latency" and exit_costs is None:
+        raise CalibrationError(
+            "cost='latency' needs the measured exit costs (ms per exit point); measure them "
+            "with dgconvert.bench.calibration.latency_exit_costs and pass exit_costs="
+        )
     fingerprint, digest = ds.fingerprint(), bundle_digest(b)
     records, cached = collect_records(
         b, ds.images, fingerprint, backend=backend, progress=progress, digest=digest,
-        **backend_options
+        write_cache=write, **backend_options
     )
-    if cost == "latency":
-        exit_costs = latency_exit_costs(
-            b, ds.images, backend=backend, batch_size=batch_size, **backend_options
-        )
-        unit = "ms"
-    else:
-        exit_costs, unit = b.exit_costs(), "flops"
+    costs = b.exit_costs() if exit_costs is None else list(exit_costs)
     result = calibrate(
-        records, y, exit_costs,
+        records, y, costs,
         target_acc=None if target_acc is None else target_acc / 100.0,
         max_drop=None if max_drop is None else max_drop / 100.0,
         confidence=confidence, holdout=holdout, seed=seed,
-        num_classes=b.num_classes, cost_unit=unit,
+        num_classes=b.num_classes, cost_unit="ms" if cost == "latency" else "flops",
     )
-    latency = None
-    if measure:
-        latency = measure_rows(b, ds.images, result, batch_size, backend, **backend_options)
-    record = {
-        **result.to_dict(),
-        "data": data,
+    context = {
+        "data": portable(data),
         "data_hash": fingerprint,
         "bundle_digest": digest,
         "cost": cost,
         "requested": {"target_acc": target_acc, "max_drop": max_drop, "confidence": confidence},
         "records_cached": cached,
-        "measured_ms_per_image": latency,
         "created": now_iso(),
     }
+    result = replace(result, context=context)
     if write:
-        def update(m: Manifest) -> None:
-            m.thresholds = ThresholdInfo(
-                [float(t) for t in result.thresholds],
-                f"calibration ({data}, target {result.target_accuracy:.4f})",
-                record["created"],
-            )
-            m.calibration = {k: v for k, v in record.items() if k != "frontier"}
+        write_calibration(b, result)
+    return result
 
-        b.update_manifest(update)
-    held = result.heldout_accuracy
-    summary = (
+
+def write_calibration(bundle: Bundle, result: CalibrationResult) -> None:
+    """Write the thresholds and the calibration record (without the frontier) into the
+    bundle's manifest, atomically."""
+    record = result.to_dict()
+    data = result.context.get("data", "records")
+    created = result.context.get("created") or now_iso()
+
+    def update(m: Manifest) -> None:
+        m.thresholds = ThresholdInfo([float(t) for t in result.thresholds],
+                                     f"calibration ({portable(data)}, target "
+                                     f"{result.target_accuracy:.4f})", created)
+        m.calibration = {k: v for k, v in record.items() if k != "frontier"}
+
+    bundle.update_manifest(update)
+
+
+def summary(result: CalibrationResult, written: bool) -> str:
+    """One paragraph for the terminal: the thresholds, what they promise and cost."""
+    full = result.full.calibration.accuracy
+    text = (
         f"thresholds {[round(t, 4) for t in result.thresholds]} ({result.method}): accuracy "
-        f"{100 * result.accuracy:.2f} % (full {100 * result.full_accuracy:.2f} %)"
-        + (f", held-out {100 * held:.2f} %" if held is not None else "")
-        + f", cost {100 * result.cost_fraction:.1f} % of the full model"
-        + ("; written to the manifest" if write else "; dry run: manifest unchanged")
+        f"{100 * result.accuracy:.2f} % on the calibration data (full {100 * full:.2f} %)"
     )
-    return CalibrationOutcome(result, record, markdown_table(result, latency_ms=latency), summary)
+    exp = result.expected
+    unit = "ms" if result.cost_unit == "ms" else "of the full model's cost"
+    if exp is not None:
+        lo, hi = exp.drop_interval
+        a_lo, a_hi = exp.accuracy_interval
+        cost = (
+            f"{exp.cost:.3f} ms/image" if result.cost_unit == "ms"
+            else f"{100 * exp.cost_fraction:.1f} % {unit}"
+        )
+        text += (
+            f"; expected on unseen data (n = {exp.n} held out): accuracy "
+            f"{100 * exp.accuracy:.2f} % (90 % interval {100 * a_lo:.2f}–{100 * a_hi:.2f}), "
+            f"drop {100 * exp.drop:.2f} pt ({100 * lo:.2f}–{100 * hi:.2f}), cost {cost}"
+        )
+    elif result.bound is not None:
+        bd = result.bound
+        what = (
+            f"drop <= {100 * bd.drop_upper_bound:.2f} pt" if bd.drop_upper_bound is not None
+            else f"accuracy >= {100 * bd.lower_bound:.2f} %"
+        )
+        text += (
+            f"; certified with confidence {bd.confidence:g}: {what} on unseen data; cost "
+            f"{100 * bd.cost_fraction:.1f} % {unit} on the {bd.n_test} test samples"
+        )
+    else:
+        text += f", cost {100 * result.cost_fraction:.1f} % {unit}"
+    if result.fallback:
+        text += (
+            "; nothing gated passed"
+            + (" the test" if result.bound is not None else " selection")
+            + ": the full model (all gates off) is returned"
+        )
+    text += f". Promise: {result.promise}"
+    return text + ("; written to the manifest" if written else "; dry run: nothing written")

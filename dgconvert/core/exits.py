@@ -1,8 +1,10 @@
 """The exit rule and its arithmetic (torch-free): the result of a gated prediction, gate
 records from the collection pass, and the exact simulation of thresholds on them.
 
-A sample exits at the first gate ``k`` with ``scores[i, k] >= thresholds[k]`` and takes
-``labels[i, k]``; otherwise it takes ``final_labels[i]``. ``+inf`` disables a gate.
+A sample exits at the first gate ``k`` that is on (``thresholds[k] < +inf``) with
+``scores[i, k] >= thresholds[k]`` and takes ``labels[i, k]``; otherwise it takes
+``final_labels[i]``. Non-finite scores: a gate that is off never exits, whatever the score
+(+inf included); a NaN score never exits; a +inf score exits wherever the gate is on.
 ``exit_costs[k]`` (length K+1, non-decreasing) is the cumulative cost paid by a sample
 leaving at exit point ``k``; ``k = K`` is the final stage.
 """
@@ -62,7 +64,8 @@ class GateRecords:
     """Every gate's score and label, and the final label, for each of n samples.
 
     ``scores`` is stored as float32 [n, K] (what the runtime compares), ``labels`` as
-    int64 [n, K] and ``final_labels`` as int64 [n]. Scores may be NaN or infinite (see :func:`exit_points`).
+    int64 [n, K] and ``final_labels`` as int64 [n]. Scores may be NaN or infinite (see the
+    module doc for what they do).
     """
 
     scores: np.ndarray

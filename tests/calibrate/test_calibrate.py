@@ -13,16 +13,18 @@ import pytest
 from dgconvert.calibrate import (
     CalibrationError,
     GateRecords,
-    brute_force_search,
     calibrate,
     decode_thresholds,
     markdown_table,
     plot_frontier,
+    simulate,
+    split_indices,
+)
+from dgconvert.calibrate.search import (  # internal helpers of calibrate()
+    brute_force_search,
     search,
     sequential_search,
     shared_search,
-    simulate,
-    split_indices,
 )
 from dgconvert.core.errors import DGConvertError
 
@@ -301,8 +303,8 @@ def test_record_shape_errors() -> None:
         GateRecords(s, lab, np.zeros(4, np.int64))
     with pytest.raises(CalibrationError, match="integer"):
         GateRecords(s, lab.astype(float), np.zeros(5, np.int64))
-    with pytest.raises(CalibrationError, match="NaN"):
-        GateRecords(np.full((5, 2), np.nan, np.float32), lab, np.zeros(5, np.int64))
+    with pytest.raises(CalibrationError, match="real numbers"):
+        GateRecords(s.astype(bool), lab, np.zeros(5, np.int64))
     with pytest.raises(CalibrationError, match="K >= 1"):
         GateRecords(np.zeros(5, np.float32), lab, np.zeros(5, np.int64))
 
@@ -355,19 +357,43 @@ def result_and_data() -> tuple:
     return res, rec, y, costs
 
 
-def test_calibrate_splits_and_evaluates_held_out(result_and_data: tuple) -> None:
+def test_calibrate_selects_and_reports_on_disjoint_samples(result_and_data: tuple) -> None:
+    """Default mode: the search sees one part, the frontier walk another, the estimate a
+    third (the held-out part); each figure is recomputed here from its own part."""
+    from dgconvert.calibrate.selection import estimate, walk_frontier
+
     res, rec, y, costs = result_and_data
     cal, held = split_indices(rec.n, 0.3, 4)
+    sel_pos, search_pos = split_indices(cal.size, 0.5, 5)
+    search_idx, select_idx = cal[search_pos], cal[sel_pos]
+    assert len(set(search_idx) | set(select_idx) | set(held)) == rec.n  # disjoint, complete
+    assert res.selection["n_search"] == search_idx.size
+    assert res.selection["n_select"] == select_idx.size
+    assert res.expected is not None and res.expected.n == held.size
     full_cal = float(np.mean(rec.final_labels[cal] == y[cal]))
     assert res.full_accuracy == pytest.approx(full_cal)
     assert res.target_accuracy == pytest.approx(full_cal - 0.02)
-    assert res.accuracy >= res.target_accuracy - 1e-12
+    # the search row is the search on the search part alone
+    full_s = float(np.mean(rec.final_labels[search_idx] == y[search_idx]))
+    ref = search(rec.subset(search_idx), y[search_idx], costs, target_acc=full_s - 0.02)
+    assert res.search.thresholds == ref.best.thresholds
+    # the chosen vector is the walk along the frontier on the selection part
+    family = list(res.family)
+    assert family[0] == (math.inf,) * 3  # the path starts at the full model
+    walk = walk_frontier(
+        rec.subset(select_idx), y[select_idx], family, costs, target=res.target_accuracy,
+        max_drop=0.02, margin=res.selection["margin_se"],
+    )
+    assert res.thresholds == walk.thresholds and res.selection["passed"] == walk.passed
+    # the estimate is the held-out part's, which neither the search nor the walk used
+    again = estimate(rec.subset(held), y[held], res.thresholds, costs)
+    assert res.expected == again
     out = simulate(rec.subset(held), y[held], list(res.thresholds), costs)
-    assert res.heldout_accuracy == pytest.approx(out.accuracy)
+    assert res.heldout_accuracy == pytest.approx(out.accuracy) == res.expected.accuracy
     assert res.heldout_cost_fraction == pytest.approx(out.cost_fraction)
-    ref = search(rec.subset(cal), y[cal], costs, target_acc=res.target_accuracy)
-    assert res.ours.calibration.cost == pytest.approx(ref.best.outcome.cost)
-    assert res.method == "exact"
+    lo, hi = res.expected.drop_interval
+    assert lo <= res.expected.drop <= hi
+    assert res.method.startswith("frontier-walk") and res.mode == "expected"
 
 
 def test_json_keys_and_values(result_and_data: tuple) -> None:
@@ -390,7 +416,11 @@ def test_json_keys_and_values(result_and_data: tuple) -> None:
     assert decode_thresholds(data["thresholds"]) == list(res.thresholds)
     assert data["accuracy"] == res.accuracy
     assert sum(data["exit_fractions"]) == pytest.approx(1.0)
-    assert set(data["comparison"]) == {"full", "sequential", "shared"}
+    assert set(data["comparison"]) == set(res.points()) - {"ours"}
+    assert {"full", "sequential", "shared"} <= set(data["comparison"])
+    assert data["mode"] == "expected" and "on average" in data["promise"]
+    lo, hi = data["expected"]["drop_interval90"]
+    assert lo <= data["expected"]["drop"] <= hi
     assert data["comparison"]["full"]["thresholds"] == [None, None, None]  # +inf -> null
     assert data["confidence"] is None and data["bound"] is None
 
@@ -400,7 +430,7 @@ def test_markdown_table_contents(result_and_data: tuple) -> None:
     text = markdown_table(res, latency_ms={"full": 10.0, "ours": 6.0})
     lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     assert "GFLOPs/image" in lines[0] and "FLOPs reduction" in lines[0] and "Speed-up" in lines[0]
-    assert len(lines) == 2 + 4  # header, rule, full/ours/sequential/shared
+    assert len(lines) == 2 + len(res.points())  # header, rule, one row per point
     ours = next(ln for ln in lines if ln.startswith("| dgconvert"))
     held = res.ours.heldout
     assert f"{held.accuracy:.2%}" in ours

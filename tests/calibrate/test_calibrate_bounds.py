@@ -199,12 +199,11 @@ def test_confidence_needs_held_out_data() -> None:
         calibrate(rec, y, COSTS, target_acc=0.8, confidence=95)
 
 
-def test_max_drop_bound_counts_paired_losses() -> None:
-    """With max_drop, a vector is tested on the samples the full model gets right and the
-    vector gets wrong: p-value = P(Binomial(n, max_drop) <= losses)."""
-    from scipy.stats import binom
-
-    from dgconvert.calibrate import GateRecords, fixed_sequence_test, simulate
+def test_max_drop_test_credits_fixes() -> None:
+    """With max_drop each vector gets the paired p-value of its (losses, fixes); the all-off
+    vector (the full model, drop 0) passes untested."""
+    from dgconvert.calibrate import paired_drop_pvalue
+    from dgconvert.calibrate.bounds import paired_counts
 
     rng = np.random.default_rng(3)
     n = 4000
@@ -216,10 +215,12 @@ def test_max_drop_bound_counts_paired_losses() -> None:
     family = [[np.inf], [0.9], [0.5]]
     costs = [1.0, 2.0]
     res = fixed_sequence_test(rec, y, family, costs, target=0.0, confidence=0.9, max_drop=0.01)
-    for j, t in enumerate(family):
-        pred = simulate(rec, y, t, costs).prediction
-        losses = int(((final == y) & (pred != y)).sum())
-        assert res.pvalues[j] == pytest.approx(binom.cdf(losses, n, 0.01), rel=1e-6)
-    assert res.pvalues[0] == pytest.approx(binom.cdf(0, n, 0.01))  # the full model loses nothing
+    assert res.pvalues[0] == 0.0  # the full model needs no test
+    for j in range(1, len(res.pvalues)):
+        pred = simulate(rec, y, family[j], costs).prediction
+        losses, fixes = paired_counts(rec, y, pred)
+        assert losses == int(((final == y) & (pred != y)).sum())
+        assert fixes == int(((final != y) & (pred == y)).sum())
+        assert res.pvalues[j] == pytest.approx(paired_drop_pvalue(losses, fixes, n, 0.01, 0.1))
     # vector 2 exits ~half the samples at a 20 % error rate: far above a 1-point drop
     assert res.rejected < 3 and res.selected < 2

@@ -1,0 +1,81 @@
+"""Timing for ``dgconvert calibrate``: measured per-exit latency (``--cost latency``) and
+measured ms/image of the calibrated rows (``--measure``), both on the chosen backend.
+
+These live in the bench layer so that :mod:`dgconvert.calibrate` never imports it; the CLI
+passes the measured exit costs into the calibration and times the result afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dgconvert.bench.errors import BenchError
+from dgconvert.bench.harness import BenchConfig, run_benchmark
+from dgconvert.bench.systems import StageProbe
+from dgconvert.calibrate import CalibrationResult
+from dgconvert.core.bundle import Bundle
+from dgconvert.runtime import GatedRunner
+
+MEASURE_ROWS = ("ours", "sequential", "shared")
+
+
+def latency_exit_costs(
+    bundle: Bundle,
+    images: np.ndarray,
+    *,
+    backend: str = "auto",
+    batch_size: int = 64,
+    repeats: int = 3,
+    **backend_options: Any,
+) -> list[float]:
+    """Cumulative measured ms/image of exiting at each point (each stage timed alone on full
+    batches on the chosen backend). Batches hold ``batch_size`` images, or every image
+    when fewer are given."""
+    if len(images) == 0:
+        raise BenchError(
+            "--cost latency needs at least one image to time the stages; got none. "
+            "Fix: pass labelled data with images, or use --cost flops."
+        )
+    if batch_size < 1:
+        raise BenchError(f"--batch-size must be >= 1, got {batch_size}")
+    size = min(batch_size, len(images))
+    runner = GatedRunner(bundle, backend=backend, max_batch=size, **backend_options)
+    try:
+        probe = StageProbe(runner)
+        x = images[: max(size, min(len(images), 4 * size))]
+        probe.reset()
+        probe.run(x[:size])  # warm-up
+        probe.reset()
+        for _ in range(repeats):
+            for s in range(0, len(x) - size + 1, size):
+                probe.run(x[s : s + size])
+    finally:
+        runner.close()
+    rows = repeats * (len(x) // size) * size
+    per_stage = [1000.0 * t / rows for t in probe.seconds]
+    return [float(v) for v in np.cumsum(per_stage)]
+
+
+def measure_rows(
+    bundle: Bundle,
+    images: np.ndarray,
+    result: CalibrationResult,
+    batch_size: int,
+    backend: str,
+    **backend_options: Any,
+) -> dict[str, float]:
+    """Measured ms/image of the full model and of each row's thresholds on the backend:
+    one interleaved run of :func:`dgconvert.bench.run_benchmark` (same timing as ``bench``)."""
+    x = images[:2048]
+    if len(x) == 0:
+        raise BenchError("--measure needs at least one image; got none")
+    size = min(batch_size, len(x))
+    rows = {name: list(getattr(result, name).thresholds) for name in MEASURE_ROWS}
+    config = BenchConfig(batch_sizes=[size], repeats=3, warmup=1, samples=len(x), progress=False)
+    rep = run_benchmark(bundle, x, config=config, backend=backend, operating_points=rows,
+                        backend_options=backend_options)
+    ms = {"full": rep.result("full", size).ms.median}
+    ms.update({name: rep.result(f"gated[{name}]", size).ms.median for name in rows})
+    return ms
