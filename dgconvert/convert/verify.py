@@ -90,6 +90,52 @@ def _compare(
             )
 
 
+@torch.no_grad()
+def check_stage_graph(
+    path: str,
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    first: bool,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> None:
+    """Run one exported stage graph in ONNX Runtime at batch sizes other than the export
+    example's and compare with ``module``; raise :class:`ExportVerificationError` on a
+    mismatch. Stage 0 (``first``) gets ``images``, batch ``len(x) + 3`` and 1; later
+    stages ``x`` with ``keep`` vectors of size ``len(x) + 3`` (repeated, unordered), 1 and 0.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    report = VerificationReport()
+    n = len(x)
+    if first:
+        reps = (n + 3 + n - 1) // n
+        big = x.repeat(reps, *([1] * (x.dim() - 1)))[: n + 3]
+        cases = {f"N={len(big)}": (big,), "N=1": (x[:1],)}
+    else:
+        keep = torch.arange(n + 3).flip(0) % n
+        cases = {
+            f"M={n + 3}": (x, keep),
+            "M=1": (x, keep[:1]),
+            "M=0": (x, keep[:0]),
+        }
+    feeds = [i.name for i in sess.get_inputs()]
+    for case, args in cases.items():
+        try:
+            got = sess.run(names, {k: v.numpy() for k, v in zip(feeds, args, strict=True)})
+        except Exception as exc:
+            raise ExportVerificationError([f"{case}: ONNX Runtime failed: {exc}"]) from exc
+        ref = [t.numpy() for t in module(*args)]
+        _compare(report, case, names, got, ref, atol, rtol)
+    if report.mismatches:
+        raise ExportVerificationError(report.mismatches)
+
+
 def spread_thresholds(net: GatedNetwork, x: torch.Tensor) -> list[float]:
     """Thresholds at which a similar share of samples exits at every gate and at the end."""
     with torch.no_grad():

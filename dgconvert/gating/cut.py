@@ -11,11 +11,17 @@ block boundaries of ResNets/DenseNets are always single-tensor cuts.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import fx, nn
 
 from dgconvert.errors import CutError
+
+logger = logging.getLogger(__name__)
 
 
 class _CutTracer(fx.Tracer):
@@ -53,18 +59,221 @@ def _crossing(nodes: list[fx.Node], pos: int, index: dict[fx.Node, int]) -> list
     ]
 
 
-def valid_cut_points(model: nn.Module) -> list[str]:
-    """Names of the model's direct children whose outputs are single-tensor cuts."""
-    children = [name for name, _ in model.named_children()]
-    gm = _trace(model, children)
+@dataclass
+class CutPoint:
+    """A module whose output is the only value crossing it: a place to end a stage."""
+
+    name: str  # the outermost module ending at this value
+    aliases: list[str] = field(default_factory=list)  # inner modules ending at the same value
+    depth: int = 1  # 1 for a direct child of the model
+    shape: list[int] | None = None  # output shape without the batch dim
+    flops: int | None = None  # per-sample FLOPs of the model up to and including this module
+    share: float | None = None  # flops / the whole model's FLOPs
+
+
+def _module_spans(nodes: list[fx.Node]) -> dict[str, list[int]]:
+    """Module qualified name -> indices of the traced nodes executed inside it."""
+    spans: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        stack = n.meta.get("nn_module_stack") or {}
+        names = {v[0] if isinstance(v, tuple) else k for k, v in stack.items()}
+        if n.op == "call_module":
+            names.add(str(n.target))
+        for name in names:
+            if name:
+                spans.setdefault(str(name), []).append(i)
+    return spans
+
+
+def _single_tensor_points(model: nn.Module) -> tuple[fx.GraphModule, list[CutPoint], list[int]]:
+    """Trace ``model`` through every non-leaf module; every module whose nodes are
+    contiguous and whose last node is the only value crossing it is a cut point."""
+    gm = _trace(model, [])
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    valid = []
-    for i, n in enumerate(nodes):
-        if n.op == "call_module" and n.target in children and n.users:
-            if _crossing(nodes, i, index) == [n] and nodes[i + 1].op != "output":
-                valid.append(str(n.target))
-    return valid
+    out_node = next(n for n in nodes if n.op == "output")
+    result = out_node.args[0]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules()) if name}
+    spans = _module_spans(nodes)
+    by_node: dict[int, list[str]] = {}
+    for name in sorted(spans, key=lambda n: order.get(n, len(order))):
+        if name not in order:
+            continue
+        idx = spans[name]
+        first, last = idx[0], idx[-1]
+        inside = set(idx)
+        if any(j not in inside and nodes[j].op != "get_attr" for j in range(first, last + 1)):
+            continue  # called twice, or interleaved with code outside it
+        end = nodes[last]
+        if end is result or end.op in ("get_attr", "placeholder", "output") or not end.users:
+            continue
+        if nodes[last + 1].op == "output" or _crossing(nodes, last, index) != [end]:
+            continue
+        by_node.setdefault(last, []).append(name)
+    points = []
+    positions = []
+    for pos in sorted(by_node):
+        names = by_node[pos]
+        points.append(CutPoint(names[0], names[1:], names[0].count(".") + 1))
+        positions.append(pos)
+    return gm, points, positions
+
+
+def valid_cut_points(model: nn.Module, *, nested: bool = True) -> list[str]:
+    """Names of the modules whose outputs are single-tensor cuts, in execution order.
+
+    ``nested=False``: direct children only. Torch's own layers (``Conv2d``, ``ReLU``, …)
+    count only as direct children; :func:`cut_points` lists them all with sizes and FLOPs.
+    """
+    _, points, _ = _single_tensor_points(model)
+    names = []
+    modules = dict(model.named_modules())
+    for p in points:
+        for name in [p.name, *p.aliases]:
+            if ("." not in name or nested) and _listed(modules, name):
+                names.append(name)
+                break
+    return names
+
+
+def _listed(modules: dict[str, nn.Module], name: str) -> bool:
+    """Shown by default: any module but torch's own layers nested below a block (a torch
+    layer counts when it is a direct child of the model or an entry of a top-level
+    ``nn.Sequential``, e.g. a stem convolution in ``features``)."""
+    parent = name.rpartition(".")[0]
+    if not parent or not fx.Tracer().is_leaf_module(modules[name], name):
+        return True
+    return "." not in parent and isinstance(modules[parent], nn.Sequential)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced graph, recording each node's output shape and cumulative FLOPs."""
+
+    def __init__(self, gm: fx.GraphModule, counter: Any) -> None:
+        super().__init__(gm)
+        self.counter = counter
+        self.shapes: list[list[int] | None] = []
+        self.flops: list[int] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes.append(list(out.shape[1:]) if isinstance(out, torch.Tensor) else None)
+        self.flops.append(int(self.counter.get_total_flops()))
+        return out
+
+
+@torch.no_grad()
+def cut_points(
+    model: nn.Module, example_input: torch.Tensor, *, all_modules: bool = False
+) -> tuple[list[CutPoint], int]:
+    """Every single-tensor cut point of ``model`` with its output shape and the cumulative
+    per-sample FLOPs share up to it, in execution order; and the model's total FLOPs.
+
+    ``example_input``: one sample with its batch dim (``[1, C, H, W]``). Torch's own layers
+    (``Conv2d``, ``ReLU``, …) below the top level are left out unless ``all_modules``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        gm, points, positions = _single_tensor_points(model)
+        with FlopCounterMode(display=False) as counter:
+            rec = _Recorder(gm, counter)
+            rec.run(example_input[:1])
+    finally:
+        model.train(was)
+    total = max(rec.flops[-1] if rec.flops else 0, 1)
+    modules = dict(model.named_modules())
+    kept = []
+    for p, pos in zip(points, positions, strict=True):
+        names = [p.name, *p.aliases]
+        if not all_modules:
+            names = [n for n in names if _listed(modules, n)]
+        if not names or rec.shapes[pos] is None:
+            continue
+        kept.append(
+            CutPoint(names[0], names[1:], names[0].count(".") + 1, rec.shapes[pos],
+                     rec.flops[pos], rec.flops[pos] / total)  # fmt: skip
+        )
+    return kept, total
+
+
+def pick_cuts(points: Sequence[CutPoint], k: int, shares: Sequence[float] | None = None) -> list[CutPoint]:
+    """``k`` of ``points`` (in execution order) whose FLOPs shares lie closest to ``shares``
+    (default: equal stages, ``1/(k+1), 2/(k+1), …``), by least squared distance."""
+    if k < 1:
+        raise CutError(f"asked for {k} automatic cut points; expected at least 1")
+    targets = [float(s) for s in shares] if shares is not None else [(j + 1) / (k + 1) for j in range(k)]
+    if len(targets) != k or any(not 0 < t < 1 for t in targets) or targets != sorted(set(targets)):
+        raise CutError(
+            f"got FLOPs shares {targets} for {k} cuts; expected {k} increasing shares "
+            "strictly between 0 and 1, e.g. 0.25,0.5,0.75"
+        )
+    cand = [p for p in points if p.share is not None and 0 < p.share < 1]
+    if len(cand) < k:
+        raise CutError(
+            f"the model has {len(cand)} single-tensor cut points with compute on both sides "
+            f"({[p.name for p in cand]}); {k} were asked for. Fix: ask for fewer cuts."
+        )
+    n, inf = len(cand), float("inf")
+    # cost[j][i]: best total for targets[:j+1] with target j at candidate i
+    cost = [[inf] * n for _ in range(k)]
+    back = [[-1] * n for _ in range(k)]
+    for i in range(n):
+        cost[0][i] = (cand[i].share - targets[0]) ** 2  # type: ignore[operator]
+    for j in range(1, k):
+        best, arg = inf, -1
+        for i in range(n):
+            if i >= 1 and cost[j - 1][i - 1] < best:
+                best, arg = cost[j - 1][i - 1], i - 1
+            if arg >= 0:
+                cost[j][i] = best + (cand[i].share - targets[j]) ** 2  # type: ignore[operator]
+                back[j][i] = arg
+    i = min(range(n), key=lambda c: cost[k - 1][c])
+    chosen = [i]
+    for j in range(k - 1, 0, -1):
+        i = back[j][i]
+        chosen.append(i)
+    return [cand[c] for c in reversed(chosen)]
+
+
+def auto_cuts(
+    model: nn.Module, k: int, example_input: torch.Tensor, *, shares: Sequence[float] | None = None
+) -> list[str]:
+    """Names of ``k`` single-tensor cut points at about equal FLOPs shares (or ``shares``)."""
+    points, _ = cut_points(model, example_input)
+    if sum(1 for p in points if 0 < (p.share or 0) < 1) < k:  # torch's own layers too
+        points, _ = cut_points(model, example_input, all_modules=True)
+    for _ in range(len(points)):
+        chosen = pick_cuts(points, k, shares)
+        picked = _names(chosen)
+        try:
+            cut_backbone(model, picked)
+            return picked
+        except CutError as exc:
+            logger.info("automatic cuts %s refused (%s); trying others", picked, exc)
+        bad = []
+        for p, name in zip(chosen, picked, strict=True):
+            try:
+                cut_backbone(model, [name])
+            except CutError:
+                bad.append(p.name)
+        # the points work alone but not together: drop the innermost of the pair
+        points = [p for p in points if p.name not in (bad or [chosen[0].name])]
+    raise CutError(f"found no {k} usable cut points in {type(model).__name__}")
+
+
+def _names(points: Sequence[CutPoint]) -> list[str]:
+    """A module name per point that contains none of the other points' modules (a cut
+    module is traced as one call, so another cut cannot lie inside it)."""
+    names: list[str] = []
+    for i, p in enumerate(points):
+        others = [n for j, q in enumerate(points) if j != i for n in (q.name, *q.aliases)]
+        options = [p.name, *p.aliases]
+        fit = [n for n in options if not any(o.startswith(n + ".") for o in others)]
+        names.append(fit[0] if fit else options[-1])
+    return names
 
 
 def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], start: fx.Node, end: fx.Node) -> fx.GraphModule:
@@ -140,9 +349,20 @@ def cut_backbone(model: nn.Module, cuts: Sequence[str]) -> list[fx.GraphModule]:
                 f"cutting at {c!r} would carry {len(crossing)} tensors across the stage boundary "
                 f"({names}): a skip connection jumps over this point. Stage boundaries must be "
                 f"crossed by one tensor only. Fix: cut at a block boundary; single-tensor cuts "
-                f"of this model: {valid_cut_points(model) or 'none among its direct children'}."
+                f"of this model: {_suggest(model)}."
             )
         if n is result:
             raise CutError(f"cut point {c!r} is the model's output; nothing would remain after it")
     bounds = [placeholders[0], *cut_nodes, result]
     return [_subgraph(gm, nodes, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _suggest(model: nn.Module, limit: int = 16) -> str:
+    try:
+        names = valid_cut_points(model)
+    except CutError:
+        return "none found (the model does not trace through its blocks)"
+    if not names:
+        return "none"
+    more = f" … ({len(names) - limit} more; `dgconvert cuts MODEL` lists them all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
