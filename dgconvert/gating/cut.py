@@ -217,20 +217,25 @@ def pick_cuts(points: Sequence[CutPoint], k: int, shares: Sequence[float] | None
             f"({[p.name for p in cand]}); {k} were asked for. Fix: ask for fewer cuts."
         )
     n, inf = len(cand), float("inf")
-    # cost[j][i]: best total for targets[:j+1] with target j at candidate i
+    # cost[j][i]: best total for targets[:j+1] with target j at candidate i; a stage must
+    # add FLOPs, so consecutive picks need strictly larger shares
     cost = [[inf] * n for _ in range(k)]
     back = [[-1] * n for _ in range(k)]
     for i in range(n):
         cost[0][i] = (cand[i].share - targets[0]) ** 2  # type: ignore[operator]
     for j in range(1, k):
-        best, arg = inf, -1
         for i in range(n):
-            if i >= 1 and cost[j - 1][i - 1] < best:
-                best, arg = cost[j - 1][i - 1], i - 1
-            if arg >= 0:
-                cost[j][i] = best + (cand[i].share - targets[j]) ** 2  # type: ignore[operator]
-                back[j][i] = arg
+            prev = [p for p in range(i) if cand[p].share < cand[i].share and cost[j - 1][p] < inf]  # type: ignore[operator]
+            if prev:
+                best = min(prev, key=lambda p: cost[j - 1][p])
+                cost[j][i] = cost[j - 1][best] + (cand[i].share - targets[j]) ** 2  # type: ignore[operator]
+                back[j][i] = best
     i = min(range(n), key=lambda c: cost[k - 1][c])
+    if cost[k - 1][i] == inf:
+        raise CutError(
+            f"the model has fewer than {k} cut points with distinct FLOPs shares "
+            f"({sorted({round(p.share or 0, 3) for p in cand})}). Fix: ask for fewer cuts."
+        )
     chosen = [i]
     for j in range(k - 1, 0, -1):
         i = back[j][i]
