@@ -42,7 +42,7 @@ def describe_stage(net: GatedNetwork, k: int) -> str:
             if node.op == "call_module" and str(node.target).split(".")[0] not in mods:
                 mods.append(str(node.target))
     shown = ", ".join(mods[:8]) + (f", … ({len(mods) - 8} more)" if len(mods) > 8 else "")
-    gate = f" + {net.gates[k].gate_type} gate ({net.gates[k].layout})" if k < last else ""
+    gate = f" + {net.gates[k].spec()['type']} gate ({net.gates[k].spec()['layout']})" if k < last else ""
     return f"stage {k} (backbone from {start} to {end}{gate}; modules: {shown or type(body).__name__})"
 
 

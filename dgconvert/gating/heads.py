@@ -102,7 +102,10 @@ class GateHead(nn.Module):
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """The pooled vector ``[N, in_features]`` the linear layers see."""
-        return pool_features(features, self.layout, self.pool_kind)
+        # getattr: whole pickles of heads from before layouts existed pool as NCHW
+        return pool_features(
+            features, getattr(self, "layout", "nchw"), getattr(self, "pool_kind", "mean")
+        )
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description: ``{"type", "score", "layout", "pool", "in_features",
@@ -110,8 +113,8 @@ class GateHead(nn.Module):
         return {
             "type": self.gate_type,
             "score": self.score_kind,
-            "layout": self.layout,
-            "pool": self.pool_kind,
+            "layout": getattr(self, "layout", "nchw"),
+            "pool": getattr(self, "pool_kind", "mean"),
             "in_features": self.in_features,
             "num_classes": self.num_classes,
         }
