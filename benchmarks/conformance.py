@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--gates", default="dgate,softmax,confidence")
     ap.add_argument("--only", default=None, help="comma-separated substrings of model names")
     ap.add_argument("--out", default=str(RESULTS / "conformance"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in --out.json, replacing those rerun")
     args = ap.parse_args()
     import onnxruntime
     import torchvision
@@ -204,6 +206,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    old: list[dict[str, Any]] = []
+    if args.merge and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())["rows"]
+
+    def merged() -> list[dict[str, Any]]:
+        new = {(r["model"], r["gate"]): r for r in rows}
+        keep = [new.pop((r["model"], r["gate"]), r) for r in old]
+        return keep + list(new.values())
+
     with tempfile.TemporaryDirectory() as d:
         bar = tqdm(total=len(zoo) * len(gates), desc="conformance")
         for name, (make, size, k) in zoo.items():
@@ -213,11 +224,11 @@ def main() -> None:
                 bar.update(1)
                 # written after every row: a long run can be read (and resumed) while it goes
                 out.with_suffix(".json").write_text(
-                    json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+                    json.dumps({"meta": meta, "rows": merged()}, indent=1) + "\n"
                 )
-                out.with_suffix(".md").write_text(_md(rows, meta))
+                out.with_suffix(".md").write_text(_md(merged(), meta))
         bar.close()
-    print(_md(rows, meta))
+    print(_md(merged(), meta))
 
 
 if __name__ == "__main__":
