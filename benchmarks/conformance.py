@@ -31,6 +31,28 @@ from tqdm.auto import tqdm
 RESULTS = Path(__file__).parent / "results"
 
 
+def _import_torchvision() -> Any:
+    """``import torchvision``; when its compiled ops do not load beside this torch (PyPI's
+    CUDA torchvision 0.28 beside the CPU torch 2.13.0 wheel: "operator torchvision::nms does
+    not exist"), define the two op schemas it registers unconditionally and import the
+    pure-Python model definitions anyway (no compiled op is used by a classifier)."""
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 (kept alive for the import)
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    globals()["_TV_SHIM"] = lib
+    return importlib.import_module("torchvision")
+
+
 def _tv() -> dict[str, tuple[Callable[[], torch.nn.Module], int, int]]:
     """name -> (constructor, input size, cuts). Tiny variants where the constructor allows."""
     from torchvision import models as m
@@ -186,8 +208,8 @@ def main() -> None:
                     help="keep the rows already in --out.json, replacing those rerun")
     args = ap.parse_args()
     import onnxruntime
-    import torchvision
 
+    torchvision = _import_torchvision()
     zoo = _tv()
     try:
         import timm
