@@ -3,8 +3,10 @@
 Two exporters: the torch.export-based one (``dynamo``, the default) and the
 TorchScript-based one (``torchscript``). With ``exporter="auto"`` the second is tried when
 the first raises or when its graph fails the caller's ``check`` (e.g. a batch size the
-exporter specialised on); the choice is logged. When every exporter fails,
-:class:`StageExportError` lists each one's reason.
+exporter specialised on); the choice is logged. When every exporter raises (or some raise
+and the others' graphs fail ``check``), :class:`StageExportError` lists each one's reason;
+when every exporter's graph fails ``check`` with
+:class:`~dgconvert.errors.ExportVerificationError`, their mismatches are raised as one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dgconvert.errors import DGConvertError
+from dgconvert.errors import DGConvertError, ExportVerificationError
 
 OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
@@ -134,6 +136,7 @@ def export_onnx(
     what = what or type(module).__name__
     order = list(EXPORTERS) if exporter == "auto" else [exporter]
     reasons: dict[str, str] = {}
+    mismatches: list[str] = []
     for kind in order:
         try:
             with _quiet():
@@ -146,6 +149,8 @@ def export_onnx(
             try:
                 check(path)
             except Exception as exc:
+                if isinstance(exc, ExportVerificationError):
+                    mismatches += [f"{what}, {kind} exporter: {m}" for m in exc.mismatches]
                 reasons[kind] = "the exported graph differs from torch: " + _first_line(exc, 600)
                 logger.info("%s: the %s graph failed its check: %s", what, kind, reasons[kind])
                 continue
@@ -155,4 +160,7 @@ def export_onnx(
                 "; ".join(f"{k} failed: {v}" for k, v in reasons.items()),
             )  # fmt: skip
         return kind
+    if len(mismatches) and all("differs from torch" in r for r in reasons.values()):
+        # every exporter produced a graph, none within tolerance: a verification failure
+        raise ExportVerificationError(mismatches)
     raise StageExportError(what, reasons, hint)
