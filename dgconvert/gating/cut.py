@@ -157,7 +157,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.shapes.append(list(out.shape[1:]) if isinstance(out, torch.Tensor) else None)
+        self.shapes.append(list(out.shape) if isinstance(out, torch.Tensor) else None)
         self.flops.append(int(self.counter.get_total_flops()))
         return out
 
@@ -169,7 +169,8 @@ def cut_points(
     """Every single-tensor cut point of ``model`` with its output shape and the cumulative
     per-sample FLOPs share up to it, in execution order; and the model's total FLOPs.
 
-    ``example_input``: one sample with its batch dim (``[1, C, H, W]``). Torch's own layers
+    ``example_input``: a sample with its batch dim (``[1, C, H, W]``; the first is used).
+    A value whose dim 0 is not the batch is no cut point. Torch's own layers
     (``Conv2d``, ``ReLU``, …) below the top level are left out unless ``all_modules``.
     """
     from torch.utils.flop_counter import FlopCounterMode
@@ -178,23 +179,28 @@ def cut_points(
     model.eval()
     try:
         gm, points, positions = _single_tensor_points(model)
+        # two samples: a value whose dim 0 is not the batch (windows or heads folded into
+        # it, sequence-first tensors) cannot be gathered by row, so it is no cut point
+        pair = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
         with FlopCounterMode(display=False) as counter:
             rec = _Recorder(gm, counter)
-            rec.run(example_input[:1])
+            rec.run(pair)
     finally:
         model.train(was)
-    total = max(rec.flops[-1] if rec.flops else 0, 1)
+    flops = [f // 2 for f in rec.flops]
+    total = max(flops[-1] if flops else 0, 1)
     modules = dict(model.named_modules())
     kept = []
     for p, pos in zip(points, positions, strict=True):
         names = [p.name, *p.aliases]
         if not all_modules:
             names = [n for n in names if _listed(modules, n)]
-        if not names or rec.shapes[pos] is None:
+        shape = rec.shapes[pos]
+        if not names or shape is None or len(shape) < 2 or shape[0] != 2:
             continue
         kept.append(
-            CutPoint(names[0], names[1:], names[0].count(".") + 1, rec.shapes[pos],
-                     rec.flops[pos], rec.flops[pos] / total)  # fmt: skip
+            CutPoint(names[0], names[1:], names[0].count(".") + 1, shape[1:],
+                     flops[pos], flops[pos] / total)  # fmt: skip
         )
     return kept, total
 
@@ -246,12 +252,13 @@ def pick_cuts(points: Sequence[CutPoint], k: int, shares: Sequence[float] | None
 def auto_cuts(
     model: nn.Module, k: int, example_input: torch.Tensor, *, shares: Sequence[float] | None = None
 ) -> list[str]:
-    """Names of ``k`` single-tensor cut points at about equal FLOPs shares (or ``shares``)."""
+    """Names of ``k`` single-tensor cut points at about equal FLOPs shares (or ``shares``),
+    preferring block boundaries (shallow modules) to points deep inside blocks."""
     points, _ = cut_points(model, example_input)
     if sum(1 for p in points if 0 < (p.share or 0) < 1) < k:  # torch's own layers too
         points, _ = cut_points(model, example_input, all_modules=True)
     for _ in range(len(points)):
-        chosen = pick_cuts(points, k, shares)
+        chosen = _pick_coarse(points, k, shares)
         picked = _names(chosen)
         try:
             cut_backbone(model, picked)
@@ -267,6 +274,22 @@ def auto_cuts(
         # the points work alone but not together: drop the innermost of the pair
         points = [p for p in points if p.name not in (bad or [chosen[0].name])]
     raise CutError(f"found no {k} usable cut points in {type(model).__name__}")
+
+
+def _pick_coarse(points: Sequence[CutPoint], k: int, shares: Sequence[float] | None) -> list[CutPoint]:
+    """:func:`pick_cuts` among the shallowest points that fit: block boundaries (depth 1,
+    then 2, …) are preferred to points deep inside a block, as long as every pick lies
+    within ``1 / (2 (k + 1))`` of its target share."""
+    targets = list(shares) if shares is not None else [(j + 1) / (k + 1) for j in range(k)]
+    tol = 0.5 / (k + 1)
+    for depth in sorted({p.depth for p in points}):
+        try:
+            picked = pick_cuts([p for p in points if p.depth <= depth], k, shares)
+        except CutError:
+            continue
+        if all(abs((p.share or 0) - t) <= tol for p, t in zip(picked, targets, strict=True)):
+            return picked
+    return pick_cuts(points, k, shares)
 
 
 def _names(points: Sequence[CutPoint]) -> list[str]:
