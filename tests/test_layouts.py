@@ -188,3 +188,41 @@ def test_both_exporters_failing_names_the_stage_and_what_to_try(tmp_path) -> Non
     msg = str(err.value)
     assert "stage 1" in msg and "dynamo:" in msg and "torchscript:" in msg
     assert "rows differ" in msg and "--exporter" in msg and "dgconvert cuts" in msg
+
+
+class _Partition(torch.nn.Module):
+    """[N, C, H, W] -> [4N, C, H/2, W/2]: windows folded into dim 0 (as MaxViT, Swin)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n * 4, c, h // 2, w // 2)
+
+
+class _Departition(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, c, h, w = x.shape
+        x = x.reshape(m // 4, 2, 2, c, h, w).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(m // 4, c, 2 * h, 2 * w)
+
+
+class _Windowed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.partition = _Partition()
+        self.local = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.departition = _Departition()
+        self.block = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.departition(self.local(self.partition(self.stem(x))))
+        return self.head(self.block(x).mean(dim=(2, 3)))
+
+
+def test_values_without_the_batch_in_dim_0_are_no_cut_points() -> None:
+    points, _ = cut_points(_Windowed().eval(), torch.zeros(1, *SHAPE))
+    names = [p.name for p in points]
+    assert "stem" in names and "departition" in names and "block" in names
+    assert "partition" not in names and "local" not in names  # rows are windows there

@@ -278,18 +278,23 @@ def auto_cuts(
 
 def _pick_coarse(points: Sequence[CutPoint], k: int, shares: Sequence[float] | None) -> list[CutPoint]:
     """:func:`pick_cuts` among the shallowest points that fit: block boundaries (depth 1,
-    then 2, …) are preferred to points deep inside a block, as long as every pick lies
-    within ``1 / (2 (k + 1))`` of its target share."""
+    then 2, …) are preferred to points deep inside a block, as long as their largest
+    distance to a target share exceeds the best pick's by at most ``1 / (4 (k + 1))``."""
     targets = list(shares) if shares is not None else [(j + 1) / (k + 1) for j in range(k)]
-    tol = 0.5 / (k + 1)
+
+    def worst(picked: list[CutPoint]) -> float:
+        return max(abs((p.share or 0) - t) for p, t in zip(picked, targets, strict=True))
+
+    best = pick_cuts(points, k, shares)
+    allowed = worst(best) + 0.25 / (k + 1)
     for depth in sorted({p.depth for p in points}):
         try:
             picked = pick_cuts([p for p in points if p.depth <= depth], k, shares)
         except CutError:
             continue
-        if all(abs((p.share or 0) - t) <= tol for p, t in zip(picked, targets, strict=True)):
+        if worst(picked) <= allowed:
             return picked
-    return pick_cuts(points, k, shares)
+    return best
 
 
 def _names(points: Sequence[CutPoint]) -> list[str]:
