@@ -226,3 +226,33 @@ def test_values_without_the_batch_in_dim_0_are_no_cut_points() -> None:
     names = [p.name for p in points]
     assert "stem" in names and "departition" in names and "block" in names
     assert "partition" not in names and "local" not in names  # rows are windows there
+
+
+@pytest.mark.parametrize("kind", ["tokens", "nhwc"])
+def test_fit_gates_pools_by_layout(kind: str) -> None:
+    """Gate fitting caches each gate's pooled vector (class token, NHWC mean) and trains the
+    same heads on it; a backbone at chance (random weights) needs the explicit override."""
+    from dgconvert.data import Dataset
+    from dgconvert.gating.fit import extract_features, fit_gates
+
+    rng = np.random.default_rng(0)
+    ds = Dataset(rng.standard_normal((120, *SHAPE)).astype(np.float32),
+                 rng.integers(0, 10, 120).astype(np.int64), source="random")  # fmt: skip
+    factory, cuts = LAYOUT_MODELS[kind]
+    torch.manual_seed(0)
+    with pytest.raises(NearChanceError):
+        fit_gates(factory().eval(), ds, cuts, epochs=1, progress=False)
+    result = fit_gates(factory().eval(), ds, cuts, epochs=2, progress=False, check_accuracy=False)
+    net = result.net
+    assert [g.layout for g in net.gates] == [kind, kind]
+    feats = extract_features(net, ds.images[:5], None)
+    x = torch.from_numpy(ds.images[:5])
+    with torch.no_grad():
+        f0 = net.stages[0](x)
+        want = f0[:, 0] if kind == "tokens" else f0.mean(dim=(1, 2))
+        torch.testing.assert_close(feats.pooled[0], want)
+        s, lab, _ = net.gates[0](f0)  # the fitted head on raw features == on pooled ones
+        s2, lab2, _ = net.gates[0](feats.pooled[0])
+    torch.testing.assert_close(s, s2)
+    assert torch.equal(lab, lab2) and torch.isfinite(s).all()
+    assert result.options["layouts"] == [kind, kind]
