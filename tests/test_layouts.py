@@ -256,3 +256,27 @@ def test_fit_gates_pools_by_layout(kind: str) -> None:
     torch.testing.assert_close(s, s2)
     assert torch.equal(lab, lab2) and torch.isfinite(s).all()
     assert result.options["layouts"] == [kind, kind]
+
+
+class _WithOptionalArgs(torch.nn.Module):
+    """forward(x, attn_mask=None, is_causal=False) as timm's ViTs: the options are traced as
+    their defaults, not as inputs crossing every cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU())
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:  # fmt: skip
+        assert attn_mask is None and not is_causal
+        return self.head(self.b(self.a(x)).mean(dim=(2, 3)))
+
+
+def test_optional_forward_arguments_are_constants() -> None:
+    model = _WithOptionalArgs().eval()
+    net = GatedNetwork.from_backbone(model, ["a"], input_shape=SHAPE)
+    x = torch.randn(3, *SHAPE)
+    torch.testing.assert_close(net(x), model(x))
+    assert GatedNetwork.from_backbone(model, 1, input_shape=SHAPE).cuts == ["a"]

@@ -11,7 +11,9 @@ block boundaries of ResNets/DenseNets are always single-tensor cuts.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,22 +26,73 @@ from dgconvert.errors import CutError
 logger = logging.getLogger(__name__)
 
 
+def _library_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """Modules and functions a model library registered as not fx-traceable (timm's
+    ``register_notrace_module`` / ``register_notrace_function``), when it is imported."""
+    fx_reg = sys.modules.get("timm.layers._fx")
+    if fx_reg is None:
+        return (), ()
+    try:
+        return tuple(fx_reg.get_notrace_modules()), tuple(fx_reg.get_notrace_functions())
+    except Exception:  # another timm layout: trace without its registry
+        return (), ()
+
+
 class _CutTracer(fx.Tracer):
-    """Treats the cut modules (and the usual torch.nn leaves) as opaque calls."""
+    """Treats the cut modules (and the usual torch.nn leaves, and modules a model library
+    registered as not traceable) as opaque calls."""
 
     def __init__(self, leaves: Sequence[str]) -> None:
-        super().__init__()
+        self.notrace, functions = _library_notrace()
+        super().__init__(autowrap_functions=functions)
         self.leaves = set(leaves)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(
-            m, module_qualified_name
+        return (
+            module_qualified_name in self.leaves
+            or isinstance(m, self.notrace)
+            or super().is_leaf_module(m, module_qualified_name)
         )
 
 
-def _trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
+def _constant_args(model: nn.Module) -> dict[str, Any]:
+    """Optional forward arguments after the image (e.g. ``attn_mask=None``): traced as their
+    defaults, so they are constants rather than inputs crossing every cut."""
     try:
-        graph = _CutTracer(leaves).trace(model)
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _inline_constants(graph: fx.Graph, constants: dict[str, Any]) -> None:
+    """Replace the placeholders of ``constants`` (traced as concrete arguments) by their
+    values, so that the graph has one input, the image."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # fx may rename a concrete argument's placeholder (attn_mask -> attn_mask_1)
+    for n in placeholders[1:]:
+        name = next((c for c in constants if str(n.target).rstrip("_0123456789") == c
+                     or str(n.target) == c), None)  # fmt: skip
+        if name is None:
+            continue
+        value = constants[name]
+        for user in list(n.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a, n=n, v=value: v if a is n else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a, n=n, v=value: v if a is n else a)
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
+    constants = _constant_args(model)
+    try:
+        graph = _CutTracer(leaves).trace(model, concrete_args=constants or None)
+        _inline_constants(graph, constants)
     except Exception as exc:  # fx raises many types for untraceable code
         raise CutError(
             f"could not trace {type(model).__name__} with torch.fx: {exc}. Expected a "
