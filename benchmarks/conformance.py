@@ -164,6 +164,24 @@ def _one(name: str, make: Callable[[], torch.nn.Module], size: int, k: int, gate
     return row
 
 
+def _isolated(name: str, make: Callable[[], torch.nn.Module], size: int, k: int, gate: str,
+              tmp: Path) -> dict[str, Any]:  # fmt: skip
+    """:func:`_one` in a forked child: a hard crash (a signal in an exporter or a runtime)
+    becomes a failed row instead of ending the run."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=lambda: queue.put(_one(name, make, size, k, gate, tmp)))
+    proc.start()
+    proc.join()
+    if not queue.empty():
+        return queue.get()
+    return {"model": name, "gate": gate, "input": size, "exports": False, "verifies": False,
+            "failed_at": "process", "reason": f"the process died (exit code {proc.exitcode}: "
+            "a crash inside torch or ONNX Runtime, or out of memory)"}  # fmt: skip
+
+
 def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Conformance matrix",
@@ -242,7 +260,7 @@ def main() -> None:
         for name, (make, size, k) in zoo.items():
             for gate in gates:
                 bar.set_postfix_str(f"{name} {gate}")
-                rows.append(_one(name, make, size, k, gate, Path(d)))
+                rows.append(_isolated(name, make, size, k, gate, Path(d)))
                 bar.update(1)
                 # written after every row: a long run can be read (and resumed) while it goes
                 out.with_suffix(".json").write_text(
