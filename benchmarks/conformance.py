@@ -177,9 +177,13 @@ def _isolated(name: str, make: Callable[[], torch.nn.Module], size: int, k: int,
     proc.join()
     if not queue.empty():
         return queue.get()
+    import signal
+
+    code = proc.exitcode or 0
+    how = signal.Signals(-code).name if code < 0 else f"exit code {code}"
     return {"model": name, "gate": gate, "input": size, "exports": False, "verifies": False,
-            "failed_at": "process", "reason": f"the process died (exit code {proc.exitcode}: "
-            "a crash inside torch or ONNX Runtime, or out of memory)"}  # fmt: skip
+            "failed_at": "process", "reason": f"the process died ({how}): a crash inside "
+            "torch or ONNX Runtime, or out of memory"}  # fmt: skip
 
 
 def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
