@@ -107,6 +107,8 @@ def check_stage_graph(
     """
     import onnxruntime as ort
 
+    if not first:
+        _empty_batch_survives(path, x)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -134,6 +136,38 @@ def check_stage_graph(
         _compare(report, case, names, got, ref, atol, rtol)
     if report.mismatches:
         raise ExportVerificationError(report.mismatches)
+
+
+_EMPTY_RUN = """
+import sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.log_severity_level = 3
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+s.run(None, {"x": x, "keep": np.zeros(0, np.int64)})
+"""
+
+
+def _empty_batch_survives(path: str, x: torch.Tensor) -> None:
+    """Run the graph on ``keep`` of size 0 in a child process: ONNX Runtime kernels may die
+    of a signal on empty batches (seen: SIGFPE in a window-partition reshape), which must
+    fail the check, not end the export."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        feats = f"{d}/x.npy"
+        np.save(feats, x[:2].numpy())
+        proc = subprocess.run([sys.executable, "-c", _EMPTY_RUN, str(path), feats],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    if proc.returncode != 0:
+        how = (signal.Signals(-proc.returncode).name if proc.returncode < 0
+               else proc.stderr.strip().splitlines()[-1:] or ["failed"])  # fmt: skip
+        raise ExportVerificationError(
+            [f"M=0: ONNX Runtime crashed on an empty keep ({how}); the runner must be able "
+             "to run a stage that no row reaches"]  # fmt: skip
+        )
 
 
 def spread_thresholds(net: GatedNetwork, x: torch.Tensor) -> list[float]:
