@@ -240,7 +240,7 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", default="dgate,softmax,confidence")
-    ap.add_argument("--only", default=None, help="comma-separated substrings of model names")
+    ap.add_argument("--only", default=None, help="comma-separated prefixes of model names")
     ap.add_argument("--out", default=str(RESULTS / "conformance"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows already in --out.json, replacing those rerun")
@@ -258,7 +258,7 @@ def main() -> None:
         timm_v = "not installed"
     if args.only:
         keys = [s.strip() for s in args.only.split(",")]
-        zoo = {k: v for k, v in zoo.items() if any(s in k for s in keys)}
+        zoo = {k: v for k, v in zoo.items() if any(k.startswith(s) for s in keys)}
     gates = [g.strip() for g in args.gates.split(",")]
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm_v,
             "onnxruntime": onnxruntime.__version__, "cpus": torch.get_num_threads(),
