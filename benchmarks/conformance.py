@@ -160,7 +160,7 @@ def _one(name: str, make: Callable[[], torch.nn.Module], size: int, k: int, gate
         row.setdefault("exports", False if stage in ("cut", "export") else row.get("exports"))
         row["verifies"] = row.get("verifies", False)
         row["failed_at"] = stage
-        row["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
+        row["reason"] = _reason(exc)
         row["trace"] = traceback.format_exc()[-1500:]
     return row
 
@@ -177,6 +177,14 @@ def _estimate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
     model.train()
     model(x)
     model.eval()
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's first line, plus its first mismatches for a verification error."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    head = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    details = [ln[:400] for ln in getattr(exc, "mismatches", [])[:2]]
+    return " ".join([head, *details])
 
 
 def _isolated(name: str, make: Callable[[], torch.nn.Module], size: int, k: int, gate: str,
