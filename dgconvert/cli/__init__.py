@@ -17,6 +17,7 @@ from dgconvert.core.version import __version__
 COMMANDS = {
     "export": "dgconvert.cli.export:export_cmd",
     "gates": "dgconvert.cli.gates:gates_group",
+    "cuts": "dgconvert.cli.cuts:cuts_cmd",
     "train-reference": "dgconvert.cli.gates:train_reference_cmd",
     "calibrate": "dgconvert.cli.calibrate:calibrate_cmd",
     "build": "dgconvert.cli.build:build_cmd",

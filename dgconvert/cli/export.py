@@ -42,12 +42,18 @@ from dgconvert.core.gates import DEFAULT_EXIT_SCORE, EXIT_SCORES
 @click.option("--normalization", default=None,
               help='With --exits: uint8 -> float normalization as JSON, e.g. \'{"scale": 255, '
                    '"mean": [0.286], "std": [0.353]}\' (default: the checkpoint\'s, else none).')
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+              show_default=True,
+              help="ONNX exporter: auto = torch.export-based, falling back to TorchScript-based "
+                   "for a stage it fails on or exports wrongly.")
+@click.option("--allow-near-chance", is_flag=True,
+              help="Export even when the backbone scores near chance on labelled --data.")
 @friendly_errors
 def export_cmd(
     model: Path, output: Path | None, force: bool, trust_pickle: bool, data: str | None,
     verify_samples: int, atol: float, rtol: float, no_verify: bool, exits: str | None,
     score: str | None, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
-    normalization: str | None,
+    normalization: str | None, exporter: str, allow_near_chance: bool,
 ) -> None:
     """Export a gated network (MODEL.pt from `dgconvert gates fit` or dgconvert.save), or with
     --exits a multi-exit model as it is, to a bundle: one ONNX graph per stage with its gate
@@ -80,6 +86,17 @@ def export_cmd(
         imgs = ds.images[:verify_samples]
         x = normalize(imgs, net.normalization) if imgs.dtype.kind == "u" else imgs
         verify_input = torch.from_numpy(x.astype("float32"))
+        if ds.labels is not None and not allow_near_chance:
+            from dgconvert.gating.fit import check_backbone_accuracy
+
+            with torch.no_grad():
+                logits = net.eval()(verify_input)
+            acc = check_backbone_accuracy(
+                logits.numpy(), ds.labels[:verify_samples], normalization=net.normalization,
+                source=f"{data} (first {len(verify_input)})",
+                flag="`dgconvert gates fit --normalization`",
+            )  # fmt: skip
+            click.echo(f"backbone accuracy on {data}: {100 * acc:.2f} % ({len(verify_input)} samples)")
 
     def show(report: object) -> None:
         worst = ", ".join(f"{k} {v:.2g}" for k, v in report.max_abs.items())  # type: ignore[attr-defined]
@@ -87,7 +104,7 @@ def export_cmd(
 
     bundle = dg.export(
         net, out, verify_input=verify_input, force=force, verify=not no_verify,
-        atol=atol, rtol=rtol, progress=True, on_report=show,
+        atol=atol, rtol=rtol, progress=True, on_report=show, exporter=exporter,
         source={"checkpoint": model.name, "checkpoint_sha256": file_sha256(model),
                 "verified_on": portable(data) if data else "random inputs"},
     )

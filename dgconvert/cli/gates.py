@@ -14,6 +14,8 @@ from dgconvert.core.gates import (
     GATE_KINDS,
     GATE_TYPES,
     HINGES,
+    LAYOUTS,
+    POOLS,
     SCORE_CHOICES,
 )
 
@@ -21,6 +23,31 @@ from dgconvert.core.gates import (
 @click.group("gates", context_settings={"help_option_names": ["-h", "--help"]})
 def gates_group() -> None:
     """Attach gate heads to a trained backbone and fit them."""
+
+
+def parse_cuts(text: str) -> tuple[list[str] | int, list[float] | None]:
+    """``layer1,layer2`` -> names; ``auto:3`` -> 3; ``auto:0.2,0.5`` -> (2, shares)."""
+    text = text.strip()
+    if text.startswith("auto:"):
+        spec = text.removeprefix("auto:")
+        try:
+            if "," in spec or "." in spec:
+                shares = [float(v) for v in spec.split(",") if v.strip()]
+                return len(shares), shares
+            k = int(spec)
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"expected auto:K (e.g. auto:3) or auto:SHARE,SHARE,... (e.g. auto:0.25,0.5), "
+                f"got {text!r}", param_hint="--cut") from exc  # fmt: skip
+        if k < 1:
+            raise click.BadParameter(f"auto:K needs K >= 1, got {text!r}", param_hint="--cut")
+        return k, None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise click.BadParameter(
+            f"expected comma-separated module names or auto:K, got {text!r}", param_hint="--cut"
+        )
+    return names, None
 
 
 @gates_group.command("fit")
@@ -36,7 +63,19 @@ def gates_group() -> None:
               help='uint8 -> float input normalization as JSON, e.g. \'{"scale": 255, "mean": [0.286], '
                    '"std": [0.353]}\' (default: the one the checkpoint records; none for a state_dict).')
 @click.option("--cut", "cuts", default="layer1,layer2,layer3", show_default=True,
-              help="Comma-separated module names; a gate follows each.")
+              help="Comma-separated module names (nested ones too, e.g. features.3); a gate "
+                   "follows each. auto:K picks K cut points at about equal FLOPs shares; "
+                   "auto:0.2,0.5 at those cumulative FLOPs shares. `dgconvert cuts` lists them.")
+@click.option("--layout", type=click.Choice(["auto", *LAYOUTS]),
+              default="auto", show_default=True,
+              help="Feature layout at the cuts: NCHW maps, NHWC maps (Swin), ViT token "
+                   "sequences [N,T,D], vectors; auto detects it from the shapes.")
+@click.option("--token-pool", type=click.Choice(POOLS["tokens"]), default=None,
+              help="How gates pool token sequences: the class token or the mean of the tokens "
+                   "(default: cls when the model has a class token).")
+@click.option("--allow-near-chance", is_flag=True,
+              help="Fit even when the backbone scores near chance on --data (normally a sign "
+                   "of a wrong --normalization).")
 @click.option("--gate", type=click.Choice(GATE_TYPES), default=DEFAULT_GATE, show_default=True,
               help="Gate head: " + ", ".join(f"{n} ({GATE_KINDS[n].loss})" for n in GATE_TYPES)
               + ".")
@@ -72,7 +111,8 @@ def gates_group() -> None:
 @friendly_errors
 def fit_cmd(
     backbone: Path, data: str, output: Path, arch: str | None, arch_kwargs: str | None,
-    normalization: str | None, cuts: str, gate: str, score: str | None, hinge: str,
+    normalization: str | None, cuts: str, layout: str, token_pool: str | None,
+    allow_near_chance: bool, gate: str, score: str | None, hinge: str,
     standardize: bool, paper: bool, l2: float | None, epochs: int, batch_size: int, lr: float | None, holdout: float,
     joint: bool, joint_epochs: int, joint_lr: float, cost_weight: float, seed: int, trust_pickle: bool,
     force: bool, json_path: Path | None,
@@ -86,9 +126,7 @@ def fit_cmd(
             f"{output} exists; expected a new file. Fix: pass --force to overwrite it, or "
             "choose another -o."
         )
-    cut_list = [c.strip() for c in cuts.split(",") if c.strip()]
-    if not cut_list:
-        raise click.BadParameter(f"expected comma-separated module names, got {cuts!r}", param_hint="--cut")
+    cut_list, shares = parse_cuts(cuts)
     options: dict[str, Any] = {"gate": gate, "score": score, "hinge": hinge, "standardize": standardize}
     if paper:
         options.update(PAPER_DGATE)
@@ -99,7 +137,9 @@ def fit_cmd(
     elif kwargs is not None:
         raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
     result = dg.fit_gates(
-        backbone, data, cut_list, **options, l2=l2, epochs=epochs, batch_size=batch_size,
+        backbone, data, cut_list, **options, shares=shares,
+        layout=None if layout == "auto" else layout, token_pool=token_pool,
+        check_accuracy=not allow_near_chance, l2=l2, epochs=epochs, batch_size=batch_size,
         lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
         cost_weight=cost_weight, arch=arch_spec, trust_pickle=trust_pickle, seed=seed,
         normalization=parse_json_object(normalization, "--normalization"), progress=True,
@@ -109,7 +149,8 @@ def fit_cmd(
     if json_path is not None:
         write_json(json_path, result.as_dict())
     t = ", ".join(f"{v:.4g}" for v in result.thresholds)
-    click.echo(f"wrote {output} ({len(cut_list)} {options['gate']} gates; thresholds {t}) "
+    click.echo(f"cut points: {', '.join(result.net.cuts)}")
+    click.echo(f"wrote {output} ({result.net.num_gates} {options['gate']} gates; thresholds {t}) "
                f"in {result.seconds:.1f} s")  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import torch
 
 from dgconvert.convert.onnx_export import OPSET, export_onnx
 from dgconvert.convert.stages import stage_modules
-from dgconvert.convert.verify import VerificationReport, verify_bundle
+from dgconvert.convert.verify import VerificationReport, check_stage_graph, verify_bundle
 from dgconvert.core.bundle import Bundle, file_sha256, write_manifest
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.io import atomic_directory
@@ -28,6 +28,35 @@ from dgconvert.core.manifest import (
 from dgconvert.gating.flops import count_flops, stage_flops
 from dgconvert.gating.multi_exit import MultiExitInfo
 from dgconvert.gating.network import GatedNetwork
+
+#: smallest example batch: the batch dims an exporter sees are never 0 or 1 (which it
+#: could specialise on), and every stage's keep vector differs in size from its x
+MIN_EXAMPLE = 6
+
+
+def _keep_example(n: int) -> torch.Tensor:
+    """An unordered example ``keep`` whose size ``M`` is neither 0, 1 nor ``n``."""
+    m = n - 1 if n - 1 >= 3 else n + 2
+    return torch.arange(m - 1, -1, -1) % n
+
+
+def describe_stage(net: GatedNetwork, k: int) -> str:
+    """``stage k (backbone from after 'a' to 'b'; modules …)`` for errors and logs."""
+    cuts = net.cuts
+    last = net.num_gates
+    start = "the input" if k == 0 else f"after {cuts[k - 1]!r}" if cuts else f"stage {k - 1}"
+    end = "the logits" if k == last else f"{cuts[k]!r}" if cuts else "its gate"
+    body = net.stages[k]
+    mods: list[str] = []
+    graph = getattr(body, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module" and str(node.target).split(".")[0] not in mods:
+                mods.append(str(node.target))
+    shown = ", ".join(mods[:8]) + (f", … ({len(mods) - 8} more)" if len(mods) > 8 else "")
+    spec = net.gates[k].spec() if k < last else {}
+    gate = f" + {spec['type']} gate ({spec.get('layout', 'own head')})" if k < last else ""
+    return f"stage {k} (backbone from {start} to {end}{gate}; modules: {shown or type(body).__name__})"
 
 
 def _tensor_specs(names: tuple[str, ...], values: list[torch.Tensor],
@@ -65,13 +94,16 @@ def export(
     source: dict[str, Any] | None = None,
     progress: bool = False,
     on_report: Callable[[VerificationReport], None] | None = None,
+    exporter: str = "auto",
 ) -> Bundle:
     """Write ``out`` (a ``.dg`` directory): one ONNX graph per stage, ``full.onnx``, manifest.
 
     Every stage and the chain are checked against torch on ``verify_input`` (default:
     ``example_input``, else random inputs); all mismatches are raised at once. The bundle
     appears atomically: an interrupted or failed export leaves nothing behind, and an
-    existing ``out`` is replaced only with ``force=True``.
+    existing ``out`` is replaced only with ``force=True``. ``exporter``: ``"auto"`` (the
+    torch.export-based exporter, falling back to the TorchScript-based one for a stage it
+    fails on or exports wrongly), ``"dynamo"`` or ``"torchscript"``.
     """
     net.eval()
     shape = net.input_shape
@@ -80,8 +112,9 @@ def export(
     example = torch.as_tensor(example_input).float()
     if list(example.shape[1:]) != shape:
         raise ValueError(f"example_input has shape {tuple(example.shape)}, expected [N, {shape}]")
-    if len(example) < 4:  # dynamic dims must not be specialised on 0/1-sized examples
-        example = example.repeat((4 + len(example) - 1) // len(example), *([1] * len(shape)))
+    if len(example) < MIN_EXAMPLE:  # dynamic dims must not be specialised on 0/1-sized examples
+        reps = (MIN_EXAMPLE + len(example) - 1) // len(example)
+        example = example.repeat(reps, *([1] * len(shape)))
     vin = example if verify_input is None else torch.as_tensor(verify_input).float()
     mods = stage_modules(net)
     num_stages = len(mods)
@@ -92,24 +125,27 @@ def export(
         stages, x = [], example
         for k, mod in enumerate(mods):
             inputs, outputs = CONTRACT.inputs(k), CONTRACT.outputs(k, num_stages)
-            if k == 0:
-                args = (x,)
-            else:
-                keep = torch.arange(len(x) - 1, -1, -1)[: len(x) - 1]  # M != N, unordered
-                args = (x, keep)
+            args = (x,) if k == 0 else (x, _keep_example(len(x)))
             outs = list(mod(*args))
             gate = GateInfo.from_spec(net.gates[k].spec(), gate_flops[k]) if k < last else None
             fname = f"stage{k}.onnx"
-            export_onnx(mod, args, tmp / fname, inputs, outputs)
+
+            def check(path: Path, mod: Any = mod, x: torch.Tensor = x, k: int = k) -> None:
+                check_stage_graph(str(path), mod, x, first=k == 0, atol=atol, rtol=rtol)
+
+            used = export_onnx(mod, args, tmp / fname, inputs, outputs, exporter=exporter,
+                               check=check, what=describe_stage(net, k))  # fmt: skip
             stages.append(StageInfo(
                 k, fname, _tensor_specs(inputs, list(args), "N"),
                 _tensor_specs(outputs, outs, "M" if k else "N"), body_flops[k], gate,
+                extra={"exporter": used},
             ))
             bar.update(1)
             if k < last:
                 x = outs[0]
         export_onnx(net, (example,), tmp / "full.onnx", CONTRACT.full_inputs,
-                    CONTRACT.full_outputs)
+                    CONTRACT.full_outputs, exporter=exporter,
+                    what="full.onnx (the ungated model)")  # fmt: skip
         bar.update(1)
         manifest = Manifest(
             input=InputInfo(CONTRACT.images, [None, *shape], "float32", net.normalization),

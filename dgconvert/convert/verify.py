@@ -99,6 +99,86 @@ def _compare(
             )
 
 
+@torch.no_grad()
+def check_stage_graph(
+    path: str,
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    first: bool,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> None:
+    """Run one exported stage graph in ONNX Runtime at batch sizes other than the export
+    example's and compare with ``module``; raise :class:`ExportVerificationError` on a
+    mismatch. Stage 0 (``first``) gets ``images``, batch ``len(x) + 3`` and 1; later
+    stages ``x`` with ``keep`` vectors of size ``len(x) + 3`` (repeated, unordered), 1 and 0.
+    """
+    import onnxruntime as ort
+
+    if not first:
+        _empty_batch_survives(path, x)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    report = VerificationReport()
+    n = len(x)
+    if first:
+        reps = (n + 3 + n - 1) // n
+        big = x.repeat(reps, *([1] * (x.dim() - 1)))[: n + 3]
+        cases = {f"N={len(big)}": (big,), "N=1": (x[:1],)}
+    else:
+        keep = torch.arange(n + 3).flip(0) % n
+        cases = {
+            f"M={n + 3}": (x, keep),
+            "M=1": (x, keep[:1]),
+            "M=0": (x, keep[:0]),
+        }
+    feeds = [i.name for i in sess.get_inputs()]
+    for case, args in cases.items():
+        try:
+            got = sess.run(names, {k: v.numpy() for k, v in zip(feeds, args, strict=True)})
+        except Exception as exc:
+            raise ExportVerificationError([f"{case}: ONNX Runtime failed: {exc}"]) from exc
+        ref = [t.numpy() for t in module(*args)]
+        _compare(report, case, names, got, ref, atol, rtol)
+    if report.mismatches:
+        raise ExportVerificationError(report.mismatches)
+
+
+_EMPTY_RUN = """
+import sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.log_severity_level = 3
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+s.run(None, {"x": x, "keep": np.zeros(0, np.int64)})
+"""
+
+
+def _empty_batch_survives(path: str, x: torch.Tensor) -> None:
+    """Run the graph on ``keep`` of size 0 in a child process: ONNX Runtime kernels may die
+    of a signal on empty batches (seen: SIGFPE in a window-partition reshape), which must
+    fail the check, not end the export."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        feats = f"{d}/x.npy"
+        np.save(feats, x[:2].numpy())
+        proc = subprocess.run([sys.executable, "-c", _EMPTY_RUN, str(path), feats],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    if proc.returncode != 0:
+        how = (signal.Signals(-proc.returncode).name if proc.returncode < 0
+               else proc.stderr.strip().splitlines()[-1:] or ["failed"])  # fmt: skip
+        raise ExportVerificationError(
+            [f"M=0: ONNX Runtime crashed on an empty keep ({how}); the runner must be able "
+             "to run a stage that no row reaches"]  # fmt: skip
+        )
+
+
 def spread_thresholds(net: GatedNetwork, x: torch.Tensor) -> list[float]:
     """Thresholds at which a similar share of samples exits at every gate and at the end."""
     with torch.no_grad():

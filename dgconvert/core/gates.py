@@ -65,6 +65,15 @@ HINGES: tuple[str, ...] = ("ovr", "crammer-singer")
 DEFAULT_HINGE = "crammer-singer"
 
 
+#: How features arrive at a cut: NCHW maps, NHWC maps (Swin, ConvNeXt blocks), token
+#: sequences [N, T, D] (ViT), or vectors [N, D].
+LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens", "vector")
+#: How each layout may be pooled to one vector per sample (the first is the default, except
+#: for tokens: the class token when the model has one, else the mean).
+POOLS: dict[str, tuple[str, ...]] = {"nchw": ("mean",), "nhwc": ("mean",),
+                                     "tokens": ("cls", "mean"), "vector": ("none",)}
+
+
 def gate_kind(name: str) -> GateKind:
     """The :class:`GateKind` called ``name``; a clear ``ValueError`` otherwise."""
     try:

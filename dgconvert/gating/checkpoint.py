@@ -144,7 +144,8 @@ def load(path: str | Path, *, trust_pickle: bool = False) -> GatedNetwork:
     net = GatedNetwork.from_backbone(
         backbone,
         obj["cuts"],
-        gate=[{k: v for k, v in g.items() if k in ("type", "score")} for g in obj["gates"]],
+        gate=[{k: v for k, v in g.items() if k in ("type", "score", "layout", "pool")}
+              for g in obj["gates"]],
         num_classes=obj["num_classes"],
         input_shape=spec["shape"],
         normalization=spec.get("normalization"),

@@ -41,7 +41,7 @@ from torch import nn
 
 from dgconvert.core.errors import DGConvertError
 from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, GATE_KINDS, GATE_TYPES, HINGES
-from dgconvert.gating.heads import SCORE_KINDS, GateHead, pool_features
+from dgconvert.gating.heads import SCORE_KINDS, GateHead
 from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.gating.threads import torch_threads
@@ -64,6 +64,7 @@ __all__ = [
     "extract_features",
     "fit_gates",
     "gate_outputs",
+    "check_backbone_accuracy",
     "initial_threshold",
     "train_heads",
 ]
@@ -83,6 +84,50 @@ _JOINT_LR = 1e-3
 
 class FitError(DGConvertError, ValueError):
     """Gate fitting got options or data it cannot use."""
+
+
+class NearChanceError(FitError):
+    """The backbone itself scores near chance on the data it is given."""
+
+
+def check_backbone_accuracy(
+    logits: torch.Tensor | np.ndarray,
+    labels: np.ndarray,
+    *,
+    normalization: dict[str, Any] | None,
+    source: str = "the data",
+    flag: str = "--normalization",
+    override: str = "--allow-near-chance",
+) -> float:
+    """The backbone's top-1 accuracy on ``labels``; raise :class:`NearChanceError` when it is
+    near chance: below ``min(2 * chance, chance + (1 - chance) / 4)``, chance being the
+    majority-class share of ``labels`` (so 20 % for 10 balanced classes)."""
+    pred = np.asarray(logits).argmax(1)
+    y = np.asarray(labels)
+    if len(y) == 0:
+        return float("nan")
+    acc = float((pred == y).mean())
+    chance = float(np.bincount(y).max() / len(y))
+    limit = min(2 * chance, chance + (1 - chance) / 4)
+    if acc < limit:
+        norm = json_text(normalization) if normalization else "none (images scaled as stored)"
+        raise NearChanceError(
+            f"the backbone itself scores {100 * acc:.1f} % top-1 on {source} ({len(y)} samples); "
+            f"chance is {100 * chance:.1f} % (the largest class), so gates fitted on it would "
+            f"be worthless. Input normalization used: {norm}. Likely cause: the inputs are not "
+            f"prepared as in the backbone's training (normalization, channel order, image "
+            f"size) or the labels are in another class order. Fix: pass {flag} with the "
+            f"training's values, e.g. {flag} '{{\"scale\": 255, \"mean\": [0.286], "
+            f"\"std\": [0.353]}}', or check --arch/--arch-kwargs; if the backbone is meant "
+            f"to be this weak, pass {override}."
+        )
+    return acc
+
+
+def json_text(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(", ", ": "))
 
 
 @dataclass
@@ -197,7 +242,7 @@ def extract_features(
             x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
             for k in range(net.num_gates):
                 x = net.stages[k](x)
-                pooled[k].append(pool_features(x).float())
+                pooled[k].append(net.gates[k].pool(x).float())
             logits.append(net.stages[-1](x).float())
             bar.update(len(xb))
     finally:
@@ -414,7 +459,7 @@ def _lv2_step(
 def fit_gates(
     backbone: nn.Module | str | Path,
     data: str | Dataset,
-    cuts: Sequence[str] = ("layer1", "layer2", "layer3"),
+    cuts: Sequence[str] | int = ("layer1", "layer2", "layer3"),
     gate: str = DEFAULT_GATE,
     *,
     score: str | None = None,
@@ -437,6 +482,10 @@ def fit_gates(
     seed: int = 0,
     feature_batch_size: int = 512,
     progress: bool = True,
+    shares: Sequence[float] | None = None,
+    layout: str | None = None,
+    token_pool: str | None = None,
+    check_accuracy: bool = True,
 ) -> FitResult:
     """Cut ``backbone`` at ``cuts``, attach a ``gate`` head after each and fit the heads.
 
@@ -452,6 +501,11 @@ def fit_gates(
     with ``L_v2`` for ``joint_epochs`` epochs at learning rate ``joint_lr``. Otherwise the
     backbone is frozen (``requires_grad`` off, eval mode) and shared with the returned network. ``holdout`` is the share of ``data``
     kept out of training for the coverage/accuracy report and the initial thresholds.
+
+    ``cuts`` may be an int K (K automatic cut points at about equal FLOPs shares, or at
+    ``shares``); ``layout`` / ``token_pool`` as in :meth:`GatedNetwork.from_backbone`.
+    ``check_accuracy``: stop with :class:`NearChanceError` when the backbone's own accuracy
+    on ``data`` is near chance (usually a wrong input normalization).
     """
     t0 = time.perf_counter()
     opts = _check_options(gate, score, hinge, holdout, epochs, batch_size, joint, cost_weight)
@@ -478,13 +532,17 @@ def fit_gates(
         torch.manual_seed(seed)
         net = GatedNetwork.from_backbone(
             model,
-            list(cuts),
+            cuts if isinstance(cuts, int) else list(cuts),
             gate={"type": gate, "score": score},
             input_shape=input_shape,
             normalization=normalization,
             classes=classes or None,
             arch=arch_spec,
+            shares=shares,
+            layout=layout,
+            token_pool=token_pool,
         )
+    cuts = net.cuts
     if int(y_all.min()) < 0 or int(y_all.max()) >= net.num_classes:
         raise FitError(
             f"labels of {ds.source or 'the data'} span {int(y_all.min())}..{int(y_all.max())}; "
@@ -498,6 +556,11 @@ def fit_gates(
     if len(train_idx) < 2:
         raise FitError(f"only {len(train_idx)} training samples after the holdout; expected at least 2")
     feats = extract_features(net, ds.images, normalization, feature_batch_size, "backbone features" if progress else False)
+    backbone_acc = None
+    if check_accuracy:
+        backbone_acc = check_backbone_accuracy(
+            feats.logits.numpy(), y_all, normalization=normalization, source=ds.source or "the data"
+        )
     y = torch.from_numpy(y_all)
     tr = feats.subset(torch.from_numpy(train_idx))
     losses = train_heads(
@@ -530,6 +593,8 @@ def fit_gates(
         "train_samples": len(train_idx),
         "holdout_samples": len(hold_idx),
         "cuts": list(cuts),
+        "layouts": [g.layout for g in net.gates],
+        "backbone_accuracy": backbone_acc,
     }
     result = FitResult(net, reports, final_acc, costs, options, time.perf_counter() - t0)
     net.meta["fit"] = result.as_dict()

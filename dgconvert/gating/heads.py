@@ -1,6 +1,14 @@
 """Gate heads: ``gate(features) -> (score, label, logits)``; a sample exits iff
 ``score >= threshold``.
 
+Every head first pools its stage's features to one vector per sample, by their layout
+(:data:`LAYOUTS`): ``nchw`` maps ``[N, C, H, W]`` (CNNs) and ``nhwc`` maps ``[N, H, W, C]``
+(Swin, some ConvNeXt blocks) are averaged over their spatial axes; ``tokens`` ``[N, T, D]``
+(ViT) take the class token (``pool="cls"``, token 0) or the mean of the tokens
+(``pool="mean"``); ``vector`` ``[N, C]`` is used as is. The pooled vector feeds the same
+linear heads whatever the layout; an input that is already pooled (2-D) passes through, so
+gate fitting can train the heads on cached pooled vectors.
+
 - ``dgate`` — decision gate (d-gate paper): global average pool (spatial features) then one
   linear layer, ``d = wᵀx − b``. Score ``max(d)`` (the paper) or ``margin`` (largest minus
   second-largest distance); label ``argmax(d)``.
@@ -17,16 +25,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from dgconvert.core.gates import GATE_KINDS, GATE_TYPES
+from dgconvert.core.gates import GATE_KINDS, GATE_TYPES, LAYOUTS, POOLS  # noqa: F401
 
 SCORE_KINDS = {name: kind.scores for name, kind in GATE_KINDS.items()}
 
 
-def pool_features(features: torch.Tensor) -> torch.Tensor:
-    """Global average pool over every axis after the channel axis (``[N, C, ...] -> [N, C]``)."""
-    if features.dim() > 2:
-        return features.mean(dim=tuple(range(2, features.dim())))
-    return features
+def pool_features(features: torch.Tensor, layout: str = "nchw", pool: str = "mean") -> torch.Tensor:
+    """One vector per sample: ``[N, C, ...]`` (nchw) / ``[N, ..., C]`` (nhwc) averaged over
+    the spatial axes, ``[N, T, D]`` (tokens) its token 0 (``cls``) or mean over T; 2-D
+    input (already pooled) is returned as is."""
+    if features.dim() <= 2:
+        return features
+    if layout == "nhwc":
+        return features.mean(dim=tuple(range(1, features.dim() - 1)))
+    if layout == "tokens":
+        return features[:, 0] if pool == "cls" else features.mean(dim=1)
+    return features.mean(dim=tuple(range(2, features.dim())))
+
+
+def feature_size(shape: tuple[int, ...] | list[int], layout: str) -> int:
+    """Length of the pooled vector of features of ``shape`` (batch dim included)."""
+    return int(shape[-1] if layout in ("nhwc", "tokens") else shape[1])
+
+
+def check_layout(layout: str, pool: str | None, shape: tuple[int, ...] | list[int] | None = None) -> str:
+    """Validate ``layout``/``pool`` (and ``shape`` against the layout); return the pool."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"feature layout {layout!r} is unknown; expected one of {LAYOUTS}")
+    pool = pool or POOLS[layout][0]
+    if pool not in POOLS[layout]:
+        raise ValueError(
+            f"pool {pool!r} does not exist for {layout} features; expected one of {POOLS[layout]}"
+        )
+    if shape is not None:
+        rank = {"nchw": (3, 4, 5), "nhwc": (4,), "tokens": (3,), "vector": (2,)}[layout]
+        if len(shape) not in rank:
+            raise ValueError(
+                f"features of shape {list(shape)} do not fit layout {layout!r} (expected "
+                f"{' or '.join(f'{r}-D' for r in rank)} tensors). Fix: pass the layout that "
+                "matches the cut's output: nchw [N,C,H,W], nhwc [N,H,W,C], tokens [N,T,D], "
+                "vector [N,C]."
+            )
+    return pool
 
 
 def _top2_gap(values: torch.Tensor) -> torch.Tensor:
@@ -39,8 +79,13 @@ class GateHead(nn.Module):
 
     gate_type = ""
 
-    def __init__(self, in_features: int, num_classes: int, score: str) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, score: str, layout: str = "nchw",
+        pool: str | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
+        self.layout = layout
+        self.pool_kind = check_layout(layout, pool)
         allowed = SCORE_KINDS[self.gate_type]
         if score not in allowed:
             raise ValueError(
@@ -52,11 +97,21 @@ class GateHead(nn.Module):
         self.num_classes = num_classes
         self.score_kind = score
 
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """The pooled vector ``[N, in_features]`` the linear layers see."""
+        # getattr: whole pickles of heads from before layouts existed pool as NCHW
+        return pool_features(
+            features, getattr(self, "layout", "nchw"), getattr(self, "pool_kind", "mean")
+        )
+
     def spec(self) -> dict[str, Any]:
-        """JSON-able description: ``{"type", "score", "in_features", "num_classes"}``."""
+        """JSON-able description: ``{"type", "score", "layout", "pool", "in_features",
+        "num_classes"}``."""
         return {
             "type": self.gate_type,
             "score": self.score_kind,
+            "layout": getattr(self, "layout", "nchw"),
+            "pool": getattr(self, "pool_kind", "mean"),
             "in_features": self.in_features,
             "num_classes": self.num_classes,
         }
@@ -67,12 +122,12 @@ class DGate(GateHead):
 
     gate_type = "dgate"
 
-    def __init__(self, in_features: int, num_classes: int, score: str = "max") -> None:
-        super().__init__(in_features, num_classes, score)
+    def __init__(self, in_features: int, num_classes: int, score: str = "max", **layout: Any) -> None:
+        super().__init__(in_features, num_classes, score, **layout)
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = self.linear(pool_features(features))
+        d = self.linear(self.pool(features))
         score = d.max(dim=1).values if self.score_kind == "max" else _top2_gap(d)
         return score, d.argmax(dim=1), d
 
@@ -82,12 +137,12 @@ class SoftmaxGate(GateHead):
 
     gate_type = "softmax"
 
-    def __init__(self, in_features: int, num_classes: int, score: str = "max") -> None:
-        super().__init__(in_features, num_classes, score)
+    def __init__(self, in_features: int, num_classes: int, score: str = "max", **layout: Any) -> None:
+        super().__init__(in_features, num_classes, score, **layout)
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.linear(pool_features(features))
+        logits = self.linear(self.pool(features))
         p = torch.softmax(logits, dim=1)
         score = p.max(dim=1).values if self.score_kind == "max" else _top2_gap(p)
         return score, logits.argmax(dim=1), logits
@@ -98,13 +153,13 @@ class ConfidenceGate(GateHead):
 
     gate_type = "confidence"
 
-    def __init__(self, in_features: int, num_classes: int, score: str = "sigmoid") -> None:
-        super().__init__(in_features, num_classes, score)
+    def __init__(self, in_features: int, num_classes: int, score: str = "sigmoid", **layout: Any) -> None:
+        super().__init__(in_features, num_classes, score, **layout)
         self.classifier = nn.Linear(in_features, num_classes)
         self.confidence = nn.Linear(in_features, 1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = pool_features(features)
+        z = self.pool(features)
         logits = self.classifier(z)
         score = torch.sigmoid(self.confidence(z)).squeeze(1)
         return score, logits.argmax(dim=1), logits
@@ -118,12 +173,13 @@ _GATES: dict[str, type[GateHead]] = {
 
 
 def make_gate(spec: str | dict[str, Any], in_features: int, num_classes: int) -> GateHead:
-    """Build a gate head from a type name or a spec dict (``{"type": ..., "score": ...}``)."""
+    """Build a gate head from a type name or a spec dict (``{"type", "score", "layout",
+    "pool"}``, all but the type optional)."""
     spec = {"type": spec} if isinstance(spec, str) else dict(spec)
     kind = spec.get("type")
     if kind not in _GATES:
         raise ValueError(f"unknown gate type {kind!r}; expected one of {GATE_TYPES}")
-    kwargs = {"score": spec["score"]} if "score" in spec else {}
+    kwargs = {k: spec[k] for k in ("score", "layout", "pool") if spec.get(k) is not None}
     return _GATES[kind](in_features, num_classes, **kwargs)
 
 

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from dgconvert.core.errors import CutError
 from dgconvert.core.gates import EXIT_HEAD, EXIT_SCORES
-from dgconvert.gating.cut import _trace
+from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.heads import GateHead
 
 # (node, index into its tuple value or None): where an output entry's tensor comes from
@@ -248,7 +248,7 @@ def split_multi_exit(
     try:
         raw = _run(model, example_input)
         try:
-            gm = _trace(model, exits)
+            gm = trace_with_leaves(model, exits)
         except CutError as exc:
             raise CutError(f"{exc} (For a multi-exit model the exit heads are traced as "
                            "opaque calls; the trunk itself must be traceable.)") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -11,9 +12,11 @@ from torch import nn
 
 from dgconvert.core.exits import GatedResult, exit_points
 from dgconvert.core.gates import DEFAULT_EXIT_SCORE, gate_kind
-from dgconvert.gating.cut import cut_backbone
-from dgconvert.gating.heads import FinalHead, GateHead, make_gate, pool_features
+from dgconvert.gating.cut import auto_cuts, cut_backbone
+from dgconvert.gating.heads import FinalHead, GateHead, check_layout, feature_size, make_gate
 from dgconvert.gating.multi_exit import split_multi_exit
+
+logger = logging.getLogger(__name__)
 
 
 class AllExits(NamedTuple):
@@ -92,7 +95,7 @@ class GatedNetwork(nn.Module):
     def from_backbone(
         cls,
         model: nn.Module,
-        cuts: Sequence[str],
+        cuts: Sequence[str] | int,
         gate: str | dict[str, Any] | Sequence[str | dict[str, Any]] = "dgate",
         num_classes: int | None = None,
         example_input: torch.Tensor | None = None,
@@ -101,13 +104,23 @@ class GatedNetwork(nn.Module):
         normalization: dict[str, Any] | None = None,
         classes: Sequence[str] | None = None,
         arch: dict[str, Any] | None = None,
+        shares: Sequence[float] | None = None,
+        layout: str | Sequence[str | None] | None = None,
+        token_pool: str | None = None,
     ) -> GatedNetwork:
         """Cut ``model`` at the outputs of the named modules and attach a gate after each.
 
-        ``gate`` is one spec for all gates or one per cut. ``example_input`` (or
-        ``input_shape``, without the batch dim) fixes the gate input sizes. ``arch``
-        (``{"factory": "module:callable", "kwargs": {...}}``) lets :func:`dgconvert.save`
-        write a pickle-free checkpoint.
+        ``cuts``: module names (``model.named_modules()``, nested ones included), or an int
+        K: K single-tensor cut points picked at about equal FLOPs shares (``shares``: the
+        cumulative FLOPs share wanted at each cut instead; see
+        :func:`~dgconvert.gating.cut.auto_cuts`). ``gate`` is one spec for all gates or one
+        per cut. ``example_input`` (or ``input_shape``, without the batch dim) fixes the gate
+        input sizes. ``layout`` (one for all cuts or one per cut: ``nchw``, ``nhwc``,
+        ``tokens``, ``vector``; default: detected from the feature shapes) says how each
+        gate pools its features; ``token_pool`` (``cls`` or ``mean``) how token sequences
+        are pooled (default: ``cls`` when the model has a class token, else ``mean``).
+        ``arch`` (``{"factory": "module:callable", "kwargs": {...}}``) lets
+        :func:`dgconvert.save` write a pickle-free checkpoint.
         """
         if example_input is None:
             if input_shape is None:
@@ -115,19 +128,47 @@ class GatedNetwork(nn.Module):
             example_input = torch.zeros(2, *input_shape)
         if input_shape is None:
             input_shape = list(example_input.shape[1:])
+        was_training = model.training
+        model.eval()
+        if isinstance(cuts, int) and not isinstance(cuts, bool):
+            cuts = auto_cuts(model, cuts, example_input[:1], shares=shares)
+            logger.info("automatic cut points: %s", ", ".join(cuts))
+        elif isinstance(cuts, str):
+            cuts = [c.strip() for c in cuts.split(",") if c.strip()]
+        cuts = list(cuts)
         stages = cut_backbone(model, cuts)
         specs = [gate] * len(cuts) if isinstance(gate, str | dict) else list(gate)
         if len(specs) != len(cuts):
             raise ValueError(f"got {len(specs)} gate specs for {len(cuts)} cuts")
-        was_training = model.training
-        model.eval()
-        gates = []
+        specs = [{"type": s} if isinstance(s, str) else dict(s) for s in specs]
+        layouts = [layout] * len(cuts) if layout is None or isinstance(layout, str) else list(layout)
+        if len(layouts) != len(cuts):
+            raise ValueError(f"got {len(layouts)} layouts for {len(cuts)} cuts {cuts}")
+        shapes: list[tuple[int, ...]] = []
         with torch.no_grad():
             x = example_input
             for stage in stages[:-1]:
                 x = stage(x)
-                gates.append(pool_features(x).shape[1])
+                shapes.append(tuple(x.shape))
             logits = stages[-1](x)
+        if logits.dim() != 2:
+            model.train(was_training)
+            raise ValueError(
+                f"the backbone's output has shape {list(logits.shape)}; expected logits "
+                "[N, num_classes]. Fix: wrap the model so forward returns the class logits."
+            )
+        for k, spec in enumerate(specs):
+            given = spec.get("layout") or layouts[k]
+            spec["layout"] = given or detect_layout(
+                shapes[k], lambda kk=k: _probe_shape(stages, kk, example_input), cuts[k]
+            )
+            if spec["layout"] == "tokens" and not spec.get("pool"):
+                spec["pool"] = token_pool or default_token_pool(model)
+            try:
+                check_layout(spec["layout"], spec.get("pool"), shapes[k])
+            except ValueError as exc:
+                model.train(was_training)
+                raise ValueError(f"gate after {cuts[k]!r}: {exc}") from exc
         model.train(was_training)
         if num_classes is None:
             num_classes = int(logits.shape[1])
@@ -135,7 +176,10 @@ class GatedNetwork(nn.Module):
             raise ValueError(
                 f"the backbone outputs {logits.shape[1]} logits, but num_classes={num_classes}"
             )
-        heads = [make_gate(s, c, num_classes) for s, c in zip(specs, gates, strict=True)]
+        heads = [
+            make_gate(s, feature_size(shp, s["layout"]), num_classes)
+            for s, shp in zip(specs, shapes, strict=True)
+        ]
         net = cls(
             stages,
             heads,
@@ -190,6 +234,11 @@ class GatedNetwork(nn.Module):
         net._backbone = model
         return net
 
+    @property
+    def cuts(self) -> list[str]:
+        """The module names the backbone was cut at (empty if built from explicit stages)."""
+        return list(self.meta.get("cuts", []))
+
     def all_exits(self, x: torch.Tensor) -> AllExits:
         """Run every sample through every stage and every gate."""
         scores, labels = [], []
@@ -243,3 +292,66 @@ class GatedNetwork(nn.Module):
         rows = np.arange(len(stage))
         return GatedResult(labels[rows, stage].astype(np.int64), stage,
                            all_scores[rows, stage].astype(np.float32))
+
+
+def default_token_pool(model: nn.Module) -> str:
+    """``cls`` when ``model`` classifies from a class token, else ``mean``.
+
+    A string ``global_pool`` attribute (timm: ``"token"`` / ``"avg"``) decides; otherwise a
+    parameter named like a class token (``class_token``, ``cls_token``) means ``cls``.
+    """
+    gp = getattr(model, "global_pool", None)
+    if isinstance(gp, str) and gp:
+        return "cls" if gp == "token" else "mean"
+    names = (n.rsplit(".", 1)[-1] for n, _ in model.named_parameters())
+    return "cls" if any(n in ("class_token", "cls_token") for n in names) else "mean"
+
+
+def detect_layout(
+    shape: Sequence[int], probe: Any = None, where: str = "the cut"
+) -> str:
+    """The layout of features of ``shape`` (batch dim included): 2-D ``vector``, 3-D
+    ``tokens``, 4-D ``nchw`` or ``nhwc`` — the two spatial axes are the equal pair (square
+    inputs); when that does not decide, ``probe()`` (the shape at a larger input) shows which
+    axes grow with the input. Undecidable: ``nchw``, logged."""
+    shape = list(shape)
+    if len(shape) == 2:
+        return "vector"
+    if len(shape) == 3:
+        return "tokens"
+    if len(shape) != 4:
+        return "nchw"
+    _, a, b, c = shape
+    if b == c and a != b:
+        return "nchw"
+    if a == b and b != c:
+        return "nhwc"
+    other = None
+    if probe is not None:
+        try:
+            other = list(probe())
+        except Exception:  # a model with a fixed input size: no probe
+            other = None
+    if other is not None and len(other) == 4:
+        grew = [o != s for o, s in zip(other[1:], shape[1:], strict=True)]
+        if grew == [False, True, True]:
+            return "nchw"
+        if grew == [True, True, False]:
+            return "nhwc"
+    logger.warning(
+        "features after %s have shape %s: cannot tell NCHW from NHWC; assuming nchw. "
+        "Pass layout='nhwc' (CLI --layout nhwc) if the channels are last.",
+        where,
+        shape,
+    )
+    return "nchw"
+
+
+@torch.no_grad()
+def _probe_shape(stages: Sequence[nn.Module], k: int, example: torch.Tensor) -> tuple[int, ...]:
+    """The shape of stage k's output for an input with doubled spatial size."""
+    x = torch.nn.functional.interpolate(example[:1], scale_factor=2.0) if example.dim() == 4 else example[:1]
+    for stage in stages[: k + 1]:
+        x = stage(x)
+    return tuple(x.shape)
+
