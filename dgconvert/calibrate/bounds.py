@@ -244,7 +244,7 @@ def fixed_sequence_test(
             if is_full(t):
                 pv.append(0.0)
                 continue
-            losses, fixes = paired_counts(records, y, o.prediction)
+            losses, fixes = paired_counts(records, y, o.result.labels)
             pv.append(paired_drop_pvalue(losses, fixes, n, max_drop, delta))
             if pv[-1] > delta:
                 break  # fixed sequence: later vectors are never tested
@@ -276,7 +276,7 @@ def fixed_sequence_test(
         )
     drop_ub = None
     if max_drop is not None:
-        losses, fixes = paired_counts(records, y, best.prediction)
+        losses, fixes = paired_counts(records, y, best.result.labels)
         drop_ub = 0.0 if is_full(thresholds) else drop_upper_bound(losses, fixes, n, delta)
     return BoundResult(
         thresholds=thresholds,

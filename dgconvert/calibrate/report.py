@@ -40,7 +40,7 @@ class SplitStats:
 
     @classmethod
     def of(cls, outcome: Outcome) -> SplitStats:
-        n = len(outcome.prediction)
+        n = len(outcome.result.labels)
         fractions = tuple(float(f) for f in outcome.exit_fractions)
         return cls(outcome.accuracy, outcome.cost, outcome.cost_fraction, fractions, n)
 

@@ -75,7 +75,7 @@ def walk_frontier(
             out = simulate(records, y, t, exit_costs)
         else:
             out = simulate(records, y, t, exit_costs)
-            right = out.prediction == y
+            right = out.result.labels == y
             n = records.n
             if max_drop is not None:
                 d = full_right.astype(np.int64) - right.astype(np.int64)
@@ -152,9 +152,9 @@ def estimate(
         return None
     out = simulate(records, y, thresholds, exit_costs)
     costs = np.asarray(exit_costs, np.float64)
-    d = (records.final_labels == y).astype(np.int64) - (out.prediction == y).astype(np.int64)
+    d = (records.final_labels == y).astype(np.int64) - (out.result.labels == y).astype(np.int64)
     drop, d_lo, d_hi = _mean_interval(d.astype(np.float64))
-    cost, c_lo, c_hi = _mean_interval(costs[out.exit_point])
+    cost, c_lo, c_hi = _mean_interval(costs[out.result.exit_stage])
     return Estimate(
         n=records.n,
         accuracy=out.accuracy,

@@ -179,14 +179,14 @@ def check_thresholds(records: GateRecords, thresholds: Sequence[float] | np.ndar
 
 @dataclass(frozen=True)
 class Outcome:
-    """Result of running the exit rule on labelled records."""
+    """Thresholds applied to labelled records: the per-sample :class:`GatedResult` and how
+    it scores (accuracy, cost)."""
 
     accuracy: float
     cost: float  # mean cost per sample
     cost_fraction: float  # cost / exit_costs[K]
     exit_fractions: np.ndarray  # float64 [K+1]
-    exit_point: np.ndarray  # int64 [n], K = final stage
-    prediction: np.ndarray  # int64 [n]
+    result: GatedResult  # labels, exit_stage (K = final stage), scores (NaN at the end)
     correct: int  # number of correct predictions
 
 
@@ -221,6 +221,9 @@ def simulate(
     point = exit_points(records.scores, t)
     all_labels = np.concatenate([records.labels, records.final_labels[:, None]], axis=1)
     pred = np.take_along_axis(all_labels, point[:, None], axis=1)[:, 0]
+    all_scores = np.concatenate([records.scores, np.full((records.n, 1), np.nan, np.float32)],
+                                axis=1)
+    scores = np.take_along_axis(all_scores, point[:, None], axis=1)[:, 0]
     n = max(records.n, 1)
     counts = np.bincount(point, minlength=k + 1)
     correct = int(np.count_nonzero(pred == y))
@@ -230,7 +233,6 @@ def simulate(
         cost=cost,
         cost_fraction=cost / float(costs[-1]),
         exit_fractions=counts / n,
-        exit_point=point,
-        prediction=pred,
+        result=GatedResult(pred, point, scores),
         correct=correct,
     )

@@ -89,8 +89,8 @@ def test_simulate_matches_per_sample_loop(seed: int) -> None:
     t = [float(rec.scores[0, 0]), math.inf, float(rec.scores[5, 2])]
     out = simulate(rec, y, t, costs)
     pred, point = naive_predict(rec, t)
-    np.testing.assert_array_equal(out.prediction, pred)
-    np.testing.assert_array_equal(out.exit_point, point)
+    np.testing.assert_array_equal(out.result.labels, pred)
+    np.testing.assert_array_equal(out.result.exit_stage, point)
     assert out.accuracy == pytest.approx(np.mean(pred == y))
     assert out.cost == pytest.approx(np.mean(costs[point]))
     assert out.cost_fraction == pytest.approx(np.mean(costs[point]) / costs[-1])

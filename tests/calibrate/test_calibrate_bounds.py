@@ -217,7 +217,7 @@ def test_max_drop_test_credits_fixes() -> None:
     res = fixed_sequence_test(rec, y, family, costs, target=0.0, confidence=0.9, max_drop=0.01)
     assert res.pvalues[0] == 0.0  # the full model needs no test
     for j in range(1, len(res.pvalues)):
-        pred = simulate(rec, y, family[j], costs).prediction
+        pred = simulate(rec, y, family[j], costs).result.labels
         losses, fixes = paired_counts(rec, y, pred)
         assert losses == int(((final == y) & (pred != y)).sum())
         assert fixes == int(((final != y) & (pred == y)).sum())

@@ -60,16 +60,16 @@ def test_simulate_follows_the_rules(seed: int) -> None:
     for t in ([math.inf, 0.5, 0.0], [0.25, math.inf, math.inf], [F32_MAX, -math.inf, 0.75],
               [math.inf] * 3):
         out = simulate(rec, y, t, costs)
-        np.testing.assert_array_equal(out.exit_point, reference_exit(rec.scores, t))
+        np.testing.assert_array_equal(out.result.exit_stage, reference_exit(rec.scores, t))
     # a +inf score at a gate that is off stays; at a gate that is on it exits
     off = simulate(rec, y, [math.inf] * 3, costs)
     assert off.cost_fraction == 1.0
     inf_rows = np.isposinf(rec.scores[:, 0])
     on = simulate(rec, y, [F32_MAX, math.inf, math.inf], costs)
-    assert (on.exit_point[inf_rows] == 0).all()
+    assert (on.result.exit_stage[inf_rows] == 0).all()
     nan_rows = np.isnan(rec.scores).all(axis=1)
     low = simulate(rec, y, [-math.inf] * 3, costs)
-    assert (low.exit_point[nan_rows] == 3).all() and (low.exit_point[~nan_rows] < 3).all()
+    assert (low.result.exit_stage[nan_rows] == 3).all() and (low.result.exit_stage[~nan_rows] < 3).all()
 
 
 def test_rank_encoding_reproduces_simulate() -> None:
@@ -78,7 +78,7 @@ def test_rank_encoding_reproduces_simulate() -> None:
     for idx in itertools.product(*(range(d + 1) for d in prob.sizes)):
         t = prob.to_thresholds(idx)
         assert not any(math.isnan(v) or v == -math.inf for v in t)
-        np.testing.assert_array_equal(prob.exit_points(idx), simulate(rec, y, t, costs).exit_point)
+        np.testing.assert_array_equal(prob.exit_points(idx), simulate(rec, y, t, costs).result.exit_stage)
         assert prob.to_index(t) == tuple(idx)
 
 
@@ -120,5 +120,5 @@ def test_calibrate_accepts_nonfinite_scores() -> None:
         res = calibrate(rec, y, costs, max_drop=0.05, confidence=conf, seed=1)
         assert all(t > -math.inf for t in res.thresholds)  # no NaN, no -inf
         again = simulate(rec, y, res.thresholds, costs)
-        assert again.exit_point.shape == (900,)
+        assert again.result.exit_stage.shape == (900,)
         assert res.to_json()  # strict JSON: no NaN anywhere
