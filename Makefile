@@ -22,8 +22,12 @@ data:
 	@test -f $(DATA_DIR)/t10k-images-idx3-ubyte.gz || \
 	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
+# Tests run in random order (pytest-randomly); the seed is printed so a failure can be
+# replayed: make test SEED=1234
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "pytest-randomly seed: $$seed (replay: make test SEED=$$seed)"; \
+	$(BIN)/python -m pytest -q --randomly-seed=$$seed
 
 lint: $(STAMP)
 	$(BIN)/ruff check dgconvert tests benchmarks

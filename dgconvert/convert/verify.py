@@ -88,7 +88,8 @@ def _compare(
                     f"{np.flatnonzero(bad)[:5].tolist()})"
                 )
             continue
-        diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
+        with np.errstate(invalid="ignore"):  # inf - inf where both are inf
+            diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
         report.record(name, float(diff.max()))
         limit = atol + rtol * np.abs(r)
         if (diff > limit).any():

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import dgconvert as dg
 from dgconvert.cli import main
+from tests.models import NORMALIZATION
 
 FMNIST = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DATA = "fashion-mnist:train[:1500]"
@@ -80,9 +81,11 @@ def test_pickles_are_refused_without_the_flag(backbone: Path, tmp_path: Path) ->
     code, text = _run("gates", "fit", str(pickled), "--data", DATA, "-o", str(out))
     assert code != 0 and not out.exists()
     assert "pickled Python objects" in text and "refused" in text and "--trust-pickle" in text
+    # a whole pickle records no input normalization: pass the training's (else the
+    # near-chance check stops the fit, as it should)
     code, text = _run("gates", "fit", str(pickled), "--data", DATA, "-o", str(out), "--trust-pickle",
                       "--arch", ARCH, "--arch-kwargs", json.dumps(KWARGS), "--epochs", "1",
-                      "--gate", "softmax")  # fmt: skip
+                      "--gate", "softmax", "--normalization", json.dumps(NORMALIZATION))  # fmt: skip
     assert code == 0, text
     assert [g.gate_type for g in dg.load(out).gates] == ["softmax"] * 3
 
