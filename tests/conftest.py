@@ -16,6 +16,16 @@ import pytest
 FASHION_DIR = Path(os.environ.get("DGCONVERT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Import torch's compiler stack before any test puts a fake module (TensorRT, CUDA,
+    ModelOpt) into ``sys.modules``: its first import scans for such packages, and a fake
+    seen then breaks torch.export for the rest of the session, whatever the test order."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch._dynamo  # noqa: F401
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests with a reason unless a CUDA GPU and TensorRT are present."""
     reason = _gpu_skip_reason()

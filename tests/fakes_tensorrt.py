@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
 import json
 import sys
 import threading
@@ -56,6 +57,7 @@ class FakeCudaRuntime(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("cuda.bindings.runtime")
+        self.__spec__ = importlib.machinery.ModuleSpec(self.__name__, None)  # find_spec works
         self.device: dict[int, tuple[Any, int]] = {}  # aligned ptr -> (buffer, nbytes)
         self.pinned: dict[int, tuple[Any, int]] = {}
         self.streams: dict[int, list[Callable[[], None]]] = {}
@@ -235,6 +237,7 @@ class FakeTRT(types.ModuleType):
 
     def __init__(self, version: str, rt: FakeCudaRuntime) -> None:
         super().__init__("tensorrt")
+        self.__spec__ = importlib.machinery.ModuleSpec(self.__name__, None)  # find_spec works
         self.__version__ = version
         self.rt = rt
         self.builds: list[dict[str, Any]] = []
