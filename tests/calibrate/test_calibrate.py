@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dgconvert.calibrate import (
     CalibrationError,
@@ -468,3 +470,25 @@ def test_calibrate_without_holdout_reports_calibration_only() -> None:
     assert "Calibration split, n = 400" in text and "Speed-up (model)" in text
     with pytest.raises(ValueError, match="split"):
         markdown_table(res, split="heldout")
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), gates=st.integers(1, 3), n=st.integers(4, 30),
+       levels=st.sampled_from([None, 3, 6]), slack=st.floats(-0.3, 0.05))
+def test_exact_search_equals_brute_force_on_random_problems(seed: int, gates: int, n: int,
+                                                           levels: int | None,
+                                                           slack: float) -> None:
+    """Property: on any small problem (ties included), the exact search's cost is the
+    enumeration's, and both agree on whether the target is reachable."""
+    rng = np.random.default_rng(seed)
+    rec, y, costs = make_instance(rng, n, gates, levels=levels)
+    target = float(np.clip(full_accuracy(rec, y) + slack, 0.0, 1.0))
+    try:
+        ref = brute_force_search(rec, y, costs, target_acc=target)
+    except CalibrationError:
+        with pytest.raises(CalibrationError):
+            search(rec, y, costs, target_acc=target, method="exact")
+        return
+    res = search(rec, y, costs, target_acc=target, method="exact")
+    assert res.best.outcome.cost == ref.outcome.cost
+    assert res.best.outcome.accuracy >= target - 1e-12

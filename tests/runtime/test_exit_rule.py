@@ -101,6 +101,7 @@ def _thresholds(data: st.DataObject, scores: np.ndarray) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_runner_equals_the_exit_rule_on_every_path(pool: dict[str, Any], data: st.DataObject) -> None:

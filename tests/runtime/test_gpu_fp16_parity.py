@@ -33,6 +33,8 @@ MIN_AGREEMENT = 0.995  # the model's labels: gated predictions and the final sta
 # matters for the samples that exit there, which the gated-prediction check covers.
 GATE_MIN_AGREEMENT = 0.99
 
+pytestmark = pytest.mark.slow  # trains a backbone on 12,000 images (a minute or two)
+
 
 def _train_backbone(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
     torch.manual_seed(0)
