@@ -75,7 +75,7 @@ class GatedRunner:
 
     @property
     def thresholds(self) -> list[float]:
-        return list(self._thresholds)
+        return [float(v) for v in self._thresholds]
 
     @thresholds.setter
     def thresholds(self, values: list[float] | None) -> None:
