@@ -69,6 +69,10 @@ class BenchConfig:
         return sizes
 
 
+#: pause after a system whose thread pool spins (a default ONNX Runtime session)
+SETTLE_S = 0.1
+
+
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -122,6 +126,8 @@ def measure(
                     item.predict(xb)
                 dt = clock() - t0
                 peak = mem.peak()
+                if getattr(item, "spins", False):
+                    time.sleep(SETTLE_S)  # its spinning workers must not slow the next system
                 if record:
                     m.seconds.setdefault(item.id, {}).setdefault(b, []).append(dt)
                     m.rows.setdefault(item.id, {})[b] = item.rows_per_stage(len(mine) * b,

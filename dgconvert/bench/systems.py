@@ -47,6 +47,9 @@ class System(abc.ABC):
     framework: str = "onnx"  # "onnx" or "torch"
     reference: str | None = None  # id of the full system speed-up / efficiency refer to
     thresholds: list[float] | None = None
+    #: its thread pool keeps spinning after a run (ORT's default): the harness lets it go
+    #: idle before timing the next system, which it would otherwise slow down
+    spins: bool = False
 
     @abc.abstractmethod
     def predict(self, images: np.ndarray) -> GatedResult:
@@ -104,6 +107,7 @@ class OnnxFullDefault(System):
     """``full.onnx`` in a default ``onnxruntime.InferenceSession`` (no tuning at all)."""
 
     kind, framework = "full", "onnx"
+    spins = True
 
     def __init__(self, runner: GatedRunner, id: str = "full-default") -> None:
         import onnxruntime as ort
