@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,8 +362,13 @@ def _names(points: Sequence[CutPoint]) -> list[str]:
     return names
 
 
-def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], start: fx.Node, end: fx.Node) -> fx.GraphModule:
-    """A GraphModule computing ``end`` from ``start`` using the nodes strictly after start."""
+def extract_subgraph(gm: fx.GraphModule, start: fx.Node, nodes: Iterable[fx.Node],
+                     outputs: Callable[[fx.Graph, Callable[[fx.Node], fx.Node]], Any],
+                     ) -> fx.GraphModule:
+    """A GraphModule taking ``start``'s value as its one input ``x`` and computing the copies
+    of ``nodes`` (in order); ``outputs(graph, lookup)`` gives its output from the copies.
+    Parameters and buffers are copied where used; any other value from before ``start`` is
+    a cut error."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {start: graph.placeholder("x")}
 
@@ -374,11 +379,18 @@ def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], start: fx.Node, end: fx.
             env[a] = graph.node_copy(a, lookup)
         return env[a]
 
-    for n in nodes[nodes.index(start) + 1 : nodes.index(end) + 1]:
-        env[n] = graph.node_copy(n, lookup)
-    graph.output(env[end])
+    for n in nodes:
+        if n is not start:
+            env[n] = graph.node_copy(n, lookup)
+    graph.output(outputs(graph, lookup))
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], start: fx.Node, end: fx.Node) -> fx.GraphModule:
+    """A GraphModule computing ``end`` from ``start`` using the nodes strictly after start."""
+    body = nodes[nodes.index(start) + 1 : nodes.index(end) + 1]
+    return extract_subgraph(gm, start, body, lambda _graph, lookup: lookup(end))
 
 
 def cut_backbone(model: nn.Module, cuts: Sequence[str]) -> list[fx.GraphModule]:

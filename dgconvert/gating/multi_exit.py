@@ -12,7 +12,7 @@ scored by an ``exit-head`` score rule (:data:`dgconvert.core.gates.EXIT_SCORES`)
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from dgconvert.core.errors import CutError
 from dgconvert.core.gates import EXIT_HEAD, EXIT_SCORES
-from dgconvert.gating.cut import trace_with_leaves
+from dgconvert.gating.cut import extract_subgraph, trace_with_leaves
 from dgconvert.gating.heads import GateHead
 
 # (node, index into its tuple value or None): where an output entry's tensor comes from
@@ -187,24 +187,13 @@ def _ancestors(roots: Sequence[fx.Node]) -> set[fx.Node]:
 def _copy(gm: fx.GraphModule, keep: list[fx.Node], start: fx.Node, outs: Sequence[_Ref],
           single: bool) -> fx.GraphModule:
     """A GraphModule computing ``outs`` from ``start`` with the nodes ``keep`` (in order)."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {start: graph.placeholder("x")}
 
-    def lookup(a: fx.Node) -> fx.Node:
-        if a not in env:
-            if a.op != "get_attr":
-                raise CutError(f"internal: value {a.name} is used across a cut")
-            env[a] = graph.node_copy(a, lookup)
-        return env[a]
+    def outputs(graph: fx.Graph, lookup: Callable[[fx.Node], fx.Node]) -> Any:
+        vals = [lookup(n) if i is None else graph.call_function(operator.getitem, (lookup(n), i))
+                for n, i in outs]
+        return vals[0] if single else tuple(vals)
 
-    for n in keep:
-        if n is not start:
-            env[n] = graph.node_copy(n, lookup)
-    vals = [lookup(n) if i is None else graph.call_function(operator.getitem, (lookup(n), i))
-            for n, i in outs]
-    graph.output(vals[0] if single else tuple(vals))
-    graph.lint()
-    return fx.GraphModule(gm, graph)
+    return extract_subgraph(gm, start, keep, outputs)
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> Any:
