@@ -233,7 +233,8 @@ def run_benchmark(
         net = model if hasattr(model, "gated_forward") else load_torch_model(model)
         systems += [TorchFull(net), TorchMasked(net, main.thresholds)]
     probe = StageProbe(main)
-    prefix = PrefixProbe(main, getattr(be, "threads", threads)) if onnx_cpu else None
+    prefix = (PrefixProbe(main, getattr(be, "threads", threads), getattr(be, "spinning", False))
+              if onnx_cpu else None)
     try:
         with torch_threads(threads, net is not None):
             meas = measure(systems, images, config, b.num_stages, probe, prefix)

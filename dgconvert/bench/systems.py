@@ -176,12 +176,13 @@ class TorchMasked(TorchFull):
 class PrefixProbe:
     """Times the ungated prefix of the full model up to each exit point on full batches
     (:mod:`dgconvert.runtime.passes.prefix`): what a sample exiting there pays at least.
-    Sessions as tuned as the backend's (``threads``, spinning off)."""
+    Sessions as tuned as the backend's (its ``threads`` and ``spinning``)."""
 
     id = "prefixes"
     label = "ungated prefixes up to each exit (physical limit)"
 
-    def __init__(self, runner: GatedRunner, threads: int | None = None) -> None:
+    def __init__(self, runner: GatedRunner, threads: int | None = None,
+                 spinning: bool | str = False) -> None:
         import onnx
         import onnxruntime as ort
 
@@ -189,7 +190,8 @@ class PrefixProbe:
         models = prefix_graphs([onnx.load(str(b.stage_file(k))) for k in range(b.num_stages)],
                                onnx.load(str(b.full_file())))
         self.runner = runner
-        self._sessions = [ort.InferenceSession(m.SerializeToString(), session_options(threads),
+        self._sessions = [ort.InferenceSession(m.SerializeToString(),
+                                               session_options(threads, spinning),
                                                providers=["CPUExecutionProvider"])
                           for m in models]
         self._inputs = [s.get_inputs()[0].name for s in self._sessions]
