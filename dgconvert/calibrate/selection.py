@@ -70,11 +70,10 @@ def walk_frontier(
     full_right = records.final_labels == y
     outs = []
     for t in family:
+        out = simulate(records, y, t, exit_costs)
         if is_full(t):
             ok = True if max_drop is not None else bool(full_right.mean() >= target - 1e-12)
-            out = simulate(records, y, t, exit_costs)
         else:
-            out = simulate(records, y, t, exit_costs)
             right = out.result.labels == y
             n = records.n
             if max_drop is not None:

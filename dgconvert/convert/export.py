@@ -12,7 +12,7 @@ import torch
 from dgconvert.convert.onnx_export import OPSET, export_onnx
 from dgconvert.convert.stages import stage_modules
 from dgconvert.convert.verify import VerificationReport, check_stage_graph, verify_bundle
-from dgconvert.core.bundle import Bundle, file_sha256, write_manifest
+from dgconvert.core.bundle import Bundle, stamp_digests, write_manifest
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.io import atomic_directory
 from dgconvert.core.manifest import (
@@ -157,8 +157,7 @@ def export(
             source={**(source or {}), **_multi_exit_source(net)},
             opset=OPSET,
         )
-        for info in [*manifest.stages, manifest.full]:
-            info.sha256 = file_sha256(tmp / info.file)
+        stamp_digests(manifest, tmp)
         write_manifest(tmp, manifest)
         bar.update(1)
         if verify:

@@ -237,17 +237,8 @@ def verify_bundle(
     t = _spread(all_scores)
     ref_out = net.pick_exits(exits, t)
     near = (np.abs(all_scores - np.asarray(t, np.float32)) <= atol + rtol).any(axis=1)
-    for batch in sorted({1, 7, len(x)}):
-        runner = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch)
-        res = runner.predict(x_np)
-        bad = ((res.labels != ref_out.labels) | (res.exit_stage != ref_out.exit_stage)) & ~near
-        report.checks += 1
-        if bad.any():
-            report.mismatches.append(
-                f"chain (max_batch={batch}, thresholds {np.round(t, 4).tolist()}): "
-                f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from "
-                f"gated_forward (first rows {np.flatnonzero(bad)[:5].tolist()})"
-            )
+    check_runner(report, bundle, backend, x_np, t, ref_out.labels, ref_out.exit_stage, near,
+                 "chain", "gated_forward")
     if MultiExitInfo.of(net.meta) is not None and net.backbone is not None:
         verify_own_exits(net, bundle, backend, x, report)
     backend.close()
@@ -301,16 +292,27 @@ def verify_own_exits(
         "strict": np.quantile(scores, 0.9, axis=0).tolist(),
     }
     x_np = x.numpy()
+    reference = (f"the {info.score!r} rule applied to {type(net.backbone).__name__}'s own exit "
+                 "outputs")
     for name, t in sets.items():
         labels, stage, near = own_exit_rule(net, x, t, tol)
-        for batch in sorted({1, 7, len(x)}):
-            res = GatedRunner(bundle, backend=backend, thresholds=t, max_batch=batch).predict(x_np)
-            bad = ((res.labels != labels) | (res.exit_stage != stage)) & ~near
-            report.checks += 1
-            if bad.any():
-                report.mismatches.append(
-                    f"own exits ({name} thresholds {np.round(t, 4).tolist()}, max_batch={batch}): "
-                    f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from the "
-                    f"{info.score!r} rule applied to {type(net.backbone).__name__}'s own exit "
-                    f"outputs (first rows {np.flatnonzero(bad)[:5].tolist()})"
-                )
+        check_runner(report, bundle, backend, x_np, t, labels, stage, near,
+                     f"own exits ({name} thresholds)", reference)
+
+
+def check_runner(report: VerificationReport, bundle: Bundle, backend: OnnxRuntimeBackend,
+                 x: np.ndarray, thresholds: list[float], labels: np.ndarray, stage: np.ndarray,
+                 near: np.ndarray, what: str, reference: str) -> None:
+    """The runtime at ``max_batch`` 1, 7 and ``len(x)`` against a reference's labels and exit
+    stages, sample by sample (``near``: samples float noise may flip, not judged)."""
+    for batch in sorted({1, 7, len(x)}):
+        res = GatedRunner(bundle, backend=backend, thresholds=thresholds,
+                          max_batch=batch).predict(x)
+        bad = ((res.labels != labels) | (res.exit_stage != stage)) & ~near
+        report.checks += 1
+        if bad.any():
+            report.mismatches.append(
+                f"{what} (max_batch={batch}, thresholds {np.round(thresholds, 4).tolist()}): "
+                f"{int(bad.sum())}/{len(x)} samples differ in label or exit stage from "
+                f"{reference} (first rows {np.flatnonzero(bad)[:5].tolist()})"
+            )

@@ -40,6 +40,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def stamp_digests(manifest: Manifest, folder: Path) -> None:
+    """Set the SHA-256 of every stage graph and ``full.onnx`` in ``manifest`` from the files
+    in ``folder`` (at export, and when a graph is rewritten on purpose)."""
+    for info in [*manifest.stages, manifest.full]:
+        info.sha256 = file_sha256(folder / info.file)
+
+
 def write_manifest(path: str | Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically into the bundle directory ``path``."""
     return atomic_write_text(Path(path) / MANIFEST, manifest.dumps())
@@ -112,13 +119,8 @@ class Bundle:
 
     def record_digests(self) -> None:
         """Record the SHA-256 of every stage graph and ``full.onnx`` as they are now (after
-        export, or after rewriting a graph on purpose)."""
-        def fn(m: Manifest) -> None:
-            for s in m.stages:
-                s.sha256 = file_sha256(self.resolve(s.file))
-            m.full.sha256 = file_sha256(self.resolve(m.full.file))
-
-        self.update_manifest(fn)
+        rewriting a graph on purpose)."""
+        self.update_manifest(lambda m: stamp_digests(m, self.path))
 
     # -- accessors ---------------------------------------------------------------------
     @property

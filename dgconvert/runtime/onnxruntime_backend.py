@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -198,9 +199,7 @@ class OnnxRuntimeBackend(Backend):
             models = _load_models(optimized, n) if optimized else None
         finally:
             if optimized is not None:
-                for f in optimized.iterdir():
-                    f.unlink()
-                optimized.rmdir()
+                shutil.rmtree(optimized, ignore_errors=True)
         #: the contract graphs as exported, one path per stage
         self.plain = [StagePath(_direct_run(s)) for s in self.sessions]
         self.fused_sessions: list[Any] = []  # the rewritten stage graphs, when fused
@@ -339,18 +338,20 @@ class OnnxRuntimeBackend(Backend):
         outs = self.plain[k].run(io.outputs, feeds, self.run_options)
         return dict(zip(io.outputs, outs, strict=True))
 
-    @property
-    def full_session(self) -> Any:
-        """The session of ``full.onnx`` (created on first use)."""
+    def _full_model(self) -> tuple[Run, str, Any]:
+        """``(run, input name, session)`` of ``full.onnx``, created on first use."""
         if self._full is None:
             sess = self._session(str(self.bundle.full_file()))
             self._full = (_direct_run(sess), sess.get_inputs()[0].name, sess)
-        return self._full[2]
+        return self._full
+
+    @property
+    def full_session(self) -> Any:
+        """The session of ``full.onnx`` (created on first use)."""
+        return self._full_model()[2]
 
     def run_full(self, images: np.ndarray) -> np.ndarray:
-        if self._full is None:
-            self.full_session  # noqa: B018 - creates it
-        run, name, _ = self._full  # type: ignore[misc]
+        run, name, _ = self._full_model()
         return run(CONTRACT.full_outputs, {name: images}, self.run_options)[0]
 
     def describe(self) -> str:

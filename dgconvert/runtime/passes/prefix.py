@@ -41,14 +41,12 @@ def body_graph(model: Any, k: int) -> Any:
             n.input[:] = [CONTRACT.x if v == gathered else v for v in n.input]
     # keep only what computes the features
     producer = {o: n for n in nodes for o in n.output}
-    needed, todo, seen = [], [CONTRACT.features], set()
+    todo, seen = [CONTRACT.features], set()
     while todo:
-        name = todo.pop()
-        node = producer.get(name)
+        node = producer.get(todo.pop())
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        needed.append(node)
         todo.extend(v for v in node.input if v)
     order = [n for n in nodes if id(n) in seen]
     used = {v for n in order for v in n.input}
