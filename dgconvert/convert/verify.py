@@ -2,7 +2,8 @@
 
 Per stage, on real inputs and several ``keep`` vectors (all rows, a random subset,
 ``M = 0``, ``M = 1``, repeated and unordered indices) we compare every output: float
-outputs within ``atol + rtol * |ref|``; labels exactly, except where the reference's two
+outputs within ``atol + rtol * |ref|`` plus twice torch's own float32 deviation from a
+float64 run of the same module (:class:`Float64Noise`); labels exactly, except where the reference's two
 best logits are closer than the tolerance (a tie that float noise may break). Then the
 runtime chain is compared with :meth:`GatedNetwork.gated_forward` sample by sample, with
 thresholds at which samples exit at every gate. A network converted from a multi-exit model
@@ -14,7 +15,11 @@ raised once as :class:`~dgconvert.core.errors.ExportVerificationError`.
 
 from __future__ import annotations
 
+import copy
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +34,8 @@ from dgconvert.gating.multi_exit import MultiExitInfo, own_exit_outputs
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.runner import GatedRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +69,36 @@ def _tie_rows(logits: np.ndarray, tol: float) -> np.ndarray:
     return (top2[:, 1] - top2[:, 0]) <= tol
 
 
+class Float64Noise:
+    """Lazily, per output: how far torch's own float32 result is from the same module run in
+    float64 — the float noise of this computation. A deep network accumulates more of it
+    than any fixed ``atol`` (Inception-v3: 1.1e-3 on logits of scale 10), so an exported
+    graph may differ from torch by up to twice this (both sides carry it)."""
+
+    def __init__(self, module: torch.nn.Module, args: Sequence[torch.Tensor]) -> None:
+        self._module, self._args = module, args
+        self._noise: list[float] | None = None
+
+    def __call__(self) -> list[float]:
+        if self._noise is None:
+            try:  # a module that cannot run in float64 gets no allowance
+                wide = copy.deepcopy(self._module).double()
+                args64 = [a.double() if a.is_floating_point() else a for a in self._args]
+                with torch.no_grad():
+                    lo, hi = _as_list(self._module(*self._args)), _as_list(wide(*args64))
+            except (RuntimeError, TypeError):
+                lo = hi = []
+            self._noise = [
+                float((a.double() - b).abs().max()) if a.is_floating_point() and a.numel() else 0.0
+                for a, b in zip(lo, hi, strict=True)
+            ]
+        return self._noise
+
+
+def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
 def _compare(
     report: VerificationReport,
     where: str,
@@ -70,7 +107,10 @@ def _compare(
     ref: list[np.ndarray],
     atol: float,
     rtol: float,
+    noise: Callable[[], list[float]] | None = None,
 ) -> None:
+    """Record a mismatch per output outside ``atol + rtol * |ref|``; with ``noise``, a float
+    output within that tolerance plus twice torch's own float noise passes."""
     logits_name = CONTRACT.logits_of(names)
     ref_by = dict(zip(names, ref, strict=True))
     for name, g, r in zip(names, got, ref, strict=True):
@@ -92,12 +132,18 @@ def _compare(
             diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
         report.record(name, float(diff.max()))
         limit = atol + rtol * np.abs(r)
-        if (diff > limit).any():
-            rel = diff / np.maximum(np.abs(r), 1e-12)
-            report.mismatches.append(
-                f"{where} {name}: max abs diff {diff.max():.3g}, max rel diff {rel.max():.3g} "
-                f"(atol {atol:g}, rtol {rtol:g})"
-            )
+        if not (diff > limit).any():
+            continue
+        owns = noise() if noise is not None else []
+        own = owns[names.index(name)] if names.index(name) < len(owns) else 0.0
+        if own and not (diff > limit + 2 * own).any():
+            continue
+        rel = diff / np.maximum(np.abs(r), 1e-12)
+        extra = f"; torch's own float32 noise vs float64: {own:.3g}" if noise is not None else ""
+        report.mismatches.append(
+            f"{where} {name}: max abs diff {diff.max():.3g}, max rel diff {rel.max():.3g} "
+            f"(atol {atol:g}, rtol {rtol:g}{extra})"
+        )
 
 
 @torch.no_grad()
@@ -109,16 +155,17 @@ def check_stage_graph(
     first: bool,
     atol: float = 1e-4,
     rtol: float = 1e-3,
-) -> None:
+) -> bool:
     """Run one exported stage graph in ONNX Runtime at batch sizes other than the export
     example's and compare with ``module``; raise :class:`ExportVerificationError` on a
     mismatch. Stage 0 (``first``) gets ``images``, batch ``len(x) + 3`` and 1; later
     stages ``x`` with ``keep`` vectors of size ``len(x) + 3`` (repeated, unordered), 1 and 0.
+    Returns whether ONNX Runtime survives ``M = 0`` (run in a child process: some kernels
+    die of a signal on empty batches); when it does not, that case is left out.
     """
     import onnxruntime as ort
 
-    if not first:
-        _empty_batch_survives(path, x)
+    empty_ok = first or _empty_batch_survives(path, x)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -131,11 +178,9 @@ def check_stage_graph(
         cases = {f"N={len(big)}": (big,), "N=1": (x[:1],)}
     else:
         keep = torch.arange(n + 3).flip(0) % n
-        cases = {
-            f"M={n + 3}": (x, keep),
-            "M=1": (x, keep[:1]),
-            "M=0": (x, keep[:0]),
-        }
+        cases = {f"M={n + 3}": (x, keep), "M=1": (x, keep[:1])}
+        if empty_ok:
+            cases["M=0"] = (x, keep[:0])
     feeds = [i.name for i in sess.get_inputs()]
     for case, args in cases.items():
         try:
@@ -143,9 +188,10 @@ def check_stage_graph(
         except Exception as exc:
             raise ExportVerificationError([f"{case}: ONNX Runtime failed: {exc}"]) from exc
         ref = [t.numpy() for t in module(*args)]
-        _compare(report, case, names, got, ref, atol, rtol)
+        _compare(report, case, names, got, ref, atol, rtol, Float64Noise(module, args))
     if report.mismatches:
         raise ExportVerificationError(report.mismatches)
+    return empty_ok
 
 
 _EMPTY_RUN = """
@@ -157,10 +203,11 @@ s.run(None, {"x": x, "keep": np.zeros(0, np.int64)})
 """
 
 
-def _empty_batch_survives(path: str, x: torch.Tensor) -> None:
-    """Run the graph on ``keep`` of size 0 in a child process: ONNX Runtime kernels may die
-    of a signal on empty batches (seen: SIGFPE in a window-partition reshape), which must
-    fail the check, not end the export."""
+def _empty_batch_survives(path: str, x: torch.Tensor) -> bool:
+    """Whether ONNX Runtime runs the graph on ``keep`` of size 0, tried in a child process:
+    its kernels may die of a signal on empty batches (seen: SIGFPE in MaxViT's
+    window-partition reshape, a ``-1`` dimension beside a 0), which must not end the export.
+    Any other failure is an error of the graph."""
     import signal
     import subprocess
     import sys
@@ -171,13 +218,15 @@ def _empty_batch_survives(path: str, x: torch.Tensor) -> None:
         np.save(feats, x[:2].numpy())
         proc = subprocess.run([sys.executable, "-c", _EMPTY_RUN, str(path), feats],
                               capture_output=True, text=True, timeout=600)  # fmt: skip
+    if proc.returncode < 0:
+        log.warning("%s: ONNX Runtime dies of %s on an empty batch (M = 0); recorded in the "
+                    "manifest: the runtime never feeds this stage an empty batch", Path(path).name,
+                    signal.Signals(-proc.returncode).name)  # fmt: skip
+        return False
     if proc.returncode != 0:
-        how = (signal.Signals(-proc.returncode).name if proc.returncode < 0
-               else proc.stderr.strip().splitlines()[-1:] or ["failed"])  # fmt: skip
-        raise ExportVerificationError(
-            [f"M=0: ONNX Runtime crashed on an empty keep ({how}); the runner must be able "
-             "to run a stage that no row reaches"]  # fmt: skip
-        )
+        last = proc.stderr.strip().splitlines()[-1:] or ["failed"]
+        raise ExportVerificationError([f"M=0: ONNX Runtime failed on an empty keep: {last[0]}"])
+    return True
 
 
 def spread_thresholds(net: GatedNetwork, x: torch.Tensor) -> list[float]:
@@ -215,22 +264,25 @@ def verify_bundle(
     names0 = list(CONTRACT.outputs(0, n))
     got = list(backend.run_contract(0, {CONTRACT.images: x_np}).values())
     ref = [t.numpy() for t in mods[0](x)]
-    _compare(report, "stage 0", names0, got, ref, atol, rtol)
+    _compare(report, "stage 0", names0, got, ref, atol, rtol, Float64Noise(mods[0], [x]))
     feats = ref[0]
     for k in range(1, n):
         names = list(CONTRACT.outputs(k, n))
         nxt = None
         for case, keep in keep_vectors(len(feats), rng).items():
+            if not keep.size and not bundle.manifest.stages[k].empty_batch:
+                continue  # recorded at export: the runtime never runs it empty
             got = list(backend.run_contract(k, {CONTRACT.x: feats, CONTRACT.keep: keep}).values())
-            ref_t = mods[k](torch.from_numpy(feats), torch.from_numpy(keep))
-            ref = [t.numpy() for t in ref_t]
-            _compare(report, f"stage {k} keep={case}[M={keep.size}]", names, got, ref, atol, rtol)
+            args = [torch.from_numpy(feats), torch.from_numpy(keep)]
+            ref = [t.numpy() for t in mods[k](*args)]
+            _compare(report, f"stage {k} keep={case}[M={keep.size}]", names, got, ref, atol, rtol,
+                     Float64Noise(mods[k], args))
             if case == "all":
                 nxt = ref[0]
         feats = nxt
     full = backend.run_full(x_np)
     _compare(report, "full.onnx", list(CONTRACT.full_outputs), [full], [net(x).numpy()], atol,
-             rtol)
+             rtol, Float64Noise(net, [x]))
     # the chain: runtime vs gated_forward, samples exiting at every gate
     exits = net.all_exits(x)  # once: thresholds, reference exits and ties all come from it
     all_scores = exits.scores.numpy()

@@ -188,6 +188,9 @@ class StageInfo:
     gate: GateInfo | None = None
     sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: False when ONNX Runtime crashed running this stage on ``M = 0`` rows at export: the
+    #: runner never runs a stage no row reaches, but no path may feed it an empty batch
+    empty_batch: bool = True
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> StageInfo:
@@ -203,7 +206,9 @@ class StageInfo:
             _get(o, "flops", int, where, default=0),
             None if gate is None else GateInfo.parse(gate, f"{where}.gate"),
             _get(o, "sha256", (str, type(None)), where, default=None),
-            _rest(o, ("index", "file", "inputs", "outputs", "flops", "gate", "sha256")),
+            _rest(o, ("index", "file", "inputs", "outputs", "flops", "gate", "sha256",
+                      "empty_batch")),
+            _get(o, "empty_batch", bool, where, default=True),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +219,8 @@ class StageInfo:
                   "outputs": [t.to_dict() for t in self.outputs],
                   "flops": self.flops,
                   "gate": None if self.gate is None else self.gate.to_dict(), **self.extra})
+        if not self.empty_batch:
+            d["empty_batch"] = False
         return d
 
 

@@ -260,6 +260,11 @@ class OnnxRuntimeBackend(Backend):
             return "off (compose=False)"
         if not why_not and models is None:
             why_not = "ONNX Runtime wrote no optimized stage graphs"
+        crashing = [s.index for s in self.bundle.manifest.stages if not s.empty_batch]
+        if not why_not and crashing:
+            why_not = (f"ONNX Runtime crashes running stage(s) {crashing} on an empty batch "
+                       "(recorded at export), and the chain runs stages no row reaches")
+            log.warning("onnxruntime: the one-session chain is off: %s", why_not)
         if not why_not:
             try:
                 self.chain_session = self._build_chain(models)  # type: ignore[arg-type]
