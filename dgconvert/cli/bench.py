@@ -8,6 +8,8 @@ import click
 
 from dgconvert.cli.common import friendly_errors, parse_floats, parse_ints, write_json
 
+SPINNING = {"off": False, "run": "run", "on": True}
+
 
 def _backends() -> list[str]:
     from dgconvert.runtime import BACKENDS
@@ -46,13 +48,17 @@ def _backends() -> list[str]:
 @click.option("--staging-overhead", is_flag=True,
               help="Also time the gated runner with every gate off (rows 'gated[nobody exits]'): "
                    "what staging costs when nobody exits.")
+@click.option("--spinning", type=click.Choice(["off", "run", "on"]), default=None,
+              help="ONNX Runtime thread spinning for every ORT session of the run: off (workers "
+                   "sleep when idle), run (spin between the operators of a run, stop at its "
+                   "end), on (ORT's default; keep spinning). Default: the backend's.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly_errors
 def bench_cmd(
     bundle: Path, data: str, batch_sizes: str, backend: str, threads: int | None,
     thresholds: str | None, model: Path | None, no_torch: bool, repeats: int, warmup: int,
     samples: int, torch_samples: int, limit: int | None, json_out: Path | None, plot_out: Path | None,
-    staging_overhead: bool, no_progress: bool,
+    staging_overhead: bool, spinning: str | None, no_progress: bool,
 ) -> None:
     """Measure ms/image, images/s, accuracy, exits, memory and efficiency (ideal / measured)
     of the gated runtime against the full model, at several batch sizes, in one run."""
@@ -77,6 +83,7 @@ def bench_cmd(
         b, ds.images, ds.labels, config=config, backend=backend, threads=threads,
         thresholds=parse_floats(thresholds), model=torch_model, data_name=data,
         operating_points=no_exit_point(b) if staging_overhead else None,
+        backend_options=None if spinning is None else {"spinning": SPINNING[spinning]},
     )
     click.echo(report.markdown())
     if json_out:
