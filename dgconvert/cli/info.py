@@ -34,6 +34,11 @@ def describe_bundle(path: Path) -> str:
             f"{k:5d}  {s.file:<13s}  {s.flops / 1e6:6.2f}  {100 * costs[k] / full:8.1f} %  "
             f"{gate:<24s}  {thr}"
         )
+    crashing = [s.index for s in m.stages if not s.empty_batch]
+    if crashing:
+        lines.append(f"warning: ONNX Runtime dies on empty batches of stage(s) {crashing} "
+                     "(found at export): the runner never runs them empty; the ONNX Runtime "
+                     "one-session chain is off")
     t = m.thresholds
     lines.append(f"\nthresholds from: {t.source} ({t.updated})")
     cal = m.calibration

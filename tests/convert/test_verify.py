@@ -136,3 +136,13 @@ def test_export_records_a_stage_that_crashes_on_an_empty_batch(tmp_path: Path) -
     res = GatedRunner(bundle, backend=backend, thresholds=t).predict(x.numpy())
     np.testing.assert_array_equal(res.labels, np.asarray(ref.labels))
     np.testing.assert_array_equal(res.exit_stage, np.asarray(ref.exit_stage))
+
+
+def test_info_names_the_stages_that_must_not_run_empty(
+        exported_bundle: Callable[..., Any], tmp_path: Path) -> None:  # fmt: skip
+    from dgconvert.cli.info import describe_bundle
+
+    bundle = exported_bundle("resnet").copy_to(tmp_path)
+    assert "empty batches" not in describe_bundle(bundle.path)
+    bundle.update_manifest(lambda m: setattr(m.stages[1], "empty_batch", False))
+    assert "dies on empty batches of stage(s) [1]" in describe_bundle(bundle.path)
