@@ -6,14 +6,8 @@ integration. ``ray`` is imported only when an application is built or a dataset 
 
 from __future__ import annotations
 
-from dgconvert.serve.app import (
-    ServeOptions,
-    ServeUnavailableError,
-    build_app,
-    model_name,
-    run_server,
-    start,
-)
+from dgconvert.serve.app import build_app, run_server, start
+from dgconvert.serve.common import ServeOptions, ServeUnavailableError, model_name
 from dgconvert.serve.protocol import ModelSpec, ProtocolError
 from dgconvert.serve.server import OIPServer
 

@@ -99,6 +99,10 @@ def _json_object(text: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
+            raise ProtocolError(f"{what} is not valid JSON ({exc}): bytes follow the JSON. "
+                                f"Fix: binary tensor data needs the {HEADER_LENGTH} header "
+                                "(the JSON part's length)") from None
         raise ProtocolError(f"{what} is not valid JSON ({exc}); expected an object like "
                             '{"inputs": [{"name": ..., "shape": [...], "datatype": ..., '
                             '"data": [...]}]}') from None
@@ -156,7 +160,7 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None,
         if max_elements is not None and count > max_elements:
             raise ProtocolError(f"{where} has shape {list(shape)} ({count} elements); this "
                                 f"server takes at most {max_elements} per request. Fix: split "
-                                "the batch into smaller requests", status=413)
+                                "the batch into smaller requests")
         size = _params(t, where).get("binary_data_size")
         if size is not None:
             if n is None:
@@ -195,6 +199,8 @@ def _json_data(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray
                             f"{count} numbers, flat or nested")
     if arr.size != count:
         raise ProtocolError(f"{where}.data holds {arr.size} values; its shape needs {count}")
+    if arr.size == 0:
+        return np.zeros(0, dtype)
     if dtype.kind in "ui" and arr.dtype.kind == "f":
         raise ProtocolError(f"{where}.data holds non-integers for an integer datatype; "
                             "expected whole numbers")
@@ -351,8 +357,7 @@ class ModelSpec:
                                 f"{expected} (N = batch size)")
         if max_rows is not None and shape[0] > max_rows:
             raise ProtocolError(f"input {INPUT_NAME!r} has {shape[0]} images; this server takes "
-                                f"at most {max_rows} per request. Fix: split the batch",
-                                status=413)
+                                f"at most {max_rows} per request. Fix: split the batch")
         if t.datatype == "FP32" and t.data.size and not np.isfinite(t.data).all():
             raise ProtocolError(f"input {INPUT_NAME!r} holds NaN or Inf; expected finite values")
         return t.data

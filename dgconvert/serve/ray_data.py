@@ -55,13 +55,15 @@ def predict_dataset(bundle: str | Path, images: np.ndarray, *, workers: int = 1,
     """Predict ``images`` with ``workers`` Ray Data actors; the result in input order.
 
     Uses the running Ray (``RAY_ADDRESS`` for a cluster) or starts a local one."""
-    from dgconvert.serve.app import require_ray
+    from dgconvert.serve.common import require_ray
 
     ray = require_ray()
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     import ray.data
 
+    if workers < 1 or batch_size < 1:
+        raise InputError(f"workers={workers}, batch_size={batch_size}; expected both >= 1")
     if len(images) == 0:
         return GatedResult.empty()
     ctx = ray.data.DataContext.get_current()

@@ -181,7 +181,7 @@ class OIPServer:
         t0 = time.perf_counter()
         if len(body) > self.max_body:
             raise ProtocolError(f"the request body has {len(body)} bytes; this server takes at "
-                                f"most {self.max_body}. Fix: split the batch", status=413)
+                                f"most {self.max_body}. Fix: split the batch")
         body = _decode(body, _header(headers, "content-encoding"), self.max_body)
         per = int(np.prod(self.spec.input_shape))
         req = parse_infer_request(body, _header(headers, HEADER_LENGTH),
@@ -238,5 +238,5 @@ def _decode(body: bytes, encoding: str | None, limit: int) -> bytes:
                             "Content-Encoding to match the body") from None
     if len(out) > limit:
         raise ProtocolError(f"the decompressed body exceeds {limit} bytes; this server takes "
-                            "at most that. Fix: split the batch", status=413)
+                            "at most that. Fix: split the batch")
     return out

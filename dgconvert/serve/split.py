@@ -20,7 +20,8 @@ import numpy as np
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import GatedResult
 from dgconvert.core.preprocess import prepare_images
-from dgconvert.serve.app import (
+from dgconvert.serve.common import (
+    RayMetrics,
     ServeOptions,
     model_name,
     model_spec,
@@ -126,8 +127,6 @@ class SplitIngress:
         self.stages = stages
         t = opts.thresholds if opts.thresholds is not None else self.bundle.thresholds
         self.exit_at = exit_thresholds(t)
-        from dgconvert.serve.app import RayMetrics
-
         spec = model_spec(self.bundle)
         self.server = OIPServer(spec, self._infer, max_rows=opts.max_rows,
                                 metrics=RayMetrics(spec.name))
