@@ -14,11 +14,18 @@ from dgconvert.runtime import GatedRunner
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[Any]:
+def metrics_port() -> int:
+    """Where Ray's Prometheus exporter listens (metrics reported every 0.5 s)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_local(metrics_port: int) -> Iterator[Any]:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()  # ends Serve's actors with the local cluster
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
+import time
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -171,3 +174,31 @@ def test_split_stages_equal_the_runner(server: str, case: dict[str, Any]) -> Non
         _check(case, rows, _infer(c, name, px[rows], binary=i != 1))
     status, text = _post(server, f"/split/v2/models/{name}/infer", b"{")
     assert status == 400 and "not valid JSON" in text
+
+
+def test_metrics_reach_rays_prometheus_exporter(server: str, case: dict[str, Any],
+                                                metrics_port: int) -> None:
+    name = case["name"]
+    _infer(_client(server), name, case["pixels"][:8])
+    want = ("ray_dgconvert_stage_rows_total", "ray_dgconvert_stage_exits_total",
+            "ray_dgconvert_requests_total", "ray_dgconvert_queue_rows",
+            "ray_dgconvert_batch_size_count", "ray_dgconvert_latency_ms_count")
+    deadline, seen = time.monotonic() + 20, {}
+    while time.monotonic() < deadline:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        seen = {}
+        for line in text.splitlines():
+            m = re.match(r"(ray_dgconvert_\w+)\{(.*)\} (\S+)$", line)
+            if m and f'model="{name}"' in m.group(2):
+                stage = re.search(r'stage="(\d+)"', m.group(2))
+                key = (m.group(1), stage.group(1) if stage else None)
+                seen[key] = seen.get(key, 0.0) + float(m.group(3))
+        if all(any(k[0] == w for k in seen) for w in want):
+            break
+        time.sleep(0.5)
+    assert all(any(k[0] == w for k in seen) for w in want), sorted(seen)
+    rows = [seen.get(("ray_dgconvert_stage_rows_total", str(k)), 0.0)
+            for k in range(case["bundle"].num_stages)]
+    assert rows[0] >= 8 and rows == sorted(rows, reverse=True)  # fewer rows deeper
