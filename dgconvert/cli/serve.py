@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dgconvert.cli.common import friendly_errors, parse_floats, threads_option
+from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, threads_option
 
 
 @click.command("serve")
@@ -26,6 +26,7 @@ from dgconvert.cli.common import friendly_errors, parse_floats, threads_option
               "to each stage's load from the calibrated exit fractions.")
 @click.option("--thresholds", default=None, help="Comma-separated per-gate thresholds "
               "(default: the bundle's).")
+@backend_option
 @threads_option
 @click.option("--replica-cpus", type=float, default=None,
               help="Ray CPUs each replica reserves (default: 1, or a share when the cluster "
@@ -35,7 +36,8 @@ from dgconvert.cli.common import friendly_errors, parse_floats, threads_option
 @friendly_errors
 def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
               max_delay_ms: float, full: bool, split_stages: bool, thresholds: str | None,
-              threads: int | None, replica_cpus: float | None, max_rows: int) -> None:
+              backend: str, threads: int | None, replica_cpus: float | None,
+              max_rows: int) -> None:
     """Serve BUNDLE over HTTP (Open Inference Protocol v2, tritonclient-compatible) until
     Ctrl-C. Uses the Ray cluster at RAY_ADDRESS when set, else starts Ray locally."""
     from dgconvert.serve import ServeOptions, run_server
@@ -46,7 +48,8 @@ def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
     try:
         options = ServeOptions(replicas=replicas, max_batch=max_batch,
                                max_delay_ms=max_delay_ms, full=full,
-                               thresholds=parse_floats(thresholds), threads=threads,
+                               thresholds=parse_floats(thresholds), backend=backend,
+                               threads=threads,
                                replica_cpus=replica_cpus, max_rows=max_rows)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

@@ -45,7 +45,7 @@ class ServeOptions:
     replica_cpus: float | None = None  # Ray CPUs reserved per replica (None: fit the cluster)
     max_rows: int = 1024  # images per request
     max_ongoing_requests: int = 256  # concurrent requests per replica (they batch together)
-    backend: str = "onnxruntime"
+    backend: str = "auto"  # GatedRunner's backend (--split-stages: ONNX Runtime on the CPU)
     runner_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -80,7 +80,9 @@ class StageWorker:
         from dgconvert.runtime import GatedRunner
 
         opts = ServeOptions(**options)
-        kw = {**opts.runner_kwargs(), "compose": False, "fuse_boundaries": False}
+        # features cross deployments as host arrays in the contract's layout
+        kw = {**opts.runner_kwargs(), "backend": "onnxruntime", "compose": False,
+              "fuse_boundaries": False}
         self.runner = GatedRunner(bundle, max_batch=None, **kw)
         self.k = k
         self.last = k == self.runner.bundle.num_stages - 1
