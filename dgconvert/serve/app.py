@@ -137,17 +137,33 @@ def start_many(apps: list[AppSpec], *, host: str = "127.0.0.1", port: int = 8000
 def run_server(bundle: str | Path | Bundle, options: ServeOptions | None = None, *,
                host: str = "127.0.0.1", port: int = 8000, split_stages: bool = False,
                echo: Any = print) -> None:
-    """:func:`start`, print the URL, block until Ctrl-C, then shut Serve down."""
-    url = start(bundle, options, host=host, port=port, split_stages=split_stages)
-    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    echo(f"serving model {model_name(b)!r} at {url}/v2/models/{model_name(b)} "
-         "(Open Inference Protocol; Ctrl-C stops)")
-    from ray import serve
+    """:func:`start`, print the URL, block until Ctrl-C (or SIGTERM), then shut Serve down
+    (and the local Ray, when this call started it)."""
+    import signal
 
+    ray = require_ray()
+    started_ray = not ray.is_initialized()
+    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = None
     try:
+        url = start(b, options, host=host, port=port, split_stages=split_stages)
+        # after ray.init, which installs its own SIGTERM handler
+        previous = signal.signal(signal.SIGTERM, stop)
+        echo(f"serving model {model_name(b)!r} at {url}/v2/models/{model_name(b)} "
+             "(Open Inference Protocol; Ctrl-C stops)")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         echo("stopping")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        from ray import serve
+
         serve.shutdown()
+        if started_ray:
+            ray.shutdown()
