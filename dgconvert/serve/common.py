@@ -99,7 +99,7 @@ class RayMetrics:
         self.latency = metrics.Histogram("dgconvert_latency_ms", "request latency in the "
                                          "replica (ms)", LATENCY_MS_BOUNDARIES,
                                          tag_keys=("model",))
-        self._stage_tags = [{**self.tags, "stage": str(k)} for k in range(64)]
+        self._stage_tags: dict[int, dict[str, str]] = {}
 
     def request_done(self, rows: int, stage_rows: list[int], exits: list[int],
                      latency_ms: float) -> None:
@@ -107,10 +107,12 @@ class RayMetrics:
         self.request_rows.observe(rows, self.tags)
         self.latency.observe(latency_ms, self.tags)
         for k, (r, e) in enumerate(zip(stage_rows, exits, strict=True)):
+            tags = self._stage_tags.get(k) or self._stage_tags.setdefault(
+                k, {**self.tags, "stage": str(k)})
             if r:
-                self.rows.inc(r, self._stage_tags[k])
+                self.rows.inc(r, tags)
             if e:
-                self.exits.inc(e, self._stage_tags[k])
+                self.exits.inc(e, tags)
 
     def request_failed(self, status: int) -> None:
         self.errors.inc(1, {**self.tags, "status": str(status)})

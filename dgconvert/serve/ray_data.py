@@ -51,8 +51,12 @@ class GatedPredictor:
 
 def predict_dataset(bundle: str | Path, images: np.ndarray, *, workers: int = 1,
                     batch_size: int = 256, thresholds: list[float] | None = None,
-                    threads: int | None = None, cpus_per_worker: float = 1.0) -> GatedResult:
+                    threads: int | None = None, cpus_per_worker: float | None = None
+                    ) -> GatedResult:
     """Predict ``images`` with ``workers`` Ray Data actors; the result in input order.
+
+    ``cpus_per_worker`` (Ray CPUs each actor reserves) defaults to 1, or an equal share
+    leaving one CPU free when the cluster has fewer than ``workers + 1``.
 
     Uses the running Ray (``RAY_ADDRESS`` for a cluster) or starts a local one."""
     from dgconvert.serve.common import require_ray
@@ -66,16 +70,23 @@ def predict_dataset(bundle: str | Path, images: np.ndarray, *, workers: int = 1,
         raise InputError(f"workers={workers}, batch_size={batch_size}; expected both >= 1")
     if len(images) == 0:
         return GatedResult.empty()
+    if cpus_per_worker is None:
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        cpus_per_worker = min(1.0, max(cpus - 1.0, cpus / 2) / workers)
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # results in input order
     opts: dict[str, Any] = {"threads": threads} if threads else {}
-    ds = ray.data.from_numpy(np.ascontiguousarray(images))
-    out = ds.map_batches(
-        GatedPredictor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
-        fn_constructor_kwargs={"bundle": str(bundle), "column": "data",
-                               "thresholds": thresholds, "keep_input": False, **opts},
-        num_cpus=cpus_per_worker)
-    parts = list(out.iter_batches(batch_format="numpy", batch_size=None))
+    try:
+        ds = ray.data.from_numpy(np.ascontiguousarray(images))
+        out = ds.map_batches(
+            GatedPredictor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
+            fn_constructor_kwargs={"bundle": str(bundle), "column": "data",
+                                   "thresholds": thresholds, "keep_input": False, **opts},
+            num_cpus=cpus_per_worker)
+        parts = list(out.iter_batches(batch_format="numpy", batch_size=None))
+    finally:
+        ctx.execution_options.preserve_order = order
     cols = {c: np.concatenate([p[c] for p in parts]) for c in OUTPUT_COLUMNS}
     return GatedResult(cols["label"].astype(np.int64), cols["exit_stage"].astype(np.int64),
                        cols["score"].astype(np.float32))
