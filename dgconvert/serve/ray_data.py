@@ -55,8 +55,8 @@ def predict_dataset(bundle: str | Path, images: np.ndarray, *, workers: int = 1,
                     ) -> GatedResult:
     """Predict ``images`` with ``workers`` Ray Data actors; the result in input order.
 
-    ``cpus_per_worker`` (Ray CPUs each actor reserves) defaults to 1, or an equal share
-    leaving one CPU free when the cluster has fewer than ``workers + 1``.
+    ``cpus_per_worker`` (Ray CPUs each actor reserves) defaults to 1, or an equal share of
+    what the cluster has free (a share kept for Ray Data's own tasks) when that is less.
 
     Uses the running Ray (``RAY_ADDRESS`` for a cluster) or starts a local one."""
     from dgconvert.serve.common import require_ray
@@ -71,8 +71,8 @@ def predict_dataset(bundle: str | Path, images: np.ndarray, *, workers: int = 1,
     if len(images) == 0:
         return GatedResult.empty()
     if cpus_per_worker is None:
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        cpus_per_worker = min(1.0, max(cpus - 1.0, cpus / 2) / workers)
+        free = float(ray.available_resources().get("CPU", 0.0))
+        cpus_per_worker = min(1.0, free / (workers + 1))
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # results in input order

@@ -60,7 +60,7 @@ def server(ray_local: Any, case: dict[str, Any]) -> str:
 
     port = _free_port()
     opts = ServeOptions(max_batch=16, max_delay_ms=2, thresholds=case["t"], threads=1,
-                        max_rows=64, replica_cpus=0.25)
+                        max_rows=64, replica_cpus=0.1)  # leaves Ray Data a whole CPU
     start_many([AppSpec(case["bundle"], opts),
                 AppSpec(case["bundle"], opts, split_stages=True, name="split",
                         route_prefix="/split")], host="127.0.0.1", port=port)

@@ -19,7 +19,7 @@ def test_map_batches_equals_the_runner(ray_local: Any, case: dict[str, Any]) -> 
     px, ref, ok = case["pixels"], case["ref"], ~case["near"]
     ds = ray.data.from_items([{"image": im, "id": i} for i, im in enumerate(px)])
     out = ds.map_batches(GatedPredictor, batch_size=32, batch_format="numpy", concurrency=1,
-                         num_cpus=0.5,
+                         num_cpus=0.25,
                          fn_constructor_kwargs={"bundle": str(case["bundle"].path),
                                                 "thresholds": case["t"]}).take_all()
     assert len(out) == len(px)
