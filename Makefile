@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[export,plot,dev]"
+	$(BIN)/pip install -q -e ".[export,plot,dev,serve]"
 	touch $(STAMP)
 
 venv: $(STAMP)

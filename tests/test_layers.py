@@ -1,7 +1,7 @@
-"""The layers point one way (import-linter contracts in pyproject.toml): cli > bench >
+"""The layers point one way (import-linter contracts in pyproject.toml): cli > serve > bench >
 calibrate | train > convert > gating > zoo > runtime > data > core; no import cycles
-between sibling packages or modules (imports inside functions included); core, runtime and
-data never import torch."""
+between sibling packages or modules (imports inside functions included); core, runtime,
+data and serve never import torch."""
 
 from __future__ import annotations
 

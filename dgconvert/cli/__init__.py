@@ -23,6 +23,7 @@ COMMANDS = {
     "build": "dgconvert.cli.build:build_cmd",
     "predict": "dgconvert.cli.predict:predict_cmd",
     "bench": "dgconvert.cli.bench:bench_cmd",
+    "serve": "dgconvert.cli.serve:serve_cmd",
     "info": "dgconvert.cli.info:info_cmd",
     "doctor": "dgconvert.cli.doctor:doctor_cmd",
 }

@@ -29,10 +29,15 @@ def format_histogram(counts: np.ndarray, width: int = 40) -> str:
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Write labels, exit_stage, scores to .npz or .json.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Scale out with Ray Data (the cluster at RAY_ADDRESS, else a local Ray); "
+              "needs the serve extra.")
+@click.option("--ray-workers", type=int, default=2, show_default=True,
+              help="Ray Data actors, one runner each (with --ray).")
 @friendly_errors
 def predict_cmd(
     bundle: Path, data: str, backend: str, threads: int | None, thresholds: str | None,
-    batch_size: int, output: Path | None,
+    batch_size: int, output: Path | None, use_ray: bool, ray_workers: int,
 ) -> None:
     """Predict with early exits; prints accuracy (when labels exist) and the exit histogram."""
     from tqdm.auto import tqdm
@@ -47,8 +52,15 @@ def predict_cmd(
     click.echo(f"backend: {runner.backend.describe()} ({runner.backend_reason})")
     for line in runner.backend.fast_paths_off():
         click.echo(f"warning: fast path off: {line}", err=True)
-    parts = [runner.predict(xb) for xb, _ in tqdm(ds.batches(batch_size), desc="predict",
-                                                  total=-(-len(ds) // batch_size), leave=False)]
+    if use_ray:
+        from dgconvert.serve.ray_data import predict_dataset
+
+        parts = [predict_dataset(bundle, ds.images, workers=ray_workers, batch_size=batch_size,
+                                 thresholds=runner.thresholds, threads=threads)]
+    else:
+        parts = [runner.predict(xb) for xb, _ in tqdm(
+            ds.batches(batch_size), desc="predict", total=-(-len(ds) // batch_size),
+            leave=False)]
     labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int64)
     exits = np.concatenate([p.exit_stage for p in parts]) if parts else np.zeros(0, np.int64)
     scores = np.concatenate([p.scores for p in parts]) if parts else np.zeros(0, np.float32)
@@ -61,7 +73,8 @@ def predict_cmd(
         share = float((hist * costs).sum() / (len(labels) * costs[-1]))
         click.echo(f"average cost: {100 * share:.1f} % of the full model's FLOPs")
     click.echo("exit histogram:\n" + format_histogram(hist))
-    click.echo(f"rows processed per stage: {runner.stats}")
+    rows = [int(v) for v in hist[::-1].cumsum()[::-1]] if use_ray else runner.stats
+    click.echo(f"rows processed per stage: {rows}")
     if output:
         _write_predictions(output, labels, exits, scores)
         click.echo(f"wrote {output}")

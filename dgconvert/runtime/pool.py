@@ -169,6 +169,11 @@ class GatedPool:
         with self._cond:
             return list(self._batches)
 
+    def batch_sizes_since(self, start: int) -> list[int]:
+        """The sizes of the stage runs from the ``start``-th on (incremental readers)."""
+        with self._cond:
+            return self._batches[start:]
+
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests; finish the submitted ones (``cancel``: fail them)."""
         with self._cond:

@@ -1,0 +1,57 @@
+"""``dgconvert serve``: a bundle behind the Open Inference Protocol (Ray Serve)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, threads_option
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--replicas", type=int, default=1, show_default=True,
+              help="Replicas (each runs a GatedPool); with --split-stages: stage replicas in all.")
+@click.option("--max-batch", type=int, default=64, show_default=True,
+              help="Rows per stage run, batched across concurrent requests.")
+@click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
+              help="Longest a row waits for a batch to fill.")
+@click.option("--full", is_flag=True, help="Serve the ungated model (full.onnx), same batching: "
+              "the baseline.")
+@click.option("--split-stages", is_flag=True, help="One deployment per stage, replicas sized "
+              "to each stage's load from the calibrated exit fractions.")
+@click.option("--thresholds", default=None, help="Comma-separated per-gate thresholds "
+              "(default: the bundle's).")
+@backend_option
+@threads_option
+@click.option("--replica-cpus", type=float, default=None,
+              help="Ray CPUs each replica reserves (default: 1, or a share when the cluster "
+              "has fewer CPUs than replicas).")
+@click.option("--max-rows", type=int, default=1024, show_default=True,
+              help="Most images one request may carry (larger: 400).")
+@friendly_errors
+def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
+              max_delay_ms: float, full: bool, split_stages: bool, thresholds: str | None,
+              backend: str, threads: int | None, replica_cpus: float | None,
+              max_rows: int) -> None:
+    """Serve BUNDLE over HTTP (Open Inference Protocol v2, tritonclient-compatible) until
+    Ctrl-C. Uses the Ray cluster at RAY_ADDRESS when set, else starts Ray locally."""
+    from dgconvert.serve import ServeOptions, run_server
+
+    if split_stages and full:
+        raise click.BadParameter("--split-stages serves the gated stages; drop --full",
+                                 param_hint="--full")
+    try:
+        options = ServeOptions(replicas=replicas, max_batch=max_batch,
+                               max_delay_ms=max_delay_ms, full=full,
+                               thresholds=parse_floats(thresholds), backend=backend,
+                               threads=threads,
+                               replica_cpus=replica_cpus, max_rows=max_rows)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    run_server(bundle, options, host=host, port=port, split_stages=split_stages,
+               echo=click.echo)
