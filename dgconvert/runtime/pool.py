@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import DGConvertError, InputError
 from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.runner import GatedRunner
+
+#: how many of the latest stage-run batch sizes a pool keeps (``batch_sizes``)
+BATCH_HISTORY = 100_000
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,9 @@ class GatedPool:
         self._queued = [0] * n
         self._pending = 0
         self._stats = [0] * self.runner.bundle.num_stages
-        self._batches: list[int] = []  # batch size of every stage run (for reports)
+        # sizes of the latest stage runs (bounded: a server runs for weeks) and their count
+        self._batches: deque[int] = deque(maxlen=BATCH_HISTORY)
+        self._batch_count = 0
         self._cond = threading.Condition()
         self._closing = self._cancelled = False
         self._worker = threading.Thread(target=self._loop, name="dgconvert-pool", daemon=True)
@@ -165,14 +171,16 @@ class GatedPool:
 
     @property
     def batch_sizes(self) -> list[int]:
-        """The size of every batch a stage ran (in order)."""
+        """The sizes of the batches the stages ran, in order (the latest ``BATCH_HISTORY``)."""
         with self._cond:
             return list(self._batches)
 
-    def batch_sizes_since(self, start: int) -> list[int]:
-        """The sizes of the stage runs from the ``start``-th on (incremental readers)."""
+    def batch_sizes_since(self, start: int) -> tuple[list[int], int]:
+        """For incremental readers: the sizes of the stage runs from the ``start``-th on
+        (those still kept) and the ``start`` to pass next time."""
         with self._cond:
-            return self._batches[start:]
+            first = self._batch_count - len(self._batches)
+            return list(islice(self._batches, max(0, start - first), None)), self._batch_count
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests; finish the submitted ones (``cancel``: fail them)."""
@@ -290,6 +298,7 @@ class GatedPool:
         with self._cond:
             self._stats[0 if self.full else k] += rows
             self._batches.append(rows)
+            self._batch_count += 1
             at = 0
             for seg in group:
                 m = len(seg)

@@ -57,8 +57,7 @@ class GatedModel:
         except PoolFullError as exc:
             raise ProtocolError(f"server busy: {exc}", status=503) from None
         result = await asyncio.wrap_future(fut)
-        sizes = self.pool.batch_sizes_since(self._seen)
-        self._seen += len(sizes)
+        sizes, self._seen = self.pool.batch_sizes_since(self._seen)
         self.metrics.batches(sizes)
         return result
 

@@ -48,6 +48,10 @@ def test_many_small_requests_equal_the_runner(setup: dict[str, Any], options: di
         total = int(sizes.sum())
         stage_rows = pool.stats
         batches = pool.batch_sizes
+        head, at = pool.batch_sizes_since(0)
+        tail, again = pool.batch_sizes_since(at - 3)
+    assert head == batches and at == len(batches) and sum(batches) == sum(stage_rows)
+    assert tail == batches[-3:] and again == at  # an incremental reader gets only what is new
     assert stage_rows[0] == total
     # re-batching: stages ran on batches made of several requests' rows
     assert max(batches) > max(sizes)
