@@ -82,7 +82,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def export(
-    net: GatedNetwork,
+    net: Any,
     out: str | Path,
     example_input: torch.Tensor | np.ndarray | None = None,
     *,
@@ -95,6 +95,8 @@ def export(
     progress: bool = False,
     on_report: Callable[[VerificationReport], None] | None = None,
     exporter: str = "auto",
+    prune_images: np.ndarray | None = None,
+    prune_source: str = "",
 ) -> Bundle:
     """Write ``out`` (a ``.dg`` directory): one ONNX graph per stage, ``full.onnx``, manifest.
 
@@ -104,7 +106,21 @@ def export(
     existing ``out`` is replaced only with ``force=True``. ``exporter``: ``"auto"`` (the
     torch.export-based exporter, falling back to the TorchScript-based one for a stage it
     fails on or exports wrongly), ``"dynamo"`` or ``"torchscript"``.
+
+    A :class:`~dgconvert.gating.gaternet.GaterNet` goes to
+    :func:`dgconvert.convert.gaternet.export_gaternet` (``prune_images``: calibration images
+    whose always-off filters are removed; ``prune_source`` names them in the manifest).
     """
+    if not isinstance(net, GatedNetwork):
+        from dgconvert.convert.gaternet import export_gaternet
+
+        return export_gaternet(net, out, example_input, verify_input=verify_input,
+                               prune_images=prune_images, prune_source=prune_source,
+                               force=force, verify=verify, atol=atol, rtol=rtol, source=source,
+                               progress=progress, on_report=on_report, exporter=exporter)
+    if prune_images is not None:
+        raise ValueError("prune_images applies to a GaterNet; this is a GatedNetwork "
+                         "(early exits only). Fix: drop prune_images (CLI --prune-data).")
     net.eval()
     shape = net.input_shape
     if example_input is None:
