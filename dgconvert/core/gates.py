@@ -7,6 +7,7 @@ EENets), fused as it is; :func:`exit_head_score` is its score rule on the head's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,3 +171,21 @@ class FilterGateLayer:
         return {"name": self.name, "filters": self.filters, "always_on": self.always_on,
                 "always_off": self.always_off, "input_dependent": self.input_dependent,
                 "pruned": self.pruned, "on_rate": self.on_rate}
+
+
+def format_filter_gates(layers: Sequence[FilterGateLayer]) -> str:
+    """A text table of the gate kinds per layer (the paper's Figure 2 as numbers)."""
+    rows = ["layer                    filters  always on  always off  input-dep.  on-rate  pruned"]
+    tot = [0, 0, 0, 0, 0]
+    for lay in layers:
+        rows.append(f"{lay.name:<24s} {lay.filters:7d}  {lay.always_on:9d}  {lay.always_off:10d}  "
+                    f"{lay.input_dependent:10d}  {100 * lay.on_rate:6.1f}%  {lay.pruned:6d}")
+        for j, v in enumerate((lay.filters, lay.always_on, lay.always_off, lay.input_dependent,
+                               lay.pruned)):
+            tot[j] += v
+    if tot[0]:
+        rows.append(f"{'all':<24s} {tot[0]:7d}  {tot[1]:9d}  {tot[2]:10d}  {tot[3]:10d}  "
+                    f"{'':7s}  {tot[4]:6d}")
+        rows.append(f"shares: always on {100 * tot[1] / tot[0]:.1f} %, always off "
+                    f"{100 * tot[2] / tot[0]:.1f} %, input-dependent {100 * tot[3] / tot[0]:.1f} %")
+    return "\n".join(rows)

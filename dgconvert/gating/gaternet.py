@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from dgconvert.core.gates import FilterGateLayer
+from dgconvert.core.gates import FilterGateLayer, format_filter_gates
 from dgconvert.gating.augment import random_crop_flip
 from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.fit import (
@@ -97,7 +97,7 @@ class ImprovedSemHash(nn.Module):
             return (logits > 0).to(logits.dtype)
         noisy = logits + torch.randn_like(logits)
         soft = saturating_sigmoid(noisy)
-        hard = (noisy > 0).to(logits.dtype) + soft - soft.detach()  # value: exactly 0/1
+        hard = (noisy > 0).to(logits.dtype) + (soft - soft.detach())  # value: exactly 0/1
         pick = torch.rand(logits.shape[0], 1, device=logits.device) < 0.5
         return torch.where(pick, soft, hard)
 
@@ -534,26 +534,8 @@ class GaterNetFit:
             lines.append(f"held-out accuracy: backbone {100 * (self.backbone_accuracy or 0):.2f} %, "
                          f"GaterNet {100 * self.accuracy:.2f} % "
                          f"({self.options.get('holdout_samples')} samples)")
-        lines.append(format_distribution(self.layers))
+        lines.append(format_filter_gates(self.layers))
         return "\n".join(lines)
-
-
-def format_distribution(layers: Sequence[FilterGateLayer]) -> str:
-    """A text table of the gate kinds per layer (the paper's Figure 2 as numbers)."""
-    rows = ["layer                    filters  always on  always off  input-dep.  on-rate  pruned"]
-    tot = [0, 0, 0, 0, 0]
-    for lay in layers:
-        rows.append(f"{lay.name:<24s} {lay.filters:7d}  {lay.always_on:9d}  {lay.always_off:10d}  "
-                    f"{lay.input_dependent:10d}  {100 * lay.on_rate:6.1f}%  {lay.pruned:6d}")
-        for j, v in enumerate((lay.filters, lay.always_on, lay.always_off, lay.input_dependent,
-                               lay.pruned)):
-            tot[j] += v
-    if tot[0]:
-        rows.append(f"{'all':<24s} {tot[0]:7d}  {tot[1]:9d}  {tot[2]:10d}  {tot[3]:10d}  "
-                    f"{'':7s}  {tot[4]:6d}")
-        rows.append(f"shares: always on {100 * tot[1] / tot[0]:.1f} %, always off "
-                    f"{100 * tot[2] / tot[0]:.1f} %, input-dependent {100 * tot[3] / tot[0]:.1f} %")
-    return "\n".join(rows)
 
 
 class _Batches:
@@ -695,7 +677,7 @@ def fit_gaternet(
             x = batches(tr[i])
             g = net.gater(x)
             reg = g.mean()
-            sparse_terms.append(float(reg))
+            sparse_terms.append(float(reg.detach()))
             return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * reg
 
         bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
