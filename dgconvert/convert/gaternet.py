@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dgconvert.convert.export import MIN_EXAMPLE, _progress, _tensor_specs
 from dgconvert.convert.onnx_export import OPSET, export_onnx
+from dgconvert.convert.specs import example_batch, progress_bar, tensor_specs
 from dgconvert.convert.verify import (
     VerificationReport,
     _compare,
@@ -113,7 +113,7 @@ def verify_gaternet_bundle(exported: GaterNet, masked: GaterNet, bundle: Bundle,
     near = _near(exported, x, atol + rtol) | _near(masked, x, atol + rtol)
     names = list(CONTRACT.outputs(0, 1))
     got = list(backend.run_contract(0, {CONTRACT.images: x.numpy()}).values())
-    ref = [t.numpy() for t in GaterNetStage(exported)(x)]
+    ref = [t.numpy() for t in GaterNetStage(exported).eval()(x)]
     _compare(report, "stage 0 (judged rows)", names, [g[~near] for g in got],
              [r[~near] for r in ref], atol, rtol)
     full = backend.run_full(x.numpy())
@@ -155,19 +155,12 @@ def export_gaternet(
     :func:`dgconvert.convert.export.export`."""
     net.eval()
     shape = net.input_shape
-    if example_input is None:
-        example_input = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-    example = torch.as_tensor(example_input).float()
-    if list(example.shape[1:]) != shape:
-        raise ValueError(f"example_input has shape {tuple(example.shape)}, expected [N, {shape}]")
-    if len(example) < MIN_EXAMPLE:
-        example = example.repeat((MIN_EXAMPLE + len(example) - 1) // len(example),
-                                 *([1] * len(shape)))
+    example = example_batch(example_input, shape)
     vin = example if verify_input is None else torch.as_tensor(verify_input).float()
-    bar = _progress(4 + int(verify), progress)
+    bar = progress_bar(4 + int(verify), progress)
     exported, masked, info = prepare(net, prune_images, example, prune_source)
     bar.update(1)
-    stage = GaterNetStage(exported)
+    stage = GaterNetStage(exported).eval()  # see convert.stages.stage_modules
     inputs, outputs = CONTRACT.inputs(0), CONTRACT.outputs(0, 1)
     with atomic_directory(out, force=force) as tmp, torch.no_grad():
         outs = list(stage(example))
@@ -184,8 +177,8 @@ def export_gaternet(
         manifest = Manifest(
             input=InputInfo(CONTRACT.images, [None, *shape], "float32", net.normalization),
             num_classes=net.num_classes,
-            stages=[StageInfo(0, "stage0.onnx", _tensor_specs(inputs, [example], "N"),
-                              _tensor_specs(outputs, outs, "N"), info.flops_pruned, None,
+            stages=[StageInfo(0, "stage0.onnx", tensor_specs(inputs, [example], "N"),
+                              tensor_specs(outputs, outs, "N"), info.flops_pruned, None,
                               extra={"exporter": used})],
             full=FullInfo("full.onnx", info.flops_pruned),
             thresholds=ThresholdInfo([], "export", now_iso()),

@@ -21,7 +21,6 @@ from dgconvert.core.io import atomic_write
 from dgconvert.gating.network import GatedNetwork
 
 GATED_FORMAT = "dgconvert-gated"
-GATERNET_FORMAT = "dgconvert-gaternet"
 BACKBONE_FORMAT = "dgconvert-backbone"
 VERSION = 1
 
@@ -81,14 +80,10 @@ def _safe_load(path: str | Path, trust_pickle: bool) -> Any:
         raise CheckpointError(f"cannot read {path} even with --trust-pickle: {exc}") from exc
 
 
-def save(net: Any, path: str | Path, *, pickle: bool = False) -> Path:
-    """Write ``net`` (a :class:`GatedNetwork` or a
-    :class:`~dgconvert.gating.gaternet.GaterNet`) as a weights-only checkpoint (or a whole
-    pickle with ``pickle=True``)."""
+def save(net: GatedNetwork, path: str | Path, *, pickle: bool = False) -> Path:
+    """Write ``net`` as a weights-only checkpoint (or a whole pickle with ``pickle=True``)."""
     if pickle:
         return atomic_write(path, lambda p: torch.save(net, p))
-    if not isinstance(net, GatedNetwork):
-        return _save_gaternet(net, path)
     arch, backbone = net.meta.get("arch"), net.backbone
     if arch is None or backbone is None:
         how = "from_multi_exit" if net.meta.get("multi_exit") else "from_backbone"
@@ -117,14 +112,15 @@ def save(net: Any, path: str | Path, *, pickle: bool = False) -> Path:
     return atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load(path: str | Path, *, trust_pickle: bool = False) -> Any:
-    """Load a gated network (or a GaterNet) saved by :func:`save` (safe), or a whole pickle
-    if trusted."""
-    obj = _safe_load(path, trust_pickle)
-    if isinstance(obj, nn.Module) and hasattr(obj, "num_classes"):
+def load(path: str | Path, *, trust_pickle: bool = False) -> GatedNetwork:
+    """Load a gated network saved by :func:`save` (safe), or a whole pickle if trusted."""
+    return from_object(_safe_load(path, trust_pickle), path)
+
+
+def from_object(obj: Any, path: str | Path) -> GatedNetwork:
+    """The gated network a loaded checkpoint object describes (see :func:`load`)."""
+    if isinstance(obj, GatedNetwork):
         return obj
-    if isinstance(obj, dict) and obj.get("format") == GATERNET_FORMAT:
-        return _load_gaternet(obj, path)
     if not isinstance(obj, dict) or obj.get("format") != GATED_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
@@ -186,52 +182,6 @@ def _save_multi_exit(net: GatedNetwork, model: nn.Module, arch: dict[str, Any],
         "backbone_state": model.state_dict(),
     }
     return atomic_write(path, lambda p: torch.save(state, p))
-
-
-def _save_gaternet(net: Any, path: str | Path) -> Path:
-    """A GaterNet: backbone arch, gated layers, gater spec, input spec and every weight."""
-    if "arch" not in net.meta:
-        raise CheckpointError(
-            "this GaterNet has no importable backbone architecture (meta['arch']); a "
-            "weights-only checkpoint could not rebuild it. Fix: fit it from a dgconvert "
-            "backbone checkpoint or pass arch=..., or save with pickle=True."
-        )
-    if net.meta.get("pruned"):
-        raise CheckpointError("a pruned GaterNet is saved in its bundle only; save the "
-                              "unpruned network (pruning happens at export)")
-    state = {
-        "format": GATERNET_FORMAT,
-        "version": VERSION,
-        "arch": net.meta["arch"],
-        "gated": [lay.name for lay in net.layers],
-        "gater": net.meta["gater"],
-        "num_classes": net.num_classes,
-        "input": {"shape": net.input_shape, "normalization": net.normalization},
-        "classes": net.classes,
-        "fit": net.meta.get("fit"),
-        "state": net.state_dict(),
-    }
-    return atomic_write(path, lambda p: torch.save(state, p))
-
-
-def _load_gaternet(obj: dict[str, Any], path: str | Path) -> Any:
-    from dgconvert.gating.gaternet import GaterNet
-
-    if obj.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint version {obj.get('version')}; this dgconvert reads {VERSION}"
-        )
-    gater = dict(obj["gater"])
-    bottleneck = int(gater.pop("bottleneck", 8))
-    spec = obj["input"]
-    net = GaterNet.build(build_arch(obj["arch"]), obj["gated"], gater, bottleneck=bottleneck,
-                         input_shape=spec["shape"], num_classes=obj["num_classes"],
-                         arch=obj["arch"], normalization=spec.get("normalization"),
-                         classes=obj.get("classes"))
-    _load_state(net, obj["state"], path)
-    if obj.get("fit"):
-        net.meta["fit"] = obj["fit"]
-    return net.eval()
 
 
 def _load_state(module: nn.Module, state: dict[str, Any], path: str | Path) -> None:

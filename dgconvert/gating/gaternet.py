@@ -35,8 +35,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from dgconvert.core.errors import CheckpointError
 from dgconvert.core.gates import FilterGateLayer, format_filter_gates
+from dgconvert.core.io import atomic_write
 from dgconvert.gating.augment import random_crop_flip
+from dgconvert.gating.checkpoint import VERSION, _load_state, build_arch
 from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.fit import (
     FitError,
@@ -250,8 +253,6 @@ class GaterNet(nn.Module):
         attach a gater built from ``gater`` (``{"factory", "kwargs"}``, default
         :data:`DEFAULT_GATER`) or from an ``extractor`` classifier given (e.g. pre-trained);
         its output layer is removed."""
-        from dgconvert.gating.checkpoint import build_arch
-
         gated = list(gated) if gated else default_gated_layers(backbone)
         body, layers = gate_layers(backbone, gated)
         spec = copy.deepcopy(gater or DEFAULT_GATER)
@@ -505,6 +506,56 @@ def prune_always_off(net: GaterNet, off: np.ndarray) -> PruneResult:
     gm.recompile()
     new.meta["pruned"] = {"removed": int(removed.sum()), "gates": int(net.num_gates)}
     return PruneResult(new, removed, notes)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+GATERNET_FORMAT = "dgconvert-gaternet"
+
+
+def save_gaternet(net: GaterNet, path: str | Path) -> Path:
+    """A GaterNet: backbone arch, gated layers, gater spec, input spec and every weight."""
+    if "arch" not in net.meta:
+        raise CheckpointError(
+            "this GaterNet has no importable backbone architecture (meta['arch']); a "
+            "weights-only checkpoint could not rebuild it. Fix: fit it from a dgconvert "
+            "backbone checkpoint or pass arch=..., or save with pickle=True."
+        )
+    if net.meta.get("pruned"):
+        raise CheckpointError("a pruned GaterNet is saved in its bundle only; save the "
+                              "unpruned network (pruning happens at export)")
+    state = {
+        "format": GATERNET_FORMAT,
+        "version": VERSION,
+        "arch": net.meta["arch"],
+        "gated": [lay.name for lay in net.layers],
+        "gater": net.meta["gater"],
+        "num_classes": net.num_classes,
+        "input": {"shape": net.input_shape, "normalization": net.normalization},
+        "classes": net.classes,
+        "fit": net.meta.get("fit"),
+        "state": net.state_dict(),
+    }
+    return atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_gaternet(obj: dict[str, Any], path: str | Path) -> GaterNet:
+    """The GaterNet a loaded ``dgconvert-gaternet`` checkpoint object describes."""
+    if obj.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {obj.get('version')}; this dgconvert reads {VERSION}"
+        )
+    gater = dict(obj["gater"])
+    bottleneck = int(gater.pop("bottleneck", 8))
+    spec = obj["input"]
+    net = GaterNet.build(build_arch(obj["arch"]), obj["gated"], gater, bottleneck=bottleneck,
+                         input_shape=spec["shape"], num_classes=obj["num_classes"],
+                         arch=obj["arch"], normalization=spec.get("normalization"),
+                         classes=obj.get("classes"))
+    _load_state(net, obj["state"], path)
+    if obj.get("fit"):
+        net.meta["fit"] = obj["fit"]
+    return net.eval()
 
 
 # --------------------------------------------------------------------------- fitting

@@ -89,3 +89,32 @@ def test_info_shows_kinds_and_plots(gaternet_bundle, tmp_path) -> None:  # type:
     assert out.exit_code == 0, out.output
     assert "always off" in out.output and "MFLOPs/image" in out.output
     assert (tmp_path / "k.png").stat().st_size > 1000
+
+
+def test_gaternet_with_dgates_exports_verifies_and_exits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dgconvert.data import Dataset
+    from dgconvert.gating.gaternet import prune_always_off
+    from dgconvert.gating.gaternet_exits import PackedGate, fit_gaternet_exits
+
+    net = tiny()
+    rng = np.random.default_rng(2)
+    imgs = (rng.random((200, 1, 28, 28)) * 255).astype(np.uint8)
+    ds = Dataset(imgs, rng.integers(0, 10, 200).astype(np.int64), source="random")
+    pruned = prune_always_off(net, gate_counts(net, imgs) == 0).net
+    res = fit_gaternet_exits(pruned, ds, ["layer1", "layer2"], epochs=1, holdout=0.3)
+    g = res.net
+    assert g.num_gates == 2 and all(isinstance(h, PackedGate) for h in g.gates)
+    x = torch.randn(24, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(g(x), pruned(x))  # staging changes nothing
+    bundle = dg.export(g, tmp_path / "gd.dg", verify_input=x, exporter="torchscript")
+    assert bundle.num_stages == 3 and bundle.manifest.stages[0].gate.extra["packed"]
+    with torch.no_grad():
+        scores = g.all_exits(x).scores.numpy()
+    t = [float(np.quantile(scores[:, k], 0.5)) for k in range(2)]
+    ref_labels, ref_stage = g.gated_forward(x, t)
+    for batch in (1, 7, 64):
+        out = dg.runtime.GatedRunner(bundle.path, backend="onnxruntime", thresholds=t,
+                                     max_batch=batch).predict(x.numpy())
+        assert np.array_equal(out.exit_stage, ref_stage.numpy())
+        assert np.array_equal(out.labels, ref_labels.numpy())
