@@ -206,13 +206,17 @@ def train_reference_cmd(
 @click.option("--gater-kwargs", default=None, help="JSON keyword arguments for --gater.")
 @click.option("--bottleneck", type=int, default=8, show_default=True,
               help="Size of the gater's bottleneck layer (the paper uses 8 on CIFAR).")
-@click.option("--sparsity", type=float, default=0.5, show_default=True,
+@click.option("--sparsity", type=float, default=2.0, show_default=True,
               help="Weight lambda of the L1 term on the gates (more: more filters off).")
 @click.option("--gater-epochs", type=int, default=1, show_default=True,
               help="Epochs of gater pre-training as a classifier (0: random init).")
-@click.option("--epochs", type=int, default=3, show_default=True,
+@click.option("--epochs", type=int, default=1, show_default=True,
               help="Epochs of joint gater + backbone training.")
-@click.option("--lr", type=float, default=0.02, show_default=True, help="Peak learning rate of the joint training.")
+@click.option("--settle-epochs", type=int, default=1, show_default=True,
+              help="Epochs of backbone-only training with the gater frozen and its hard "
+                   "inference gates, after the joint training.")
+@click.option("--lr", type=float, default=0.02, show_default=True,
+              help="Peak learning rate of the backbone (the gater's: 10x).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--holdout", type=float, default=0.1, show_default=True,
               help="Share of --data held out for the accuracies and gate kinds reported.")
@@ -232,7 +236,7 @@ def train_reference_cmd(
 def gaternet_cmd(
     backbone: Path, data: str, output: Path, gated: str | None, gater_arch: str | None,
     gater_kwargs: str | None, bottleneck: int, sparsity: float, gater_epochs: int, epochs: int,
-    lr: float, batch_size: int, holdout: float, no_augment: bool, arch: str | None,
+    settle_epochs: int, lr: float, batch_size: int, holdout: float, no_augment: bool, arch: str | None,
     arch_kwargs: str | None, normalization: str | None, threads: int | None, seed: int,
     trust_pickle: bool, allow_near_chance: bool, force: bool, json_path: Path | None,
 ) -> None:  # fmt: skip
@@ -257,7 +261,8 @@ def gaternet_cmd(
     layers = [g.strip() for g in gated.split(",") if g.strip()] if gated else None
     result = fit_gaternet(
         backbone, data, layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
-        epochs=epochs, batch_size=batch_size, lr=lr, sparsity=sparsity, holdout=holdout,
+        epochs=epochs, settle_epochs=settle_epochs, batch_size=batch_size, lr=lr,
+        sparsity=sparsity, holdout=holdout,
         augment=not no_augment, arch=arch_spec, trust_pickle=trust_pickle,
         normalization=parse_json_object(normalization, "--normalization"), seed=seed,
         threads=threads, progress=True, check_accuracy=not allow_near_chance,

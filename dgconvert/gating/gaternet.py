@@ -76,8 +76,9 @@ __all__ = [
 #: reference backbone's FLOPs.
 DEFAULT_GATER: dict[str, Any] = {"factory": "dgconvert.zoo:resnet",
                                  "kwargs": {"widths": [8, 16, 16, 32]}}
-#: Gate logits start at this bias: every gate on, so training starts from the backbone.
-_INIT_ON = 2.0
+#: Gate logits start at this bias: every gate on, so training starts from the backbone
+#: (low enough that the saturating sigmoid still passes the sparsity term's gradient).
+_INIT_ON = 1.0
 #: A forced-off gate's logit (weights zero): hard gate 0 for every input.
 _OFF_LOGIT = -1.0
 
@@ -635,11 +636,13 @@ def fit_gaternet(
     gater: dict[str, Any] | str | None = None,
     bottleneck: int = 8,
     gater_epochs: int = 1,
-    epochs: int = 3,
+    epochs: int = 1,
     batch_size: int = 128,
     lr: float = 0.02,
     gater_lr: float = 0.1,
+    gater_lr_scale: float = 10.0,
     sparsity: float = 0.5,
+    settle_epochs: int = 1,
     weight_decay: float = 5e-4,
     holdout: float = 0.1,
     augment: bool = True,
@@ -659,14 +662,19 @@ def fit_gaternet(
     paper starts both networks pre-trained; 0 keeps it random), its output layer removed;
     then gater and a copy of the backbone are trained jointly for ``epochs`` epochs (SGD,
     Nesterov momentum, one-cycle schedule peaking at ``lr``, batch-norm in training mode,
-    random crop + flip when ``augment``) on cross-entropy plus ``sparsity · mean(gates)``.
-    Every gate starts on, so training starts from the backbone's own predictions.
+    random crop + flip when ``augment``) on cross-entropy plus ``sparsity · mean(gates)``;
+    the gater learns at ``gater_lr_scale`` times ``lr`` (a few epochs must move its gates,
+    while the backbone is already trained). ``gater_lr`` is the pre-training's peak rate.
+    Every gate starts on, so training starts from the backbone's own predictions. Then, for
+    ``settle_epochs``, the gater is frozen and the backbone alone is trained with the hard,
+    noiseless gates of inference (a short run leaves many gate logits near 0, where the
+    training noise switches them on and inference does not).
     ``holdout`` of ``data`` is kept out for the accuracies and the gate kinds reported.
     ``backbone``, ``arch``, ``trust_pickle``, ``normalization`` as in
     :func:`~dgconvert.gating.fit.fit_gates`.
     """
     t0 = time.perf_counter()
-    if epochs < 1 or batch_size < 1 or gater_epochs < 0 or bottleneck < 1:
+    if epochs < 1 or batch_size < 1 or gater_epochs < 0 or bottleneck < 1 or settle_epochs < 0:
         raise GaterNetError(
             f"epochs={epochs}, gater_epochs={gater_epochs}, batch_size={batch_size}, "
             f"bottleneck={bottleneck}; expected epochs, batch_size, bottleneck >= 1, "
@@ -732,10 +740,27 @@ def fit_gaternet(
             return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * reg
 
         bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
-        losses["joint"] = _sgd(list(net.parameters()), joint_loss, n, epochs, batch_size, lr,
+        groups = [{"params": list(net.body.parameters())},
+                  {"params": list(net.gater.parameters()), "lr": lr * gater_lr_scale}]
+        losses["joint"] = _sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
                                weight_decay, _decayed(net), seed + 1, bar)
         bar.close()
         losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))
+        if settle_epochs:
+            net.gater.eval()
+            for p in net.gater.parameters():
+                p.requires_grad_(False)
+
+            def settle_loss(i: torch.Tensor) -> torch.Tensor:
+                x = batches(tr[i])
+                return nn.functional.cross_entropy(net.body(x, net.hard_gates(x)), y[tr[i]])
+
+            bar = _bar(settle_epochs * steps, "settle backbone" if progress else False,
+                       "settle", "step")
+            losses["settle"] = _sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
+                                    batch_size, lr, weight_decay, _decayed(net.body), seed + 2,
+                                    bar)
+            bar.close()
         net.eval()
         for p in net.parameters():
             p.requires_grad_(False)
@@ -746,7 +771,8 @@ def fit_gaternet(
             layers = distribution(net, counts, len(hold_idx))
     options = {"gated": [lay.name for lay in net.layers], "gater": net.meta["gater"],
                "gater_epochs": gater_epochs, "epochs": epochs, "batch_size": batch_size,
-               "lr": lr, "gater_lr": gater_lr, "sparsity": sparsity,
+               "lr": lr, "gater_lr": gater_lr, "gater_lr_scale": gater_lr_scale,
+               "sparsity": sparsity, "settle_epochs": settle_epochs,
                "weight_decay": weight_decay, "augment": augment, "seed": seed,
                "data": ds.source, "train_samples": n, "holdout_samples": len(hold_idx)}
     result = GaterNetFit(net, base_acc if len(hold_idx) else None,

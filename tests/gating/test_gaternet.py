@@ -138,3 +138,15 @@ def test_fit_runs_and_reports() -> None:
     assert "always on" in res.table()
     with pytest.raises(GaterNetError, match="epochs"):
         fit_gaternet(resnet(), ds, epochs=0, progress=False)
+
+
+def test_cli_gaternet_bad_options_are_clear(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from dgconvert.cli import main
+
+    bb = tmp_path / "bb.pt"
+    torch.save({}, bb)
+    out = CliRunner().invoke(main, ["gates", "gaternet", str(bb), "--data", "x", "-o",
+                                    str(tmp_path / "g.pt"), "--gater-kwargs", "{}"])
+    assert out.exit_code != 0 and "--gater-kwargs needs --gater" in out.output
