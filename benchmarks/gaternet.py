@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch and ONNX Runtime threads (1: the 2 shared cores spin less)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if not args.backbone.exists():
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gaternet.exists() and not args.refit:
         net = dg.load(args.gaternet)
         fit_report = net.meta.get("fit", {})
+        fit_s = fit_report.get("seconds")
     else:
         res = fit_gaternet(args.backbone, TRAIN, sparsity=args.sparsity, epochs=args.epochs,
                            settle_epochs=1, threads=args.threads, progress=True)
@@ -182,9 +184,11 @@ def render(d: dict[str, Any], args: argparse.Namespace) -> str:
             ("GaterNet, always-off filters pruned", "gaternet_pruned"),
             ("GaterNet (pruned) + d-gates, --max-drop 0.3", "gaternet_dgates")]
     lines = [header("GaterNet vs the plain backbone (Fashion-MNIST test set, 10,000 images)",
-                    [f"GaterNet fit: `dgconvert gates gaternet` defaults (sparsity "
-                     f"{d['fit'].get('options', {}).get('sparsity')}, epochs "
-                     f"{d['fit'].get('options', {}).get('epochs')}) on {TRAIN}",
+                    [f"GaterNet fit: `dgconvert gates gaternet` (sparsity "
+                     f"{d['fit'].get('options', {}).get('sparsity')}, joint epochs "
+                     f"{d['fit'].get('options', {}).get('epochs')}, settle epochs "
+                     f"{d['fit'].get('options', {}).get('settle_epochs')}) on {TRAIN}, "
+                     "1 torch thread",
                      f"pruning and d-gate calibration data: {CALIBRATION_DATA}; d-gates fitted "
                      f"on {DGATE_TRAIN}", f"timing: ONNX Runtime CPU, {args.threads} threads, "
                      f"median of {args.rounds} interleaved rounds"]),
