@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", type=Path, default=Path("out/backbone.pt"))
     ap.add_argument("--gaternet", type=Path, default=Path("out/gaternet.pt"))
     ap.add_argument("--refit", action="store_true", help="Fit the GaterNet even if cached.")
-    ap.add_argument("--sparsity", type=float, default=2.0)
+    ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,

@@ -206,7 +206,7 @@ def train_reference_cmd(
 @click.option("--gater-kwargs", default=None, help="JSON keyword arguments for --gater.")
 @click.option("--bottleneck", type=int, default=8, show_default=True,
               help="Size of the gater's bottleneck layer (the paper uses 8 on CIFAR).")
-@click.option("--sparsity", type=float, default=2.0, show_default=True,
+@click.option("--sparsity", type=float, default=0.5, show_default=True,
               help="Weight lambda of the L1 term on the gates (more: more filters off).")
 @click.option("--gater-epochs", type=int, default=1, show_default=True,
               help="Epochs of gater pre-training as a classifier (0: random init).")
