@@ -72,7 +72,7 @@ __all__ = [
     "saturating_sigmoid",
 ]
 
-#: The default gater: a narrow zoo ResNet (its classifier removed), about a tenth of the
+#: The default gater: a narrow zoo ResNet (its classifier removed), about a sixth of the
 #: reference backbone's FLOPs.
 DEFAULT_GATER: dict[str, Any] = {"factory": "dgconvert.zoo:resnet",
                                  "kwargs": {"widths": [8, 16, 16, 32]}}
