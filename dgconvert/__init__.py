@@ -13,8 +13,8 @@ from dgconvert.core.version import __version__
 
 _LAZY = {
     "GatedNetwork": "dgconvert.gating.network",
-    "save": "dgconvert.gating.checkpoint",
-    "load": "dgconvert.gating.checkpoint",
+    "save": "dgconvert.gating.persist",
+    "load": "dgconvert.gating.persist",
     "load_backbone": "dgconvert.gating.checkpoint",
     "export": "dgconvert.convert.export",
     "fit_gates": "dgconvert.gating.fit",

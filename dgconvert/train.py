@@ -38,6 +38,7 @@ from torch import nn
 
 from dgconvert.core.io import atomic_write
 from dgconvert.data import DataError, Dataset, load_dataset
+from dgconvert.gating.augment import random_crop_flip
 from dgconvert.gating.checkpoint import BACKBONE_FORMAT, VERSION
 from dgconvert.gating.threads import torch_threads
 from dgconvert.zoo import resnet
@@ -161,24 +162,6 @@ def normalize_batch(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / SCALE - MEAN) / STD
 
 
-def _augment(x: torch.Tensor, pad: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of uint8 ``[B, C, H, W]``."""
-    b, c, h, w = x.shape
-    if pad > 0:
-        wp = w + 2 * pad
-        flat = nn.functional.pad(x, (pad, pad, pad, pad)).reshape(b, c, -1)
-        dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=gen)
-        rows = dy + torch.arange(h)[None, :, None]  # [B, H, 1]
-        cols = dx + torch.arange(w)[None, None, :]  # [B, 1, W]
-        idx = (rows * wp + cols).reshape(b, 1, h * w).expand(b, c, h * w)
-        x = torch.gather(flat, 2, idx).reshape(b, c, h, w)
-    if hflip:
-        flip = torch.rand(b, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
-
-
 def fit(
     model: nn.Module,
     train: Dataset,
@@ -230,7 +213,7 @@ def fit(
                 if step >= total:
                     break
                 idx = perm[i * bs : (i + 1) * bs]
-                xb = _augment(x_all[idx], recipe.crop_pad, recipe.hflip, gen)
+                xb = random_crop_flip(x_all[idx], recipe.crop_pad, recipe.hflip, gen)
                 xb = normalize_batch(xb).contiguous(memory_format=torch.channels_last)
                 loss = nn.functional.cross_entropy(model(xb), y_all[idx])
                 opt.zero_grad(set_to_none=True)

@@ -115,17 +115,19 @@ def test_normalization_constants() -> None:
 
 
 def test_augment_crops_and_flips() -> None:
+    from dgconvert.gating.augment import random_crop_flip
+
     x = torch.arange(2 * 16, dtype=torch.uint8).reshape(2, 1, 4, 4)
     g = torch.Generator().manual_seed(0)
-    same = dgtrain._augment(x, 0, False, g)
+    same = random_crop_flip(x, 0, False, g)
     assert torch.equal(same, x)
-    out = dgtrain._augment(x, 1, False, g)
+    out = random_crop_flip(x, 1, False, g)
     assert out.shape == x.shape
     for b in range(2):  # each output is a shifted window of the zero-padded input
         padded = torch.nn.functional.pad(x[b, 0], (1, 1, 1, 1))
         windows = [padded[i : i + 4, j : j + 4] for i in range(3) for j in range(3)]
         assert any(torch.equal(out[b, 0], w) for w in windows)
-    flips = [dgtrain._augment(x, 0, True, g) for _ in range(20)]
+    flips = [random_crop_flip(x, 0, True, g) for _ in range(20)]
     assert any(torch.equal(f, x.flip(-1)) or torch.equal(f[0], x[0].flip(-1)) for f in flips)
     assert all(torch.equal(f[0], x[0]) or torch.equal(f[0], x[0].flip(-1)) for f in flips)
 

@@ -48,12 +48,15 @@ from dgconvert.core.gates import DEFAULT_EXIT_SCORE, EXIT_SCORES
                    "for a stage it fails on or exports wrongly.")
 @click.option("--allow-near-chance", is_flag=True,
               help="Export even when the backbone scores near chance on labelled --data.")
+@click.option("--prune-data", default=None,
+              help="GaterNet only: calibration images; filters whose gate is off for every one "
+                   "of them are removed from the graphs, e.g. 'fashion-mnist:train[50000:]'.")
 @friendly_errors
 def export_cmd(
     model: Path, output: Path | None, force: bool, trust_pickle: bool, data: str | None,
     verify_samples: int, atol: float, rtol: float, no_verify: bool, exits: str | None,
     score: str | None, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
-    normalization: str | None, exporter: str, allow_near_chance: bool,
+    normalization: str | None, exporter: str, allow_near_chance: bool, prune_data: str | None,
 ) -> None:
     """Export a gated network (MODEL.pt from `dgconvert gates fit` or dgconvert.save), or with
     --exits a multi-exit model as it is, to a bundle: one ONNX graph per stage with its gate
@@ -80,6 +83,16 @@ def export_cmd(
         net = _multi_exit_net(model, exits, score or DEFAULT_EXIT_SCORE, arch, arch_kwargs,
                               input_shape, normalization, data, trust_pickle)
     out = output or model.with_suffix(".dg")
+    prune_images = None
+    if prune_data is not None:
+        from dgconvert.gating.network import GatedNetwork
+
+        if isinstance(net, GatedNetwork):
+            raise click.UsageError(
+                "--prune-data applies to a GaterNet checkpoint (`dgconvert gates gaternet`); "
+                f"{model.name} is an early-exit gated network. Fix: drop --prune-data."
+            )
+        prune_images = dg.load_dataset(prune_data).images
     verify_input = None
     if data:
         ds = dg.load_dataset(data, num_classes=net.num_classes)
@@ -105,10 +118,16 @@ def export_cmd(
     bundle = dg.export(
         net, out, verify_input=verify_input, force=force, verify=not no_verify,
         atol=atol, rtol=rtol, progress=True, on_report=show, exporter=exporter,
+        prune_images=prune_images, prune_source=portable(prune_data) if prune_data else "",
         source={"checkpoint": model.name, "checkpoint_sha256": file_sha256(model),
                 "verified_on": portable(data) if data else "random inputs"},
     )
     click.echo(f"wrote {bundle.path} ({bundle.num_stages} stages, {bundle.num_gates} gates)")
+    gn = bundle.manifest.gaternet
+    if gn is not None and gn.samples:
+        click.echo(f"GaterNet: {100 * gn.pruned_share:.1f} % of the gated filters pruned "
+                   f"(always off on {gn.samples} samples); {gn.flops_masked / 1e6:.2f} -> "
+                   f"{gn.flops_pruned / 1e6:.2f} MFLOPs/image")
 
 
 def _multi_exit_net(

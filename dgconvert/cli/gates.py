@@ -190,3 +190,86 @@ def train_reference_cmd(
     metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics", {})
     acc = metrics.get("test_accuracy")
     click.echo(f"backbone: {path}" + (f" (test accuracy {100 * acc:.2f} %)" if acc is not None else ""))
+
+
+@gates_group.command("gaternet")
+@click.argument("backbone", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="Labelled training data, e.g. 'fashion-mnist:train[:50000]'.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="GaterNet checkpoint to write (weights-only; `dgconvert export` reads it).")
+@click.option("--gated", default=None,
+              help="Comma-separated modules whose output channels are gated (default: the first "
+                   "convolution block of every residual block, e.g. layer1.0.conv1,...).")
+@click.option("--gater", "gater_arch", default=None,
+              help="Gater architecture 'module:callable' (a classifier; its output layer is "
+                   "removed). Default: dgconvert.zoo:resnet with widths 8,16,16,32.")
+@click.option("--gater-kwargs", default=None, help="JSON keyword arguments for --gater.")
+@click.option("--bottleneck", type=int, default=8, show_default=True,
+              help="Size of the gater's bottleneck layer (the paper uses 8 on CIFAR).")
+@click.option("--sparsity", type=float, default=0.5, show_default=True,
+              help="Weight lambda of the L1 term on the gates (more: more filters off).")
+@click.option("--gater-epochs", type=int, default=1, show_default=True,
+              help="Epochs of gater pre-training as a classifier (0: random init).")
+@click.option("--epochs", type=int, default=1, show_default=True,
+              help="Epochs of joint gater + backbone training.")
+@click.option("--settle-epochs", type=int, default=1, show_default=True,
+              help="Epochs of backbone-only training with the gater frozen and its hard "
+                   "inference gates, after the joint training.")
+@click.option("--lr", type=float, default=0.02, show_default=True,
+              help="Peak learning rate of the backbone (the gater's: 10x).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--holdout", type=float, default=0.1, show_default=True,
+              help="Share of --data held out for the accuracies and gate kinds reported.")
+@click.option("--no-augment", is_flag=True, help="Train without random crop + flip.")
+@click.option("--arch", default=None, help="Backbone architecture 'module:callable' for a plain state_dict.")
+@click.option("--arch-kwargs", default=None, help="JSON keyword arguments for --arch.")
+@click.option("--normalization", default=None,
+              help="uint8 -> float input normalization as JSON (default: the checkpoint's).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-pickle", is_flag=True, help="Allow a whole pickled backbone (trusted files only).")
+@click.option("--allow-near-chance", is_flag=True, help="Fit even when the backbone scores near chance.")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fit report as JSON.")
+@friendly_errors
+def gaternet_cmd(
+    backbone: Path, data: str, output: Path, gated: str | None, gater_arch: str | None,
+    gater_kwargs: str | None, bottleneck: int, sparsity: float, gater_epochs: int, epochs: int,
+    settle_epochs: int, lr: float, batch_size: int, holdout: float, no_augment: bool, arch: str | None,
+    arch_kwargs: str | None, normalization: str | None, threads: int | None, seed: int,
+    trust_pickle: bool, allow_near_chance: bool, force: bool, json_path: Path | None,
+) -> None:  # fmt: skip
+    """Attach a GaterNet gater to BACKBONE, gate its filters per sample and train gater and
+    backbone jointly (Improved SemHash) on --data; write the GaterNet checkpoint."""
+    import dgconvert as dg
+    from dgconvert.gating.gaternet import fit_gaternet
+
+    if output.exists() and not force:
+        raise click.ClickException(
+            f"{output} exists; expected a new file. Fix: pass --force to overwrite it, or "
+            "choose another -o."
+        )
+    gk = parse_json_object(gater_kwargs, "--gater-kwargs")
+    if gk is not None and not gater_arch:
+        raise click.BadParameter("--gater-kwargs needs --gater", param_hint="--gater-kwargs")
+    gater = {"factory": gater_arch, "kwargs": gk or {}} if gater_arch else None
+    ak = parse_json_object(arch_kwargs, "--arch-kwargs")
+    if ak is not None and not arch:
+        raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
+    arch_spec: str | dict[str, Any] | None = {"factory": arch, "kwargs": ak} if arch and ak else arch
+    layers = [g.strip() for g in gated.split(",") if g.strip()] if gated else None
+    result = fit_gaternet(
+        backbone, data, layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
+        epochs=epochs, settle_epochs=settle_epochs, batch_size=batch_size, lr=lr,
+        sparsity=sparsity, holdout=holdout,
+        augment=not no_augment, arch=arch_spec, trust_pickle=trust_pickle,
+        normalization=parse_json_object(normalization, "--normalization"), seed=seed,
+        threads=threads, progress=True, check_accuracy=not allow_near_chance,
+    )  # fmt: skip
+    click.echo(result.table())
+    dg.save(result.net, output)
+    if json_path is not None:
+        write_json(json_path, result.as_dict())
+    click.echo(f"wrote {output} (GaterNet: {result.net.num_gates} gated filters in "
+               f"{len(result.net.layers)} layers) in {result.seconds:.1f} s")

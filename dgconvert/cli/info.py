@@ -49,12 +49,38 @@ def describe_bundle(path: Path) -> str:
         )
     engines = m.engines
     lines.append(f"engines: {', '.join(engines) if engines else 'none (run `dgconvert build` on a GPU)'}")
+    gn = m.gaternet
+    if gn is not None:
+        from dgconvert.core.gates import format_filter_gates
+
+        lines.append(f"\nGaterNet: gater {gn.gater.get('factory')} {gn.gater.get('kwargs', {})}, "
+                     f"bottleneck {gn.gater.get('bottleneck')}")
+        if gn.samples:
+            lines.append(f"gate kinds on {gn.samples} calibration samples ({gn.data or '?'}):")
+            lines.append(format_filter_gates(gn.layers))
+            lines.append(f"pruned: {100 * gn.pruned_share:.1f} % of the gated filters; "
+                         f"{gn.flops_masked / 1e6:.2f} -> {gn.flops_pruned / 1e6:.2f} MFLOPs/image "
+                         f"({100 * (1 - gn.flops_pruned / max(gn.flops_masked, 1)):.1f} % fewer)")
+        else:
+            lines.append("not pruned (export with --prune-data to count gate kinds and prune)")
     return "\n".join(lines)
 
 
 @click.command("info")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GaterNet bundles: write the per-layer gate kinds as a PNG (needs matplotlib).")
 @friendly_errors
-def info_cmd(bundle: Path) -> None:
-    """Summarise a bundle: stages, FLOPs share, gates, thresholds, engines."""
+def info_cmd(bundle: Path, plot_path: Path | None) -> None:
+    """Summarise a bundle: stages, FLOPs share, gates, thresholds, engines (and a GaterNet's
+    gate kinds per layer)."""
     click.echo(describe_bundle(bundle))
+    if plot_path is not None:
+        from dgconvert.bench.gate_kinds import plot_gate_kinds
+        from dgconvert.core.bundle import Bundle
+
+        gn = Bundle.load(bundle).manifest.gaternet
+        if gn is None:
+            raise click.UsageError(f"{bundle} is not a GaterNet bundle; --plot shows a "
+                                   "GaterNet's gate kinds. Fix: drop --plot.")
+        click.echo(f"wrote {plot_gate_kinds(gn.layers, plot_path)}")

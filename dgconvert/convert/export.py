@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dgconvert.convert.onnx_export import OPSET, export_onnx
+from dgconvert.convert.specs import example_batch, progress_bar, tensor_specs
 from dgconvert.convert.stages import stage_modules
 from dgconvert.convert.verify import VerificationReport, check_stage_graph, verify_bundle
 from dgconvert.core.bundle import Bundle, stamp_digests, write_manifest
@@ -21,17 +22,12 @@ from dgconvert.core.manifest import (
     InputInfo,
     Manifest,
     StageInfo,
-    TensorInfo,
     ThresholdInfo,
     now_iso,
 )
 from dgconvert.gating.flops import count_flops, stage_flops
 from dgconvert.gating.multi_exit import MultiExitInfo
 from dgconvert.gating.network import GatedNetwork
-
-#: smallest example batch: the batch dims an exporter sees are never 0 or 1 (which it
-#: could specialise on), and every stage's keep vector differs in size from its x
-MIN_EXAMPLE = 6
 
 
 def _keep_example(n: int) -> torch.Tensor:
@@ -59,30 +55,14 @@ def describe_stage(net: GatedNetwork, k: int) -> str:
     return f"stage {k} (backbone from {start} to {end}{gate}; modules: {shown or type(body).__name__})"
 
 
-def _tensor_specs(names: tuple[str, ...], values: list[torch.Tensor],
-                  batch: str) -> list[TensorInfo]:
-    """Name, shape (dynamic batch dim named ``batch``; ``keep`` is always ``M``) and dtype."""
-    return [
-        TensorInfo(n, ["M" if CONTRACT.batch_axis(n) == "M" else batch, *list(v.shape[1:])],
-                   str(v.dtype).removeprefix("torch."))
-        for n, v in zip(names, values, strict=True)
-    ]
-
-
 def _multi_exit_source(net: GatedNetwork) -> dict[str, Any]:
     """What a network converted from a multi-exit model was (``source.multi_exit``)."""
     info = MultiExitInfo.of(net.meta)
     return {} if info is None else {"multi_exit": info.source(net.backbone)}
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="export", unit="step", disable=not enabled, leave=False)
-
-
 def export(
-    net: GatedNetwork,
+    net: Any,
     out: str | Path,
     example_input: torch.Tensor | np.ndarray | None = None,
     *,
@@ -95,6 +75,8 @@ def export(
     progress: bool = False,
     on_report: Callable[[VerificationReport], None] | None = None,
     exporter: str = "auto",
+    prune_images: np.ndarray | None = None,
+    prune_source: str = "",
 ) -> Bundle:
     """Write ``out`` (a ``.dg`` directory): one ONNX graph per stage, ``full.onnx``, manifest.
 
@@ -104,22 +86,29 @@ def export(
     existing ``out`` is replaced only with ``force=True``. ``exporter``: ``"auto"`` (the
     torch.export-based exporter, falling back to the TorchScript-based one for a stage it
     fails on or exports wrongly), ``"dynamo"`` or ``"torchscript"``.
+
+    A :class:`~dgconvert.gating.gaternet.GaterNet` goes to
+    :func:`dgconvert.convert.gaternet.export_gaternet` (``prune_images``: calibration images
+    whose always-off filters are removed; ``prune_source`` names them in the manifest).
     """
+    if not isinstance(net, GatedNetwork):
+        from dgconvert.convert.gaternet import export_gaternet
+
+        return export_gaternet(net, out, example_input, verify_input=verify_input,
+                               prune_images=prune_images, prune_source=prune_source,
+                               force=force, verify=verify, atol=atol, rtol=rtol, source=source,
+                               progress=progress, on_report=on_report, exporter=exporter)
+    if prune_images is not None:
+        raise ValueError("prune_images applies to a GaterNet; this is a GatedNetwork "
+                         "(early exits only). Fix: drop prune_images (CLI --prune-data).")
     net.eval()
     shape = net.input_shape
-    if example_input is None:
-        example_input = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-    example = torch.as_tensor(example_input).float()
-    if list(example.shape[1:]) != shape:
-        raise ValueError(f"example_input has shape {tuple(example.shape)}, expected [N, {shape}]")
-    if len(example) < MIN_EXAMPLE:  # dynamic dims must not be specialised on 0/1-sized examples
-        reps = (MIN_EXAMPLE + len(example) - 1) // len(example)
-        example = example.repeat(reps, *([1] * len(shape)))
+    example = example_batch(example_input, shape)
     vin = example if verify_input is None else torch.as_tensor(verify_input).float()
     mods = stage_modules(net)
     num_stages = len(mods)
     last = num_stages - 1
-    bar = _progress(len(mods) + 2 + int(verify), progress)
+    bar = progress_bar(len(mods) + 2 + int(verify), progress)
     body_flops, gate_flops = stage_flops(net)
     with atomic_directory(out, force=force) as tmp, torch.no_grad():
         stages, x = [], example
@@ -140,8 +129,8 @@ def export(
             used = export_onnx(mod, args, tmp / fname, inputs, outputs, exporter=exporter,
                                check=check, what=describe_stage(net, k))  # fmt: skip
             stages.append(StageInfo(
-                k, fname, _tensor_specs(inputs, list(args), "N"),
-                _tensor_specs(outputs, outs, "M" if k else "N"), body_flops[k], gate,
+                k, fname, tensor_specs(inputs, list(args), "N"),
+                tensor_specs(outputs, outs, "M" if k else "N"), body_flops[k], gate,
                 extra={"exporter": used}, empty_batch=empty_ok.get(str(tmp / fname), True),
             ))
             bar.update(1)

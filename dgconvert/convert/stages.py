@@ -51,4 +51,6 @@ def stage_modules(net: GatedNetwork) -> list[nn.Module]:
     mods: list[nn.Module] = [FirstStage(net.stages[0], net.gates[0])]
     mods += [NextStage(net.stages[i], net.gates[i]) for i in range(1, k)]
     mods.append(LastStage(net.stages[k]))
-    return mods
+    # eval: a wrapper left in training mode would have the TorchScript exporter, which puts
+    # back the mode it found, switch every layer inside to training mode after export
+    return [m.eval() for m in mods]

@@ -7,6 +7,7 @@ EENets), fused as it is; :func:`exit_head_score` is its score rule on the head's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,3 +120,72 @@ def exit_head_score(logits: np.ndarray, confidence: np.ndarray | None, score: st
         top2 = np.sort(p, axis=1)[:, -2:]
         return top2[:, 1] - top2[:, 0]
     return (p * (z - z.max(axis=1, keepdims=True) - np.log(e.sum(axis=1, keepdims=True)))).sum(1)
+
+
+# -- GaterNet filter gates ------------------------------------------------------------------
+
+#: The three kinds of binary filter gates a trained GaterNet shows (its Figure 2): on for
+#: every sample, off for every sample, on for some samples and off for others.
+FILTER_GATE_KINDS: tuple[str, ...] = ("always_on", "always_off", "input_dependent")
+
+
+def filter_gate_kinds(on_counts: np.ndarray, samples: int) -> np.ndarray:
+    """Each gate's kind (an index into :data:`FILTER_GATE_KINDS`) from how many of
+    ``samples`` switched it on: ``samples`` -> always on, ``0`` -> always off, else
+    input-dependent."""
+    counts = np.asarray(on_counts, np.int64)
+    if samples < 1:
+        raise ValueError(f"gate kinds need at least one sample, got {samples}")
+    if (counts < 0).any() or (counts > samples).any():
+        raise ValueError(f"on-counts must lie in 0..{samples}; got {counts.min()}..{counts.max()}")
+    return np.where(counts == samples, 0, np.where(counts == 0, 1, 2)).astype(np.int64)
+
+
+@dataclass
+class FilterGateLayer:
+    """The gates of one gated layer: how many filters, of which kind, how many were pruned
+    (removed from the exported graphs), and the gates' on-rate over the samples."""
+
+    name: str
+    filters: int
+    always_on: int
+    always_off: int
+    input_dependent: int
+    pruned: int = 0
+    on_rate: float = 0.0  # mean share of this layer's gates that are on, over the samples
+
+    @classmethod
+    def from_counts(cls, name: str, on_counts: np.ndarray, samples: int,
+                    pruned: int = 0) -> FilterGateLayer:
+        kinds = filter_gate_kinds(on_counts, samples)
+        n = [int((kinds == i).sum()) for i in range(3)]
+        rate = float(np.asarray(on_counts, np.float64).sum() / (samples * max(len(kinds), 1)))
+        return cls(name, len(kinds), n[0], n[1], n[2], int(pruned), rate)
+
+    def shares(self) -> dict[str, float]:
+        """Each kind's share of the layer's filters."""
+        f = max(self.filters, 1)
+        return {k: getattr(self, k) / f for k in FILTER_GATE_KINDS}
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "filters": self.filters, "always_on": self.always_on,
+                "always_off": self.always_off, "input_dependent": self.input_dependent,
+                "pruned": self.pruned, "on_rate": self.on_rate}
+
+
+def format_filter_gates(layers: Sequence[FilterGateLayer]) -> str:
+    """A text table of the gate kinds per layer (the paper's Figure 2 as numbers)."""
+    rows = ["layer                    filters  always on  always off  input-dep.  on-rate  pruned"]
+    tot = [0, 0, 0, 0, 0]
+    for lay in layers:
+        rows.append(f"{lay.name:<24s} {lay.filters:7d}  {lay.always_on:9d}  {lay.always_off:10d}  "
+                    f"{lay.input_dependent:10d}  {100 * lay.on_rate:6.1f}%  {lay.pruned:6d}")
+        for j, v in enumerate((lay.filters, lay.always_on, lay.always_off, lay.input_dependent,
+                               lay.pruned)):
+            tot[j] += v
+    if tot[0]:
+        rows.append(f"{'all':<24s} {tot[0]:7d}  {tot[1]:9d}  {tot[2]:10d}  {tot[3]:10d}  "
+                    f"{'':7s}  {tot[4]:6d}")
+        rows.append(f"shares: always on {100 * tot[1] / tot[0]:.1f} %, always off "
+                    f"{100 * tot[2] / tot[0]:.1f} %, input-dependent {100 * tot[3] / tot[0]:.1f} %")
+    return "\n".join(rows)

@@ -11,7 +11,11 @@ Schema version 1 (see ``docs/internals.md``)::
     full       {file, sha256?, flops}
     thresholds {values [number | null (= +inf, gate off)], source, updated}
     calibration null | {...}     engines {key: {...}}     source {...}
+    gaternet   (optional; GaterNet bundles) {gater {...}, data, samples, layers [{name,
+                filters, always_on, always_off, input_dependent, pruned, on_rate}],
+                flops_masked, flops_pruned, pruned_share}
 
+A bundle may have a single stage (no gates: e.g. a GaterNet without early exits).
 Keys this version does not know are kept and written back unchanged.
 """
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dgconvert.core.errors import BundleError
+from dgconvert.core.gates import FilterGateLayer
 from dgconvert.core.version import __version__
 
 FORMAT = "dgconvert-bundle"
@@ -308,9 +313,62 @@ class ThresholdInfo:
                 "updated": self.updated}
 
 
+@dataclass
+class GaterNetInfo:
+    """A GaterNet bundle: its gater, the per-layer kinds of filter gates counted on
+    ``samples`` calibration samples (``data``), and what pruning the always-off filters
+    saved (per-image FLOPs of the exported model before and after; ``pruned_share``: pruned
+    filters / gated filters)."""
+
+    layers: list[FilterGateLayer]
+    samples: int = 0
+    data: str = ""
+    gater: dict[str, Any] = field(default_factory=dict)
+    flops_masked: int = 0
+    flops_pruned: int = 0
+    pruned_share: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> GaterNetInfo:
+        o = _obj(obj, where)
+        layers = []
+        for i, raw in enumerate(_get(o, "layers", list, where)):
+            w = f"{where}.layers[{i}]"
+            lo = _obj(raw, w)
+            layers.append(FilterGateLayer(
+                _get(lo, "name", str, w), _get(lo, "filters", int, w),
+                _get(lo, "always_on", int, w), _get(lo, "always_off", int, w),
+                _get(lo, "input_dependent", int, w), _get(lo, "pruned", int, w, default=0),
+                float(_get(lo, "on_rate", float, w, default=0.0))))
+        return cls(layers, _get(o, "samples", int, where, default=0),
+                   _get(o, "data", str, where, default=""),
+                   _get(o, "gater", dict, where, default={}),
+                   _get(o, "flops_masked", int, where, default=0),
+                   _get(o, "flops_pruned", int, where, default=0),
+                   float(_get(o, "pruned_share", float, where, default=0.0)),
+                   _rest(o, ("layers", "samples", "data", "gater", "flops_masked",
+                             "flops_pruned", "pruned_share")))
+
+    @property
+    def filters(self) -> int:
+        return sum(layer.filters for layer in self.layers)
+
+    def totals(self) -> dict[str, int]:
+        """Gates of each kind over all layers."""
+        return {k: sum(getattr(layer, k) for layer in self.layers)
+                for k in ("always_on", "always_off", "input_dependent", "pruned")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gater": dict(self.gater), "data": self.data, "samples": self.samples,
+                "layers": [layer.to_dict() for layer in self.layers],
+                "flops_masked": self.flops_masked, "flops_pruned": self.flops_pruned,
+                "pruned_share": self.pruned_share, **self.extra}
+
+
 _TOP = ("format", "schema_version", "dgconvert_version", "created", "input", "classes",
         "num_classes", "stages", "full", "thresholds", "calibration", "engines", "source",
-        "opset")
+        "opset", "gaternet")
 
 
 @dataclass
@@ -327,6 +385,7 @@ class Manifest:
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     opset: int | None = None
+    gaternet: GaterNetInfo | None = None
     dgconvert_version: str = field(default_factory=package_version)
     created: str = field(default_factory=now_iso)
     schema_version: int = SCHEMA_VERSION
@@ -359,8 +418,8 @@ class Manifest:
         if missing:
             raise BundleError(f"{where}: manifest lacks keys {missing}. {FIX}")
         stages = _get(obj, "stages", list, "")
-        if len(stages) < 2:
-            raise BundleError(f"{where}: expected at least 2 stages, got {len(stages)}. {FIX}")
+        if len(stages) < 1:
+            raise BundleError(f"{where}: expected at least 1 stage, got {len(stages)}. {FIX}")
         classes = _get(obj, "classes", (list, type(None)), "", default=None) or []
         if not all(isinstance(c, str) for c in classes):
             raise BundleError(f"{where}: classes must be strings, got {classes!r:.60}. {FIX}")
@@ -378,6 +437,8 @@ class Manifest:
             engines=dict(engines),
             source=_get(obj, "source", (dict, type(None)), "", default=None) or {},
             opset=_get(obj, "opset", (int, type(None)), "", default=None),
+            gaternet=(None if obj.get("gaternet") is None
+                      else GaterNetInfo.parse(obj["gaternet"], "gaternet")),
             dgconvert_version=str(obj.get("dgconvert_version", "?")),
             created=str(obj.get("created", "")),
             extra=_rest(obj, _TOP),
@@ -410,6 +471,7 @@ class Manifest:
             "num_classes": self.num_classes, "stages": [s.to_dict() for s in self.stages],
             "full": self.full.to_dict(), "thresholds": self.thresholds.to_dict(),
             "source": dict(self.source), "opset": self.opset,
+            **({"gaternet": self.gaternet.to_dict()} if self.gaternet is not None else {}),
             **self.extra,
             "calibration": self.calibration, "engines": dict(self.engines),
         }

@@ -114,7 +114,11 @@ def save(net: GatedNetwork, path: str | Path, *, pickle: bool = False) -> Path:
 
 def load(path: str | Path, *, trust_pickle: bool = False) -> GatedNetwork:
     """Load a gated network saved by :func:`save` (safe), or a whole pickle if trusted."""
-    obj = _safe_load(path, trust_pickle)
+    return from_object(_safe_load(path, trust_pickle), path)
+
+
+def from_object(obj: Any, path: str | Path) -> GatedNetwork:
+    """The gated network a loaded checkpoint object describes (see :func:`load`)."""
     if isinstance(obj, GatedNetwork):
         return obj
     if not isinstance(obj, dict) or obj.get("format") != GATED_FORMAT:

@@ -1,0 +1,782 @@
+"""GaterNet (Chen et al., "You Look Twice: GaterNet for Dynamic Filter Selection in CNNs"):
+a small *gater* network looks at the input and emits one binary gate per filter of the
+backbone's gated layers; a gate of 0 zeroes that filter's output channel for that sample.
+
+- :class:`ImprovedSemHash` turns the gater's real-valued gate logits into gates: during
+  training noise ``ε ~ N(0, 1)`` is added, half of the samples use the saturating sigmoid
+  ``σ'(g'+ε)`` and half the hard ``1(g'+ε > 0)`` with ``σ'``'s gradient; at evaluation and
+  inference the gates are always hard, ``1(g' > 0)``, without noise.
+- :class:`Gater`: a feature extractor ``E`` (a classifier with its output layer removed,
+  by default a narrow zoo ResNet) and ``D``: ``FC → BatchNorm → ReLU → FC`` with a bottleneck,
+  then Improved SemHash.
+- :class:`GaterNet`: the gater plus the backbone traced with ``torch.fx``; after each gated
+  layer (the output of a convolution block, normalization included) its channels are
+  multiplied by the sample's gates. The paper gates the last convolution of each residual
+  unit; here the default gates the *first* one (``conv1`` of each block): ``relu`` commutes
+  with 0/1 gates and the next layer is a convolution, so a filter that is always off can be
+  removed exactly — its convolution, its normalization and the next convolution's input
+  channels (:func:`prune_always_off`).
+- :func:`fit_gaternet`: gater pre-training, then gater and backbone trained jointly with
+  cross-entropy plus ``λ · mean(gates)`` (the paper's L1 sparsity term; the backbone gets no
+  gradient from it), from the pre-trained backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from dgconvert.core.errors import CheckpointError
+from dgconvert.core.gates import FilterGateLayer, format_filter_gates
+from dgconvert.core.io import atomic_write
+from dgconvert.gating.augment import random_crop_flip
+from dgconvert.gating.checkpoint import VERSION, _load_state, build_arch
+from dgconvert.gating.cut import trace_with_leaves
+from dgconvert.gating.fit import (
+    FitError,
+    _bar,
+    _resolve_backbone,
+    _resolve_data,
+    _sgd,
+    _split,
+    check_backbone_accuracy,
+)
+from dgconvert.gating.threads import torch_threads
+
+if TYPE_CHECKING:
+    from dgconvert.data import Dataset
+
+__all__ = [
+    "DEFAULT_GATER",
+    "ChannelGate",
+    "Gater",
+    "GaterNet",
+    "GaterNetFit",
+    "GaterNetError",
+    "ImprovedSemHash",
+    "default_gated_layers",
+    "fit_gaternet",
+    "force_off",
+    "gate_counts",
+    "gate_layers",
+    "prune_always_off",
+    "saturating_sigmoid",
+]
+
+#: The default gater: a narrow zoo ResNet (its classifier removed), about a sixth of the
+#: reference backbone's FLOPs.
+DEFAULT_GATER: dict[str, Any] = {"factory": "dgconvert.zoo:resnet",
+                                 "kwargs": {"widths": [8, 16, 16, 32]}}
+#: Gate logits start at this bias: every gate on, so training starts from the backbone
+#: (low enough that the saturating sigmoid still passes the sparsity term's gradient).
+_INIT_ON = 1.0
+#: A forced-off gate's logit (weights zero): hard gate 0 for every input.
+_OFF_LOGIT = -1.0
+
+
+class GaterNetError(FitError):
+    """A GaterNet cannot be built, fitted or pruned as asked."""
+
+
+def saturating_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """``σ'(x) = max(0, min(1, 1.2 σ(x) − 0.1))``."""
+    return torch.clamp(1.2 * torch.sigmoid(x) - 0.1, 0.0, 1.0)
+
+
+class ImprovedSemHash(nn.Module):
+    """Gate logits ``[N, c]`` -> gates ``[N, c]``: noisy, half soft and half hard (with the
+    soft gates' gradient) in training; hard ``1(g' > 0)`` in evaluation."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return (logits > 0).to(logits.dtype)
+        noisy = logits + torch.randn_like(logits)
+        soft = saturating_sigmoid(noisy)
+        hard = (noisy > 0).to(logits.dtype) + (soft - soft.detach())  # value: exactly 0/1
+        pick = torch.rand(logits.shape[0], 1, device=logits.device) < 0.5
+        return torch.where(pick, soft, hard)
+
+
+class Gater(nn.Module):
+    """``E``: ``extractor`` (images -> feature vectors ``[N, h]``); ``D``: ``FC(h→b)``,
+    BatchNorm, ReLU, ``FC(b→c)``; then :class:`ImprovedSemHash`."""
+
+    def __init__(self, extractor: nn.Module, features: int, num_gates: int,
+                 bottleneck: int = 8) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.fc1 = nn.Linear(features, bottleneck)
+        self.bn = nn.BatchNorm1d(bottleneck)
+        self.fc2 = nn.Linear(bottleneck, num_gates)
+        self.semhash = ImprovedSemHash()
+        with torch.no_grad():
+            self.fc2.weight.mul_(0.1)
+            self.fc2.bias.fill_(_INIT_ON)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The real-valued gate vector ``g'``."""
+        f = torch.flatten(self.extractor(x), 1)
+        return self.fc2(torch.relu(self.bn(self.fc1(f))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.semhash(self.logits(x))
+
+
+class ChannelGate(nn.Module):
+    """``y * gates[:, start:end]`` broadcast over the spatial axes of NCHW ``y``."""
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__()
+        self.start, self.end = int(start), int(end)
+
+    def forward(self, y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return y * gates[:, self.start : self.end, None, None]
+
+    def extra_repr(self) -> str:
+        return f"gates[{self.start}:{self.end}]"
+
+
+@dataclass
+class GatedLayer:
+    """One gated layer: the module whose output channels are gated, and how many."""
+
+    name: str
+    filters: int
+
+
+def _out_channels(mod: nn.Module, name: str) -> int:
+    last = None
+    for m in mod.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            last = m.num_features
+        elif isinstance(m, nn.Conv2d):
+            last = m.out_channels
+    if last is None:
+        raise GaterNetError(
+            f"gated layer {name!r} ({type(mod).__name__}) has no Conv2d or BatchNorm2d; expected "
+            "a convolution block whose output channels the gates switch (e.g. layer1.0.conv1)."
+        )
+    return int(last)
+
+
+def default_gated_layers(model: nn.Module) -> list[str]:
+    """Every residual block's first convolution block (``bn1`` when the block has one,
+    torchvision-style, else ``conv1``): modules with both ``conv1`` and ``conv2``."""
+    names = []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "conv1") and hasattr(mod, "conv2"):
+            child = "bn1" if isinstance(getattr(mod, "bn1", None), nn.BatchNorm2d) else "conv1"
+            names.append(f"{name}.{child}" if name else child)
+    if not names:
+        raise GaterNetError(
+            f"{type(model).__name__} has no residual blocks with conv1/conv2; expected the "
+            "gated layers by name. Fix: pass gated=[...] (CLI --gated) with module names "
+            "whose output channels to gate."
+        )
+    return names
+
+
+def gate_layers(model: nn.Module, gated: Sequence[str]) -> tuple[fx.GraphModule, list[GatedLayer]]:
+    """Trace ``model`` with ``torch.fx`` and multiply each gated layer's output by its slice
+    of a new ``gates [N, c]`` input: returns the traced ``body(x, gates) -> logits`` and the
+    gated layers in gate-vector order."""
+    modules = dict(model.named_modules())
+    missing = [g for g in gated if g not in modules]
+    if missing or not gated:
+        raise GaterNetError(
+            f"gated layers {missing or list(gated)} are not modules of {type(model).__name__}; "
+            f"expected names from model.named_modules(), e.g. {default_gated_layers(model)[:3]}"
+        )
+    gm = trace_with_leaves(model, list(gated))
+    graph = gm.graph
+    nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in gated}
+    absent = [g for g in gated if g not in nodes]
+    if absent:
+        raise GaterNetError(f"gated layers {absent} are not called by the model's forward")
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target in gated]
+    if len(calls) != len(nodes):
+        raise GaterNetError("a gated layer is called more than once; expected one call each")
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first):
+        gates = graph.placeholder("gates")
+    layers, start = [], 0
+    for i, node in enumerate(calls):  # execution order = gate-vector order
+        filters = _out_channels(modules[str(node.target)], str(node.target))
+        gm.add_submodule(f"gaternet_gate{i}", ChannelGate(start, start + filters))
+        with graph.inserting_after(node):
+            gated_node = graph.call_module(f"gaternet_gate{i}", (node, gates))
+        node.replace_all_uses_with(gated_node, delete_user_cb=lambda u, g=gated_node: u is not g)
+        layers.append(GatedLayer(str(node.target), filters))
+        start += filters
+    graph.lint()
+    gm.recompile()
+    return gm, layers
+
+
+class GaterNet(nn.Module):
+    """A gater and a gated backbone: ``forward(x) = body(x, gater(x))`` -> logits.
+
+    ``meta`` records how to rebuild it (backbone ``arch``, ``gater`` spec, gated layers) and
+    what fitting and pruning found (``fit``, ``pruned``).
+    """
+
+    def __init__(self, gater: Gater, body: fx.GraphModule, layers: Sequence[GatedLayer], *,
+                 num_classes: int, input_shape: Sequence[int],
+                 normalization: dict[str, Any] | None = None,
+                 classes: Sequence[str] | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.gater, self.body = gater, body
+        self.layers = list(layers)
+        self.num_classes = int(num_classes)
+        self.input_shape = [int(s) for s in input_shape]
+        self.normalization = dict(normalization) if normalization else None
+        self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @classmethod
+    def build(cls, backbone: nn.Module, gated: Sequence[str] | None = None,
+              gater: dict[str, Any] | None = None, *, bottleneck: int = 8,
+              input_shape: Sequence[int], num_classes: int,
+              extractor: nn.Module | None = None, arch: dict[str, Any] | None = None,
+              normalization: dict[str, Any] | None = None,
+              classes: Sequence[str] | None = None) -> GaterNet:
+        """Gate ``gated`` layers of ``backbone`` (default: :func:`default_gated_layers`) and
+        attach a gater built from ``gater`` (``{"factory", "kwargs"}``, default
+        :data:`DEFAULT_GATER`) or from an ``extractor`` classifier given (e.g. pre-trained);
+        its output layer is removed."""
+        gated = list(gated) if gated else default_gated_layers(backbone)
+        body, layers = gate_layers(backbone, gated)
+        spec = copy.deepcopy(gater or DEFAULT_GATER)
+        spec.setdefault("kwargs", {})
+        if spec["factory"] == DEFAULT_GATER["factory"]:
+            spec["kwargs"].setdefault("in_channels", int(input_shape[0]))
+            spec["kwargs"].setdefault("num_classes", int(num_classes))
+        if extractor is None:
+            extractor = build_arch(spec)
+        features = strip_classifier(extractor)
+        net_gater = Gater(extractor, features, sum(lay.filters for lay in layers), bottleneck)
+        meta = {"gated": gated, "gater": {**spec, "bottleneck": int(bottleneck)},
+                **({"arch": arch} if arch else {})}
+        return cls(net_gater, body, layers, num_classes=num_classes, input_shape=input_shape,
+                   normalization=normalization, classes=classes, meta=meta)
+
+    @property
+    def num_gates(self) -> int:
+        return sum(lay.filters for lay in self.layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x, self.gater(x))
+
+    @torch.no_grad()
+    def hard_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """The 0/1 gates ``[N, c]`` of inference (no noise)."""
+        return (self.gater.logits(x) > 0).to(x.dtype)
+
+
+def strip_classifier(model: nn.Module) -> int:
+    """Replace ``model``'s final linear layer (``fc``, ``classifier`` or ``head``) by an
+    identity, in place, so that it returns feature vectors; return their size."""
+    for attr in ("fc", "classifier", "head"):
+        layer = getattr(model, attr, None)
+        if isinstance(layer, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return int(layer.in_features)
+    raise GaterNetError(
+        f"the gater {type(model).__name__} has no final nn.Linear named fc, classifier or "
+        "head to remove; expected a classifier such as dgconvert.zoo:resnet."
+    )
+
+
+# --------------------------------------------------------------------------- gates, pruning
+
+
+@torch.no_grad()
+def gate_counts(net: GaterNet, images: np.ndarray, batch_size: int = 512,
+                progress: bool | str = False) -> np.ndarray:
+    """How many of ``images`` (uint8, normalized with the net's normalization, or float)
+    switch each gate on: ``[c]`` int64."""
+    from dgconvert.core.preprocess import normalize
+
+    net.eval()
+    counts = np.zeros(net.num_gates, np.int64)
+    bar = _bar(len(images), progress, "gates", "img")
+    for start in range(0, len(images), batch_size):
+        xb = images[start : start + batch_size]
+        x = torch.from_numpy(normalize(xb, net.normalization) if xb.dtype == np.uint8 else xb)
+        counts += net.hard_gates(x.float()).sum(0).long().numpy()
+        bar.update(len(xb))
+    bar.close()
+    return counts
+
+
+def distribution(net: GaterNet, counts: np.ndarray, samples: int,
+                 pruned: np.ndarray | None = None) -> list[FilterGateLayer]:
+    """Per gated layer: always-on / always-off / input-dependent gates (and pruned ones)."""
+    out, start = [], 0
+    for lay in net.layers:
+        sl = slice(start, start + lay.filters)
+        n_pruned = 0 if pruned is None else int(np.asarray(pruned)[sl].sum())
+        out.append(FilterGateLayer.from_counts(lay.name, counts[sl], samples, n_pruned))
+        start += lay.filters
+    return out
+
+
+def _set_rows_off(fc: nn.Linear, rows: np.ndarray) -> None:
+    with torch.no_grad():
+        idx = torch.from_numpy(np.flatnonzero(rows))
+        fc.weight[idx] = 0.0
+        fc.bias[idx] = _OFF_LOGIT
+
+
+def force_off(net: GaterNet, off: np.ndarray) -> GaterNet:
+    """A copy of ``net`` whose gates ``off`` (bool ``[c]``) are 0 for every input: the
+    *masked* model that :func:`prune_always_off` removes those filters from, exactly."""
+    off = _check_mask(net, off)
+    new = copy.deepcopy(net)
+    _set_rows_off(new.gater.fc2, off)
+    return new
+
+
+def _check_mask(net: GaterNet, off: np.ndarray) -> np.ndarray:
+    off = np.asarray(off, bool)
+    if off.shape != (net.num_gates,):
+        raise GaterNetError(f"got a gate mask of shape {off.shape}; expected ({net.num_gates},)")
+    return off
+
+
+_PASS_THROUGH = {torch.relu, nn.functional.relu}
+
+
+def _consumer(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, str]:
+    """The convolution that reads ``node``'s channels through zero-preserving elementwise ops
+    only (relu), or ``(None, why)``."""
+    cur = node
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None, f"its output has {len(users)} users (expected one convolution)"
+        u = users[0]
+        if u.op == "call_function" and u.target in _PASS_THROUGH:
+            cur = u
+            continue
+        if u.op == "call_method" and u.target == "relu":
+            cur = u
+            continue
+        if u.op == "call_module":
+            mod = gm.get_submodule(str(u.target))
+            if isinstance(mod, nn.ReLU):
+                cur = u
+                continue
+            if isinstance(mod, nn.Conv2d) and mod.groups == 1 and u.args[0] is cur:
+                return str(u.target), ""
+        return None, f"it is read by {u.op} {u.target} (expected a convolution after relu)"
+
+
+def _producers(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, list[str]] | None:
+    """The convolution (and batch norm) whose output channels ``node`` (a gated layer's
+    call) produces, with their qualified names."""
+    mod = gm.get_submodule(str(node.target))
+    name = str(node.target)
+    if isinstance(mod, nn.Sequential):
+        parts = list(mod)
+        if len(parts) in (1, 2) and isinstance(parts[0], nn.Conv2d) and parts[0].groups == 1 and (
+                len(parts) == 1 or isinstance(parts[1], nn.BatchNorm2d)):
+            return parts[0], parts[1] if len(parts) == 2 else None, [f"{name}.0", f"{name}.1"]
+        return None
+    if isinstance(mod, nn.Conv2d) and mod.groups == 1:
+        return mod, None, [name]
+    if isinstance(mod, nn.BatchNorm2d):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
+            conv = gm.get_submodule(str(src.target))
+            if isinstance(conv, nn.Conv2d) and conv.groups == 1:
+                return conv, mod, [str(src.target), name]
+    return None
+
+
+def _replace(gm: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, child, new)
+
+
+def _slim_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Conv2d:
+    w = conv.weight.detach()
+    if out_keep is not None:
+        w = w[out_keep]
+    if in_keep is not None:
+        w = w[:, in_keep]
+    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, 1, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if conv.bias is not None:
+            b = conv.bias.detach()
+            new.bias.copy_(b[out_keep] if out_keep is not None else b)
+    return new.train(conv.training)
+
+
+def _slim_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(int(keep.numel()), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, attr)
+            if src is not None:
+                getattr(new, attr).copy_(src.detach()[keep])
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new.train(bn.training)
+
+
+@dataclass
+class PruneResult:
+    """The pruned network, which gates were removed, and per-layer notes."""
+
+    net: GaterNet
+    removed: np.ndarray  # bool [c] over the unpruned gate vector
+    notes: dict[str, str] = field(default_factory=dict)  # layer -> why it was not pruned
+
+
+@torch.no_grad()
+def prune_always_off(net: GaterNet, off: np.ndarray) -> PruneResult:
+    """Remove the filters whose gates are ``off`` (bool ``[c]``, e.g. off for every
+    calibration sample): their convolution's output channels, their normalization's channels,
+    the next convolution's input channels and the gater's rows. The result equals
+    :func:`force_off` ``(net, off)`` on every input (up to float summation order); a layer
+    whose channels cannot be traced to one next convolution keeps them (gated off, not
+    removed; ``notes`` says why). A layer with every gate off keeps one forced-off channel.
+    """
+    off = _check_mask(net, off)
+    new = force_off(net, off)  # forced-off rows stay off where a channel has to stay
+    gm = new.body
+    calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    keep_rows: list[np.ndarray] = []
+    removed = np.zeros_like(off)
+    notes: dict[str, str] = {}
+    start = 0
+    for i, lay in enumerate(net.layers):
+        sl = slice(start, start + lay.filters)
+        layer_off = off[sl].copy()
+        start += lay.filters
+        gate_node = calls[f"gaternet_gate{i}"]
+        src = gate_node.args[0]
+        prod = _producers(gm, src) if isinstance(src, fx.Node) else None
+        consumer, why = _consumer(gm, gate_node)
+        if not layer_off.any() or prod is None or consumer is None:
+            if layer_off.any():
+                notes[lay.name] = why or "its convolution/normalization could not be found"
+            keep_rows.append(np.ones(lay.filters, bool))
+            continue
+        if layer_off.all():
+            layer_off[0] = False  # one channel stays, gated off for every input
+        keep = torch.from_numpy(np.flatnonzero(~layer_off))
+        conv, bn, names = prod
+        _replace(gm, names[0], _slim_conv(conv, keep, None))
+        if bn is not None:
+            _replace(gm, names[1], _slim_bn(bn, keep))
+        nxt = gm.get_submodule(consumer)
+        assert isinstance(nxt, nn.Conv2d)
+        _replace(gm, consumer, _slim_conv(nxt, None, keep))
+        keep_rows.append(~layer_off)
+        removed[sl] = layer_off
+    rows = np.concatenate(keep_rows)
+    idx = torch.from_numpy(np.flatnonzero(rows))
+    fc2 = new.gater.fc2
+    slim = nn.Linear(fc2.in_features, int(idx.numel()))
+    slim.weight.copy_(fc2.weight[idx])
+    slim.bias.copy_(fc2.bias[idx])
+    new.gater.fc2 = slim.train(fc2.training)
+    layers, start = [], 0
+    for i, (lay, kr) in enumerate(zip(net.layers, keep_rows, strict=True)):
+        kept = int(kr.sum())
+        gate = gm.get_submodule(f"gaternet_gate{i}")
+        assert isinstance(gate, ChannelGate)
+        gate.start, gate.end = start, start + kept
+        layers.append(GatedLayer(lay.name, kept))
+        start += kept
+    new.layers = layers
+    gm.recompile()
+    new.meta["pruned"] = {"removed": int(removed.sum()), "gates": int(net.num_gates)}
+    return PruneResult(new, removed, notes)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+GATERNET_FORMAT = "dgconvert-gaternet"
+
+
+def save_gaternet(net: GaterNet, path: str | Path) -> Path:
+    """A GaterNet: backbone arch, gated layers, gater spec, input spec and every weight."""
+    if "arch" not in net.meta:
+        raise CheckpointError(
+            "this GaterNet has no importable backbone architecture (meta['arch']); a "
+            "weights-only checkpoint could not rebuild it. Fix: fit it from a dgconvert "
+            "backbone checkpoint or pass arch=..., or save with pickle=True."
+        )
+    if net.meta.get("pruned"):
+        raise CheckpointError("a pruned GaterNet is saved in its bundle only; save the "
+                              "unpruned network (pruning happens at export)")
+    state = {
+        "format": GATERNET_FORMAT,
+        "version": VERSION,
+        "arch": net.meta["arch"],
+        "gated": [lay.name for lay in net.layers],
+        "gater": net.meta["gater"],
+        "num_classes": net.num_classes,
+        "input": {"shape": net.input_shape, "normalization": net.normalization},
+        "classes": net.classes,
+        "fit": net.meta.get("fit"),
+        "state": net.state_dict(),
+    }
+    return atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_gaternet(obj: dict[str, Any], path: str | Path) -> GaterNet:
+    """The GaterNet a loaded ``dgconvert-gaternet`` checkpoint object describes."""
+    if obj.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {obj.get('version')}; this dgconvert reads {VERSION}"
+        )
+    gater = dict(obj["gater"])
+    bottleneck = int(gater.pop("bottleneck", 8))
+    spec = obj["input"]
+    net = GaterNet.build(build_arch(obj["arch"]), obj["gated"], gater, bottleneck=bottleneck,
+                         input_shape=spec["shape"], num_classes=obj["num_classes"],
+                         arch=obj["arch"], normalization=spec.get("normalization"),
+                         classes=obj.get("classes"))
+    _load_state(net, obj["state"], path)
+    if obj.get("fit"):
+        net.meta["fit"] = obj["fit"]
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class GaterNetFit:
+    """What :func:`fit_gaternet` returns."""
+
+    net: GaterNet
+    backbone_accuracy: float | None  # the plain backbone on the held-out data
+    accuracy: float | None  # the GaterNet on the held-out data
+    layers: list[FilterGateLayer]  # gate kinds on the held-out data
+    options: dict[str, Any]
+    losses: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"options": self.options, "backbone_accuracy": self.backbone_accuracy,
+                "accuracy": self.accuracy, "layers": [lay.to_dict() for lay in self.layers],
+                "losses": self.losses, "seconds": round(self.seconds, 2)}
+
+    def table(self) -> str:
+        """Accuracy of backbone and GaterNet, then the gate kinds per layer."""
+        lines = []
+        if self.accuracy is not None:
+            lines.append(f"held-out accuracy: backbone {100 * (self.backbone_accuracy or 0):.2f} %, "
+                         f"GaterNet {100 * self.accuracy:.2f} % "
+                         f"({self.options.get('holdout_samples')} samples)")
+        lines.append(format_filter_gates(self.layers))
+        return "\n".join(lines)
+
+
+class _Batches:
+    """Training batches: uint8 images augmented (random crop + flip), then normalized."""
+
+    def __init__(self, images: np.ndarray, normalization: dict[str, Any] | None,
+                 augment: bool, seed: int) -> None:
+        self.images, self.normalization, self.augment = images, normalization, augment
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        from dgconvert.core.preprocess import normalize
+
+        xb = self.images[idx.numpy()]
+        if xb.dtype != np.uint8:
+            return torch.from_numpy(np.ascontiguousarray(xb, np.float32))
+        if self.augment and xb.ndim == 4:
+            xb = random_crop_flip(torch.from_numpy(xb), 2, True, self.gen).numpy()
+        return torch.from_numpy(normalize(xb, self.normalization))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, images: np.ndarray, y: np.ndarray,
+              normalization: dict[str, Any] | None, batch_size: int = 1000) -> tuple[float, np.ndarray]:
+    from dgconvert.core.preprocess import normalize
+
+    model.eval()
+    logits = []
+    for s in range(0, len(images), batch_size):
+        xb = images[s : s + batch_size]
+        x = torch.from_numpy(normalize(xb, normalization) if xb.dtype == np.uint8 else xb)
+        logits.append(model(x.float()))
+    out = torch.cat(logits).numpy() if logits else np.zeros((0, 1), np.float32)
+    return (float((out.argmax(1) == y).mean()) if len(y) else float("nan")), out
+
+
+def _decayed(*modules: nn.Module) -> list[nn.Module]:
+    return [m for mod in modules for m in mod.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def fit_gaternet(
+    backbone: nn.Module | str | Path,
+    data: str | Dataset,
+    gated: Sequence[str] | None = None,
+    *,
+    gater: dict[str, Any] | str | None = None,
+    bottleneck: int = 8,
+    gater_epochs: int = 1,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float = 0.02,
+    gater_lr: float = 0.1,
+    gater_lr_scale: float = 10.0,
+    sparsity: float = 0.5,
+    settle_epochs: int = 1,
+    weight_decay: float = 5e-4,
+    holdout: float = 0.1,
+    augment: bool = True,
+    arch: str | dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    input_shape: Sequence[int] | None = None,
+    normalization: dict[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+    check_accuracy: bool = True,
+) -> GaterNetFit:
+    """Attach a gater to a trained ``backbone``, gate its ``gated`` layers and train both.
+
+    The gater's classifier is first pre-trained on ``data`` for ``gater_epochs`` epochs (the
+    paper starts both networks pre-trained; 0 keeps it random), its output layer removed;
+    then gater and a copy of the backbone are trained jointly for ``epochs`` epochs (SGD,
+    Nesterov momentum, one-cycle schedule peaking at ``lr``, batch-norm in training mode,
+    random crop + flip when ``augment``) on cross-entropy plus ``sparsity · mean(gates)``;
+    the gater learns at ``gater_lr_scale`` times ``lr`` (a few epochs must move its gates,
+    while the backbone is already trained). ``gater_lr`` is the pre-training's peak rate.
+    Every gate starts on, so training starts from the backbone's own predictions. Then, for
+    ``settle_epochs``, the gater is frozen and the backbone alone is trained with the hard,
+    noiseless gates of inference (a short run leaves many gate logits near 0, where the
+    training noise switches them on and inference does not).
+    ``holdout`` of ``data`` is kept out for the accuracies and the gate kinds reported.
+    ``backbone``, ``arch``, ``trust_pickle``, ``normalization`` as in
+    :func:`~dgconvert.gating.fit.fit_gates`.
+    """
+    t0 = time.perf_counter()
+    if epochs < 1 or batch_size < 1 or gater_epochs < 0 or bottleneck < 1 or settle_epochs < 0:
+        raise GaterNetError(
+            f"epochs={epochs}, gater_epochs={gater_epochs}, batch_size={batch_size}, "
+            f"bottleneck={bottleneck}; expected epochs, batch_size, bottleneck >= 1, "
+            "gater_epochs >= 0"
+        )
+    if sparsity < 0 or lr <= 0 or not 0.0 <= holdout < 1.0:
+        raise GaterNetError(f"sparsity={sparsity}, lr={lr}, holdout={holdout}; expected "
+                            "sparsity >= 0, lr > 0 and a holdout share in [0, 1)")
+    gater_spec = {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
+    model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
+    spec_in = info.get("input") or {}
+    input_shape = list(input_shape or spec_in.get("shape") or [])
+    normalization = normalization if normalization is not None else spec_in.get("normalization")
+    ds = _resolve_data(data)
+    input_shape = input_shape or list(ds.sample_shape)
+    if list(ds.sample_shape) != [int(s) for s in input_shape]:
+        raise GaterNetError(f"{ds.source or 'the data'} has samples of shape "
+                            f"{list(ds.sample_shape)}; the backbone expects {input_shape}")
+    y_all = ds.require_labels("GaterNet fitting")
+    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    with torch_threads(threads):
+        model.eval()
+        with torch.no_grad():
+            num_classes = int(model(torch.zeros(2, *input_shape)).shape[1])
+        if int(y_all.max()) >= num_classes or int(y_all.min()) < 0:
+            raise GaterNetError(f"labels span {int(y_all.min())}..{int(y_all.max())}; the "
+                                f"backbone has {num_classes} outputs")
+        base_acc, base_logits = _accuracy(model, ds.images[hold_idx], y_all[hold_idx], normalization)
+        if check_accuracy and len(hold_idx):
+            check_backbone_accuracy(base_logits, y_all[hold_idx], normalization=normalization,
+                                    source=ds.source or "the data")
+        torch.manual_seed(seed)
+        net = GaterNet.build(copy.deepcopy(model), gated, gater_spec, bottleneck=bottleneck,
+                             input_shape=input_shape, num_classes=num_classes, arch=arch_spec,
+                             normalization=normalization,
+                             classes=classes or info.get("classes") or ds.classes)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        batches = _Batches(ds.images, normalization, augment, seed)
+        y = torch.from_numpy(y_all)
+        tr = torch.from_numpy(train_idx)
+        n = len(train_idx)
+        steps = math.ceil(n / batch_size)
+        losses: dict[str, float] = {}
+        if gater_epochs:
+            clf = nn.Sequential(net.gater.extractor, nn.Flatten(1),
+                                nn.Linear(net.gater.fc1.in_features, num_classes))
+            clf.train()
+            bar = _bar(gater_epochs * steps, "pre-train gater" if progress else False, "gater", "step")
+            losses["gater_pretrain"] = _sgd(
+                list(clf.parameters()), lambda i: nn.functional.cross_entropy(
+                    clf(batches(tr[i])), y[tr[i]]),
+                n, gater_epochs, batch_size, gater_lr, weight_decay, _decayed(clf), seed, bar)
+            bar.close()
+        net.train()
+        sparse_terms: list[float] = []
+
+        def joint_loss(i: torch.Tensor) -> torch.Tensor:
+            x = batches(tr[i])
+            g = net.gater(x)
+            reg = g.mean()
+            sparse_terms.append(float(reg.detach()))
+            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * reg
+
+        bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
+        groups = [{"params": list(net.body.parameters())},
+                  {"params": list(net.gater.parameters()), "lr": lr * gater_lr_scale}]
+        losses["joint"] = _sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
+                               weight_decay, _decayed(net), seed + 1, bar)
+        bar.close()
+        losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))
+        if settle_epochs:
+            net.gater.eval()
+            for p in net.gater.parameters():
+                p.requires_grad_(False)
+
+            def settle_loss(i: torch.Tensor) -> torch.Tensor:
+                x = batches(tr[i])
+                return nn.functional.cross_entropy(net.body(x, net.hard_gates(x)), y[tr[i]])
+
+            bar = _bar(settle_epochs * steps, "settle backbone" if progress else False,
+                       "settle", "step")
+            losses["settle"] = _sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
+                                    batch_size, lr, weight_decay, _decayed(net.body), seed + 2,
+                                    bar)
+            bar.close()
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        acc, _ = _accuracy(net, ds.images[hold_idx], y_all[hold_idx], normalization)
+        layers: list[FilterGateLayer] = []
+        if len(hold_idx):
+            counts = gate_counts(net, ds.images[hold_idx])
+            layers = distribution(net, counts, len(hold_idx))
+    options = {"gated": [lay.name for lay in net.layers], "gater": net.meta["gater"],
+               "gater_epochs": gater_epochs, "epochs": epochs, "batch_size": batch_size,
+               "lr": lr, "gater_lr": gater_lr, "gater_lr_scale": gater_lr_scale,
+               "sparsity": sparsity, "settle_epochs": settle_epochs,
+               "weight_decay": weight_decay, "augment": augment, "seed": seed,
+               "data": ds.source, "train_samples": n, "holdout_samples": len(hold_idx)}
+    result = GaterNetFit(net, base_acc if len(hold_idx) else None,
+                         acc if len(hold_idx) else None, layers, options, losses,
+                         time.perf_counter() - t0)
+    net.meta["fit"] = result.as_dict()
+    return result

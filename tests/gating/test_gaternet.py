@@ -1,0 +1,152 @@
+"""GaterNet on the torch side: Improved SemHash, gated layers, exact pruning, fitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dgconvert as dg
+from dgconvert.core.errors import CheckpointError
+from dgconvert.core.gates import FilterGateLayer, filter_gate_kinds, format_filter_gates
+from dgconvert.data import Dataset
+from dgconvert.gating.flops import count_flops
+from dgconvert.gating.gaternet import (
+    GaterNet,
+    GaterNetError,
+    ImprovedSemHash,
+    default_gated_layers,
+    fit_gaternet,
+    force_off,
+    gate_counts,
+    prune_always_off,
+    saturating_sigmoid,
+)
+from dgconvert.zoo import resnet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ARCH = {"factory": "dgconvert.zoo:resnet", "kwargs": {"widths": [8, 16, 16, 32]}}
+GATER = {"factory": "dgconvert.zoo:resnet", "kwargs": {"widths": [4, 4, 8, 8]}}
+
+
+def tiny(seed: int = 0, spread: float = 3.0) -> GaterNet:
+    """A random GaterNet whose gate biases are spread so that some gates are off."""
+    torch.manual_seed(seed)
+    bb = resnet(**ARCH["kwargs"])
+    for m in bb.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    net = GaterNet.build(bb.eval(), None, GATER, input_shape=[1, 28, 28], num_classes=10,
+                         arch=ARCH, normalization={"scale": 255.0, "mean": [0.286], "std": [0.353]})
+    with torch.no_grad():
+        net.gater.fc2.bias.normal_(0.0, spread)
+    return net.eval()
+
+
+def test_saturating_sigmoid_and_semhash_eval_are_hard() -> None:
+    x = torch.tensor([-10.0, -0.01, 0.0, 0.01, 10.0])
+    assert saturating_sigmoid(x).tolist()[0] == 0.0 and saturating_sigmoid(x).tolist()[-1] == 1.0
+    sh = ImprovedSemHash().eval()
+    assert sh(x[None]).tolist() == [[0.0, 0.0, 0.0, 1.0, 1.0]]  # no noise, 1(g' > 0)
+
+
+def test_semhash_training_mixes_soft_and_hard_with_soft_gradient() -> None:
+    torch.manual_seed(0)
+    sh = ImprovedSemHash().train()
+    logits = torch.zeros(400, 6, requires_grad=True)
+    g = sh(logits)
+    rows_hard = ((g == 0) | (g == 1)).all(1)
+    # about half the samples use the hard gates (soft rows are almost never exactly 0/1)
+    assert 0.35 < rows_hard.float().mean().item() < 0.65
+    g.sum().backward()
+    assert logits.grad is not None and (logits.grad[rows_hard] != 0).any()  # straight-through
+    assert (logits.grad >= 0).all()  # the gradient of the saturating sigmoid
+
+
+def test_gated_layers_multiply_channels_per_sample() -> None:
+    net = tiny()
+    assert [lay.name for lay in net.layers] == default_gated_layers(net.body) == [
+        f"layer{i}.0.conv1" for i in range(1, 5)]
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ones = net.body(x, torch.ones(3, net.num_gates))
+        plain = resnet(**ARCH["kwargs"])
+        plain.load_state_dict({k: v for k, v in net.body.state_dict().items()}, strict=False)
+        assert torch.allclose(ones, plain.eval()(x), atol=1e-5)  # all on == the backbone
+        g = net.hard_gates(x)
+        assert set(g.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(net(x), net.body(x, g))
+
+
+def test_unknown_gated_layer_is_a_clear_error() -> None:
+    with pytest.raises(GaterNetError, match="not modules"):
+        GaterNet.build(resnet(), ["layer9.conv"], GATER, input_shape=[1, 28, 28], num_classes=10)
+
+
+def test_gate_kinds() -> None:
+    assert filter_gate_kinds(np.array([5, 0, 3]), 5).tolist() == [0, 1, 2]
+    lay = FilterGateLayer.from_counts("l", np.array([5, 0, 3, 0]), 5, pruned=2)
+    assert (lay.always_on, lay.always_off, lay.input_dependent, lay.pruned) == (1, 2, 1, 2)
+    assert "always off 50.0 %" in format_filter_gates([lay])
+
+
+def test_pruned_equals_masked_and_removes_flops() -> None:
+    net = tiny()
+    x = torch.randn(64, 1, 28, 28)
+    counts = gate_counts(net, x.numpy())
+    off = counts == 0
+    assert 0 < off.sum() < net.num_gates
+    masked, pruned = force_off(net, off), prune_always_off(net, off)
+    with torch.no_grad():
+        assert torch.equal(masked(x), net(x))  # on the calibration samples: the GaterNet
+        diff = (pruned.net(x) - masked(x)).abs().max().item()
+        y = torch.randn(64, 1, 28, 28) * 2  # other inputs: equal to the masked model
+        diff2 = (pruned.net(y) - masked(y)).abs().max().item()
+    assert diff < 1e-5 and diff2 < 1e-5
+    assert not pruned.notes and pruned.removed.sum() >= off.sum() - len(net.layers)
+    before, after = count_flops(masked, x[:1]), count_flops(pruned.net, x[:1])
+    assert after < before
+    conv = pruned.net.body.get_submodule("layer2.0.conv1.0")
+    kept = int((~off[8:24]).sum()) or 1
+    assert conv.out_channels == kept and pruned.net.body.get_submodule("layer2.0.conv2.0").in_channels == kept
+
+
+def test_checkpoint_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net = tiny()
+    dg.save(net, tmp_path / "g.pt")
+    back = dg.load(tmp_path / "g.pt")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(back(x), net(x))
+    pruned = prune_always_off(net, np.ones(net.num_gates, bool)).net
+    with pytest.raises(CheckpointError, match="pruned"):
+        dg.save(pruned, tmp_path / "p.pt")
+
+
+def test_fit_runs_and_reports() -> None:
+    rng = np.random.default_rng(0)
+    ds = Dataset((rng.random((300, 1, 28, 28)) * 255).astype(np.uint8),
+                 rng.integers(0, 10, 300).astype(np.int64), source="random")
+    torch.manual_seed(0)
+    res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=1, epochs=1,
+                       batch_size=100, sparsity=1.0, holdout=0.2, arch=ARCH,
+                       normalization={"scale": 255.0}, progress=False, check_accuracy=False)
+    assert res.accuracy is not None and res.backbone_accuracy is not None
+    assert sum(lay.filters for lay in res.layers) == res.net.num_gates
+    assert res.net.meta["fit"]["options"]["sparsity"] == 1.0
+    assert "always on" in res.table()
+    with pytest.raises(GaterNetError, match="epochs"):
+        fit_gaternet(resnet(), ds, epochs=0, progress=False)
+
+
+def test_cli_gaternet_bad_options_are_clear(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from dgconvert.cli import main
+
+    bb = tmp_path / "bb.pt"
+    torch.save({}, bb)
+    out = CliRunner().invoke(main, ["gates", "gaternet", str(bb), "--data", "x", "-o",
+                                    str(tmp_path / "g.pt"), "--gater-kwargs", "{}"])
+    assert out.exit_code != 0 and "--gater-kwargs needs --gater" in out.output
