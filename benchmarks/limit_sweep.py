@@ -28,12 +28,12 @@ import numpy as np
 from _util import DEFAULT_BUNDLE, TEST_DATA, header, require, write_results
 
 from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
+from dgconvert.bench.measurements import FULL_DEFAULT
 from dgconvert.bench.operating import NO_EXIT
 from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
-
-SPINNING = {"off": False, "run": "run", "on": True}
+from dgconvert.runtime.onnxruntime_backend import SPINNING_NAMES
 
 
 def mix_thresholds(bundle: Bundle, images: np.ndarray, mix: Sequence[float]) -> list[float]:
@@ -75,7 +75,7 @@ def summary(report: Any) -> list[dict[str, Any]]:
     rows = []
     for b in report.batch_sizes:
         gated, off = report.result("gated", b), report.result(f"gated[{NO_EXIT}]", b)
-        full, default = report.result("full", b), report.result("full-default", b)
+        full, default = report.result("full", b), report.result(FULL_DEFAULT, b)
         rows.append({
             "batch_size": b,
             "full_ms": full.ms.median,
@@ -141,7 +141,7 @@ def main() -> None:
                     report = run_benchmark(
                         bundle, ds.images, ds.labels, config=config, backend="onnxruntime",
                         thresholds=thresholds, operating_points=no_exit_point(bundle),
-                        backend_options={"spinning": SPINNING[spin]}, data_name=data_name,
+                        backend_options={"spinning": SPINNING_NAMES[spin]}, data_name=data_name,
                     )
                 rows = summary(report)
                 where = "beside one busy process" if load else "idle machine"

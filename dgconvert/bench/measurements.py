@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: the system id of ``full.onnx`` in a default ONNX Runtime session (what a user would run)
+FULL_DEFAULT = "full-default"
+
 
 @dataclass
 class Measurements:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dgconvert.bench.errors import BenchError
-from dgconvert.bench.measurements import Measurements
+from dgconvert.bench.measurements import FULL_DEFAULT, Measurements
 from dgconvert.bench.stats import (
     Spread,
     cost_share_flops,
@@ -187,8 +187,8 @@ def build_results(
                 if ideal is not None:
                     r.ideal_prefix_ms_per_image = 1e3 * float(np.median(ideal)) / n
                     r.efficiency_prefix = paired_ratios(ideal, secs)
-                default = meas.seconds.get("full-default", {}).get(b)
-                if default is not None and meas.images["full-default"][b] == n:
+                default = meas.seconds.get(FULL_DEFAULT, {}).get(b)
+                if default is not None and meas.images[FULL_DEFAULT][b] == n:
                     r.speedup_default = paired_ratios(default, secs)
             if s.reference is not None and s.reference in meas.seconds:
                 ref = meas.seconds[s.reference][b]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dgconvert.bench.measurements import FULL_DEFAULT
 from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.base import Backend
 from dgconvert.runtime.onnxruntime_backend import session_options
@@ -109,7 +110,7 @@ class OnnxFullDefault(System):
     kind, framework = "full", "onnx"
     spins = True
 
-    def __init__(self, runner: GatedRunner, id: str = "full-default") -> None:
+    def __init__(self, runner: GatedRunner, id: str = FULL_DEFAULT) -> None:
         import onnxruntime as ort
 
         self.runner, self.id = runner, id

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from dgconvert.cli.common import friendly_errors, parse_floats, parse_ints, write_json
-
-SPINNING = {"off": False, "run": "run", "on": True}
+from dgconvert.runtime.onnxruntime_backend import SPINNING_NAMES
 
 
 def _backends() -> list[str]:
@@ -48,7 +47,7 @@ def _backends() -> list[str]:
 @click.option("--staging-overhead", is_flag=True,
               help="Also time the gated runner with every gate off (rows 'gated[nobody exits]'): "
                    "what staging costs when nobody exits.")
-@click.option("--spinning", type=click.Choice(["off", "run", "on"]), default=None,
+@click.option("--spinning", type=click.Choice(list(SPINNING_NAMES)), default=None,
               help="ONNX Runtime thread spinning for every ORT session of the run: off (workers "
                    "sleep when idle), run (spin between the operators of a run, stop at its "
                    "end), on (ORT's default; keep spinning). Default: the backend's.")
@@ -83,7 +82,7 @@ def bench_cmd(
         b, ds.images, ds.labels, config=config, backend=backend, threads=threads,
         thresholds=parse_floats(thresholds), model=torch_model, data_name=data,
         operating_points=no_exit_point(b) if staging_overhead else None,
-        backend_options=None if spinning is None else {"spinning": SPINNING[spinning]},
+        backend_options=None if spinning is None else {"spinning": SPINNING_NAMES[spinning]},
     )
     click.echo(report.markdown())
     if json_out:

@@ -3,8 +3,9 @@
 Per stage, on real inputs and several ``keep`` vectors (all rows, a random subset,
 ``M = 0``, ``M = 1``, repeated and unordered indices) we compare every output: float
 outputs within ``atol + rtol * |ref|`` plus twice torch's own float32 deviation from a
-float64 run of the same module (:class:`Float64Noise`); labels exactly, except where the reference's two
-best logits are closer than the tolerance (a tie that float noise may break). Then the
+float64 run of the same module (:class:`Float64Noise`); labels exactly, except where the
+reference's two best logits are closer than the tolerance (a tie that float noise may
+break). Then the
 runtime chain is compared with :meth:`GatedNetwork.gated_forward` sample by sample, with
 thresholds at which samples exit at every gate. A network converted from a multi-exit model
 (:meth:`GatedNetwork.from_multi_exit`) is also checked against the model's *own* outputs:
@@ -113,7 +114,7 @@ def _compare(
     output within that tolerance plus twice torch's own float noise passes."""
     logits_name = CONTRACT.logits_of(names)
     ref_by = dict(zip(names, ref, strict=True))
-    for name, g, r in zip(names, got, ref, strict=True):
+    for i, (name, g, r) in enumerate(zip(names, got, ref, strict=True)):
         report.checks += 1
         if g.shape != r.shape:
             report.mismatches.append(f"{where} {name}: shape {g.shape}, torch {r.shape}")
@@ -135,7 +136,7 @@ def _compare(
         if not (diff > limit).any():
             continue
         owns = noise() if noise is not None else []
-        own = owns[names.index(name)] if names.index(name) < len(owns) else 0.0
+        own = owns[i] if i < len(owns) else 0.0
         if own and not (diff > limit + 2 * own).any():
             continue
         rel = diff / np.maximum(np.abs(r), 1e-12)
@@ -205,8 +206,9 @@ s.run(None, {"x": x, "keep": np.zeros(0, np.int64)})
 
 def _empty_batch_survives(path: str, x: torch.Tensor) -> bool:
     """Whether ONNX Runtime runs the graph on ``keep`` of size 0, tried in a child process:
-    its kernels may die of a signal on empty batches (seen: SIGFPE in MaxViT's
-    window-partition reshape, a ``-1`` dimension beside a 0), which must not end the export.
+    its kernels may die of a signal on empty batches (seen: SIGFPE in ONNX Runtime 1.32's
+    ``Einsum`` with a 0-sized batch dim, in MaxViT's window attention), which must not end
+    the export.
     Any other failure is an error of the graph."""
     import signal
     import subprocess

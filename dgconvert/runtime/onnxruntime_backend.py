@@ -57,6 +57,8 @@ def default_threads() -> int:
 
 
 SPINNING = (False, "run", True)
+#: the same settings by name, as the command line spells them
+SPINNING_NAMES = {"off": False, "run": "run", "on": True}
 
 
 def session_options(threads: int | None = None, spinning: bool | str = False) -> Any:

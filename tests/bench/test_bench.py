@@ -272,7 +272,8 @@ def test_cli_bench_writes_json_and_plot(tiny: dict[str, Any]) -> None:
 
 def test_cli_bench_staging_overhead(tiny: dict[str, Any]) -> None:
     """--staging-overhead adds the runner with every gate off: every row reaches the last
-    stage, accuracy equals the full model's, and its speed-up is reported like any row."""
+    stage, accuracy equals the full model's, and its speed-up is reported like any row;
+    --spinning sets the backend's thread spinning."""
     from dgconvert.cli import main
 
     root = tiny["root"]
@@ -282,9 +283,10 @@ def test_cli_bench_staging_overhead(tiny: dict[str, Any]) -> None:
         "bench", str(tiny["bundle"].path), "--data", str(npz), "--batch-size", "4",
         "--backend", "onnxruntime", "--threads", "1", "--repeats", "1", "--warmup", "0",
         "--samples", "8", "--no-torch", "--staging-overhead", "--json", str(root / "s.json"),
-        "--no-progress"])
+        "--spinning", "run", "--no-progress"])
     assert out.exit_code == 0, out.output
     assert "gated[nobody exits]" in out.output
+    assert "spinning within runs" in out.output  # --spinning reached every ORT session
     rows = {r["system"]: r for r in json.loads((root / "s.json").read_text())["results"]}
     assert set(rows) == {"full", "gated", "full-default", "gated[nobody exits]"}
     off = rows["gated[nobody exits]"]
