@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, InputError
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
-from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
+from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain, off_gates
 from dgconvert.runtime.passes.boundary_fusion import (
     FusedStages,
     FusionError,
@@ -223,7 +224,12 @@ class OnnxRuntimeBackend(Backend):
                         "fuse_boundaries=None or False."
                     ) from exc
         self.chain_session: ChainSession | None = None
+        #: chains composed without the heads of gates that are off, by the set of those gates
+        self.chain_variants: dict[frozenset[int], ChainSession] = {}
+        self._variant_lock = threading.Lock()
+        self._variants_off = ""  # why a chain without the off gates could not be built
         self.composition = self._compose(compose, chain_models, not_optimizable)
+        self._chain_models = chain_models if self.chain_session is not None else None
 
     def _session(self, model: str | bytes, optimized_path: Path | None = None,
                  level: Any = None) -> Any:
@@ -280,30 +286,57 @@ class OnnxRuntimeBackend(Backend):
             )
         return f"off: {why_not}" if why_not else "one session"
 
-    def _build_chain(self, models: list[Any]) -> ChainSession:
+    def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
         try:
-            composed = compose_chain(models)
+            composed = compose_chain(models, off)
         except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
             raise ChainError(f"composing the stage graphs failed: {exc}") from exc
         try:
             sess = self._extended_session(composed)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ChainError(f"ONNX Runtime refused the composed graph: {exc}") from exc
-        chain = ChainSession(sess, _direct_run(sess), self.run_options, self.bundle.num_stages)
+        chain = ChainSession(sess, _direct_run(sess), self.run_options, self.bundle.num_stages,
+                             off)
         rng = np.random.default_rng(1)
         x = rng.standard_normal((16, *self.bundle.input_shape)).astype(np.float32)
         check_chain(chain, self.run_stage, x)
         return chain
 
     def chain(self) -> Any:
-        """``run(images, thresholds) -> [(score, label) per stage]`` of the one-session chain,
-        or None when the stages run as separate sessions."""
-        return None if self.chain_session is None else self.chain_session.run
+        """``run(images, thresholds) -> [(score, label) or None per stage]`` of the
+        one-session chain, or None when the stages run as separate sessions. Gates that are
+        off (threshold NaN or +inf) cost nothing: the first call with a new set of them
+        composes a chain without their heads and compaction (None for those stages)."""
+        return None if self.chain_session is None else self._run_chain
+
+    def _run_chain(self, images: np.ndarray, thresholds: np.ndarray) -> list[Any]:
+        t = np.asarray(thresholds, np.float32)
+        if (t < np.inf).all():
+            return self.chain_session.run(images, t)  # type: ignore[union-attr]
+        off = off_gates(t)
+        chain = self.chain_variants.get(off) or self._chain_variant(off)
+        return chain.run(images, t)
+
+    def _chain_variant(self, off: frozenset[int]) -> ChainSession:
+        """The chain composed without the gates in ``off`` (built once; the full chain when
+        that fails, with a warning)."""
+        with self._variant_lock:
+            if off not in self.chain_variants:
+                try:
+                    chain = self._build_chain(self._chain_models, off)  # type: ignore[arg-type]
+                except ChainError as exc:
+                    chain = self.chain_session  # type: ignore[assignment]
+                    self._variants_off = f"off: gates {sorted(off)} off: {exc}"
+                    log.warning("onnxruntime: a chain without the heads of the gates that "
+                                "are off could not be built (they are computed): %s", exc)
+                self.chain_variants[off] = chain
+            return self.chain_variants[off]
 
     def fast_paths_off(self) -> list[str]:
         """The fast paths that were wanted (by default) but are off, with why."""
         off = []
-        for name, state in (("fused boundaries", self.fusion), ("chain", self.composition)):
+        for name, state in (("fused boundaries", self.fusion), ("chain", self.composition),
+                            ("chain without off gates", self._variants_off)):
             if state.startswith("off: ") and not any(
                     why in state for why in ("=False", "only for", "nothing to fuse")):
                 off.append(f"{name} {state}")

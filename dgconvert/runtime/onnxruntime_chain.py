@@ -11,35 +11,46 @@ from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError, output_names
 
 
-class ChainSession:
-    """Runs a composed chain: ``run(images, thresholds) -> [(score_k, label_k), ...]``."""
+def off_gates(thresholds: np.ndarray) -> frozenset[int]:
+    """The gates that can never exit a row: threshold NaN or +inf."""
+    return frozenset(np.flatnonzero(~(np.asarray(thresholds) < np.inf)).tolist())
 
-    def __init__(self, session: Any, run: Any, run_options: Any, num_stages: int) -> None:
-        self.session, self.num_stages = session, num_stages
+
+class ChainSession:
+    """Runs a composed chain: ``run(images, thresholds) -> [(score_k, label_k), ...]``;
+    ``None`` for the stages whose gate is in ``off`` (composed without it)."""
+
+    def __init__(self, session: Any, run: Any, run_options: Any, num_stages: int,
+                 off: frozenset[int] = frozenset()) -> None:
+        self.session, self.num_stages, self.off = session, num_stages, off
         self._run, self._options = run, run_options
         self._input = session.get_inputs()[0].name
-        self._names = [n for k in range(num_stages) for n in output_names(k)]
+        self._names = [n for k in range(num_stages) if k not in off for n in output_names(k)]
 
-    def run(self, images: np.ndarray, thresholds: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-        outs = self._run(self._names, {self._input: images, THRESHOLDS: thresholds},
-                         self._options)
-        return [(outs[i], outs[i + 1]) for i in range(0, len(outs), 2)]
+    def run(self, images: np.ndarray, thresholds: np.ndarray) -> list[tuple[np.ndarray, ...] | None]:
+        outs = iter(self._run(self._names, {self._input: images, THRESHOLDS: thresholds},
+                              self._options))
+        return [None if k in self.off else (next(outs), next(outs))
+                for k in range(self.num_stages)]
 
 
 def check_chain(chain: ChainSession, run_stage: Any, images: np.ndarray) -> np.ndarray:
     """Compare ``chain`` with the per-stage ``run_stage`` on ``images``; return the thresholds
     used: each gate's median score, so about half the rows exit at every gate. Also runs
     nobody exiting and everybody exiting at the first gate (deeper stages get empty
-    batches, which some optimized graphs cannot take)."""
+    batches, which some optimized graphs cannot take). The chain's off gates never exit."""
     first = run_stage(0, images, None)
-    cases = [_expected(run_stage, first, chain.num_stages, how)
+    cases = [_expected(run_stage, first, chain.num_stages, how, chain.off)
              for how in ("median", np.inf, -np.inf)]
     for what, t_arr, expected in cases:
         try:
             got = chain.run(images, t_arr)
         except Exception as exc:  # noqa: BLE001 - ORT's own exception types
             raise ChainError(f"the composed graph failed with {what}: {exc}") from exc
-        for k, ((es, el), (gs, gl)) in enumerate(zip(expected, got, strict=True)):
+        for k, ((es, el), have_k) in enumerate(zip(expected, got, strict=True)):
+            if have_k is None:
+                continue
+            gs, gl = have_k
             for name, expect, have in (("scores", es, gs), ("labels", el, gl)):
                 why = close_to_reference(expect, have, name)
                 if why:
@@ -48,14 +59,17 @@ def check_chain(chain: ChainSession, run_stage: Any, images: np.ndarray) -> np.n
     return cases[0][1]
 
 
-def _expected(run_stage: Any, first: Any, n: int, how: Any) -> tuple[str, np.ndarray, list]:
+def _expected(run_stage: Any, first: Any, n: int, how: Any,
+              off: frozenset[int] = frozenset()) -> tuple[str, np.ndarray, list]:
     """The per-stage chain's ``(score, label)`` per stage, from stage 0's output ``first``,
-    for thresholds ``how`` (a value for every gate, or ``"median"``); stages nobody
-    reaches get empty arrays."""
+    for thresholds ``how`` (a value for every gate, or ``"median"``; NaN for the gates in
+    ``off``); stages nobody reaches get empty arrays."""
     out = first
     thresholds, expected = [], [(out.score, out.label)]
     for k in range(1, n):
-        if how == "median":
+        if k - 1 in off:
+            t = np.float32(np.nan)
+        elif how == "median":
             s = np.sort(out.score)
             m = len(s) // 2  # midway between two scores: no row sits on the threshold
             t = np.float32((s[m - 1] + s[m]) / 2) if len(s) >= 2 else np.float32(0)

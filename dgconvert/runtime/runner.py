@@ -36,7 +36,8 @@ class GatedRunner:
 
     When the backend offers a one-call chain (:meth:`Backend.chain`; ONNX Runtime on the
     CPU), batches of at least ``chain_min_batch`` rows use it; single images go stage by
-    stage, which stops as soon as the image exits (``docs/runtime.md``).
+    stage, which stops as soon as the image exits, unless every gate is off
+    (``docs/runtime.md``).
     """
 
     chain_min_batch = 2
@@ -91,6 +92,7 @@ class GatedRunner:
         # a NaN score never exits (x >= NaN and NaN >= x are both False)
         self._exit_at = np.where(np.isposinf(self._thresholds), np.float32(np.nan),
                                  self._thresholds)
+        self._never_exits = bool(np.isnan(self._exit_at).all())
 
     @property
     def exit_thresholds(self) -> np.ndarray:
@@ -142,7 +144,7 @@ class GatedRunner:
         return res
 
     def _predict_chunk(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
-        if self._chain is not None and len(x) >= self.chain_min_batch:
+        if self._chain is not None and (len(x) >= self.chain_min_batch or self._never_exits):
             self._predict_chained(x, res, offset)
             return
         # Hot path (batch 1 pays it per image): few numpy calls per stage, one lock per chunk.
@@ -188,9 +190,19 @@ class GatedRunner:
         """The backend ran every stage in one call; map each stage's rows back to the caller's."""
         t, last = self._exit_at, self.bundle.num_stages - 1
         outs = self._chain(x, t)  # type: ignore[misc]
+        if self._never_exits:  # one composed model, no compaction: every row leaves last
+            score, label = outs[last]
+            sl = slice(offset, offset + len(x))
+            res.labels[sl], res.scores[sl], res.exit_stage[sl] = label, score, last
+            self._add_counts([len(x)] * len(outs))
+            return
         rows = np.arange(offset, offset + len(x))
-        counts = [len(score) for score, _ in outs]
-        for k, (score, label) in enumerate(outs):
+        counts = [0] * len(outs)
+        for k, out in enumerate(outs):
+            counts[k] = len(rows)
+            if out is None:  # a gate that is off: every row continues
+                continue
+            score, label = out
             if k == last:
                 res.fill(rows, label, score, k)
                 break

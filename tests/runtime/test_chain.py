@@ -52,11 +52,13 @@ def test_chain_is_used_and_described(tiny: dict[str, Any]) -> None:
                            providers=["CPUExecutionProvider", "CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("where", ["calibrated", "all exit at gate 0", "nobody exits"])
+@pytest.mark.parametrize("where", ["calibrated", "all exit at gate 0", "nobody exits",
+                                   "gate 1 off"])
 def test_chain_equals_stage_sessions(tiny: dict[str, Any], where: str) -> None:
     k = tiny["bundle"].num_gates
     t = {"calibrated": tiny["t"], "all exit at gate 0": [-np.inf] * k,
-         "nobody exits": [np.inf] * k}[where]
+         "nobody exits": [np.inf] * k,
+         "gate 1 off": [v if g != 1 else np.inf for g, v in enumerate(tiny["t"])]}[where]
     a, b, stats_a, stats_b = _predict_both(tiny, t)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.exit_stage, b.exit_stage)
@@ -67,8 +69,47 @@ def test_chain_equals_stage_sessions(tiny: dict[str, Any], where: str) -> None:
         assert stats_a == [n] + [0] * k and not a.exit_stage.any()
     elif where == "nobody exits":
         assert stats_a == [n] * (k + 1) and (a.exit_stage == k).all()
+    elif where == "gate 1 off":
+        assert 1 not in a.exit_stage and len(set(a.exit_stage.tolist())) == k
     else:
         assert len(set(a.exit_stage.tolist())) == k + 1  # rows leave at every exit
+
+
+def test_off_gates_cost_nothing(tiny: dict[str, Any]) -> None:
+    """A chain composed without the gates that are off has neither their heads nor their
+    compaction; with every gate off it is the full model, single images included."""
+    models = _stage_models(tiny["bundle"])
+    k = tiny["bundle"].num_gates
+    ops = [n.op_type for n in compose_chain(models, range(k)).graph.node]
+    on = [n.op_type for n in compose_chain(models).graph.node]
+    assert "NonZero" not in ops and on.count("NonZero") == k
+    assert ops.count("Gemm") == 1 and on.count("Gemm") == k + 1  # the classifier alone
+    with pytest.raises(ChainError, match=r"gates \[5\] cannot be off"):
+        compose_chain(models, [5])
+    r = GatedRunner(tiny["bundle"], backend="onnxruntime", thresholds=[np.inf] * k)
+    full = r.full_logits(tiny["pixels"])
+    for batch in (tiny["pixels"][:1], tiny["pixels"]):
+        res = r.predict(batch)
+        np.testing.assert_array_equal(res.labels, full[: len(batch)].argmax(1))
+        assert (res.exit_stage == k).all()
+    assert list(r.backend.chain_variants) == [frozenset(range(k))]  # batch 1 used it too
+    assert r.stats == [len(tiny["pixels"]) + 1] * (k + 1)
+
+
+def test_a_chain_that_cannot_leave_gates_out_says_so(tiny: dict[str, Any]) -> None:
+    """When the chain without an off gate cannot be composed, the full chain runs (off
+    gates computed), results unchanged, and the fast path is reported off."""
+    r = GatedRunner(tiny["bundle"], backend="onnxruntime", thresholds=[np.inf] * 3)
+    staged = GatedRunner(tiny["bundle"], backend="onnxruntime", compose=False,
+                         thresholds=[np.inf] * 3)
+    stage1 = r.backend._chain_models[1]  # its features gathered twice: which is compaction?
+    gather = next(n for n in stage1.graph.node if n.op_type == "Gather" and n.input[0] == "x")
+    stage1.graph.node.append(onnx.helper.make_node("Gather", list(gather.input), ["x2"]))
+    res = r.predict(tiny["pixels"])
+    np.testing.assert_array_equal(res.labels, staged.predict(tiny["pixels"]).labels)
+    off = r.backend.fast_paths_off()
+    assert len(off) == 1 and "chain without off gates off: gates [0, 1, 2]" in off[0]
+    assert "2 Gather nodes read 's1/x'" in off[0]
 
 
 def test_chain_outputs_per_stage_rows(tiny: dict[str, Any]) -> None:

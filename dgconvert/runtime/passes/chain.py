@@ -15,6 +15,11 @@ never rebuilds anything. Rows that exit are gathered away exactly as between sep
 sessions, so deeper stages only see the rows that continue; when nobody continues, the
 deeper operators run on empty tensors (a few microseconds each).
 
+A gate that is off (it can never exit a row) costs nothing in a composed chain built with
+``off``: its head is not computed and the next stage reads the features without the
+compaction ``Gather`` (with every gate off the chain is the full model, stage boundaries
+gone).
+
 Why: with one session per stage every boundary costs a session call, and the tensor a stage
 hands over is a graph output, which ONNX Runtime's memory planner may not share with an
 input, so the last convolution of each stage cannot accumulate the residual in place.
@@ -24,12 +29,13 @@ Inside one graph the features are an internal tensor again (measurements:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
 from dgconvert.core.contract import CONTRACT
+from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
 
 THRESHOLDS = "thresholds"
 
@@ -48,12 +54,14 @@ def _graph_inputs(graph: Any) -> list[str]:
     return [i.name for i in graph.input if i.name not in inits]
 
 
-def compose_chain(models: Sequence[Any]) -> Any:
+def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
     """One ``onnx.ModelProto`` running ``models`` (the stage graphs, in order) as a chain.
 
     Inputs: stage 0's image input (same name) and ``thresholds`` ``[K-1]``. Outputs, for
     each stage ``k``: ``s{k}/score`` and ``s{k}/label`` over the rows that reached it
-    (rows of stage ``k`` continue to ``k+1`` iff ``not score >= thresholds[k]``).
+    (rows of stage ``k`` continue to ``k+1`` iff ``not score >= thresholds[k]``). For the
+    gates in ``off`` (gate ``k`` follows stage ``k``) there is neither: every row continues,
+    ungathered, and the gate head is left out.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -61,7 +69,11 @@ def compose_chain(models: Sequence[Any]) -> Any:
     n = len(models)
     if n < 2:
         raise ChainError(f"a chain needs at least 2 stage graphs, got {n}")
+    off = set(off)
+    if not off <= set(range(n - 1)):
+        raise ChainError(f"gates {sorted(off)} cannot be off; the chain has gates 0..{n - 2}")
     opsets: dict[str, int] = {}
+    unused: list[str] = []
     nodes: list[Any] = []
     inits: list[Any] = []
     inputs: list[Any] = []
@@ -90,6 +102,13 @@ def compose_chain(models: Sequence[Any]) -> Any:
             rename[f"s0/{names[0]}"] = names[0]
             inputs.append(next(i for i in graph.input if i.name == f"s0/{names[0]}"))
             inputs[-1].name = names[0]
+        elif k - 1 in off:  # every row continues: the stage reads the features as they are
+            prev = f"s{k - 1}/"
+            why = remove_gather(graph.node, f"s{k}/{names[0]}")
+            unused.append(f"s{k}/{names[1]}")  # keep: read by nothing once the Gather is gone
+            if why:
+                raise ChainError(f"stage {k} graph: {why} (gate {k - 1} off)")
+            rename[f"s{k}/{names[0]}"] = prev + CONTRACT.features
         else:
             t = f"chain/t{k - 1}" if n > 2 else THRESHOLDS
             prev, p = f"s{k - 1}/", f"chain/{k}_"
@@ -105,6 +124,8 @@ def compose_chain(models: Sequence[Any]) -> Any:
             node.input[:] = [rename.get(v, v) for v in node.input]
             nodes.append(node)
         inits += list(graph.initializer)
+        if k in off:
+            continue
         rows = [f"rows{k}"]  # the rows that reached stage k
         score, label = output_names(k)
         outputs += [
@@ -112,8 +133,14 @@ def compose_chain(models: Sequence[Any]) -> Any:
             helper.make_tensor_value_info(label, TensorProto.INT64, rows),
         ]
     inputs.append(helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [n - 1]))
+    nodes, used = live_nodes(nodes, [o.name for o in outputs])
+    if read := sorted(set(unused) & used):
+        raise ChainError(f"{read} still read once the compaction Gather is removed; expected "
+                         "the stage graph to read keep only through that Gather")
+    inits = [i for i in inits if i.name in used]
     graph = helper.make_graph(nodes, "dgconvert_chain", inputs, outputs, inits)
     ir = max(m.ir_version for m in models)
     return helper.make_model(
         graph, ir_version=ir, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()]
     )
+

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dgconvert.core.contract import CONTRACT
+from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
 
 
 class PrefixError(Exception):
@@ -30,26 +31,9 @@ def body_graph(model: Any, k: int) -> Any:
     if CONTRACT.features not in {o.name for o in g.output}:
         raise PrefixError(f"stage {k} graph has no {CONTRACT.features!r} output (the last stage?)")
     nodes = list(g.node)
-    if k > 0:
-        gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == CONTRACT.x]
-        if len(gathers) != 1:
-            raise PrefixError(f"stage {k} graph has {len(gathers)} Gather nodes reading "
-                              f"{CONTRACT.x!r}; expected the contract's one")
-        gathered = gathers[0].output[0]
-        nodes.remove(gathers[0])
-        for n in nodes:
-            n.input[:] = [CONTRACT.x if v == gathered else v for v in n.input]
-    # keep only what computes the features
-    producer = {o: n for n in nodes for o in n.output}
-    todo, seen = [CONTRACT.features], set()
-    while todo:
-        node = producer.get(todo.pop())
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        todo.extend(v for v in node.input if v)
-    order = [n for n in nodes if id(n) in seen]
-    used = {v for n in order for v in n.input}
+    if k > 0 and (why := remove_gather(nodes, CONTRACT.x)):
+        raise PrefixError(f"stage {k} graph: {why}")
+    order, used = live_nodes(nodes, [CONTRACT.features])  # what computes the features
     inputs = [i for i in g.input if i.name in used]
     if [i.name for i in inputs] != [CONTRACT.inputs(k)[0]]:
         raise PrefixError(f"stage {k} body reads {[i.name for i in inputs]}; expected "
