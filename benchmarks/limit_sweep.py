@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="BUNDLE=DATA[=MIX]: another model (MIX: exit percentages per gate)")
     ap.add_argument("--spinning", default="off,run")
+    ap.add_argument("--threads", default="0",
+                    help="intra-op threads per session, comma-separated (0: all usable cores)")
     ap.add_argument("--load", action="store_true", help="also beside one busy process")
     ap.add_argument("--batch-size", default="1,8,64,256")
     ap.add_argument("--repeats", type=int, default=5)
@@ -135,29 +137,33 @@ def main() -> None:
         how = (f"thresholds for a fixed exit mix {mix} % at the gates" if mix
                else "the bundle's calibrated thresholds")
         body += [f"## {path.name} on {data_name} ({len(ds.images)} images; {how})", ""]
-        for load in loads:
-            for spin in args.spinning.split(","):
-                with busy_core(load):
-                    report = run_benchmark(
-                        bundle, ds.images, ds.labels, config=config, backend="onnxruntime",
-                        thresholds=thresholds, operating_points=no_exit_point(bundle),
-                        backend_options={"spinning": SPINNING_NAMES[spin]}, data_name=data_name,
-                    )
-                rows = summary(report)
-                where = "beside one busy process" if load else "idle machine"
-                body += [f"### spinning {spin}, {where}", "",
-                         f"backend: {report.backend.get('describe')}; load average at start "
-                         f"{report.machine.get('load_average_start')}", ""]
-                body += [f"**warning: fast path off: {w}**"
-                         for w in report.backend.get("fast_paths_off", [])]
-                body += [_table(rows), ""]
-                data.append({"bundle": str(path), "data": data_name, "mix": mix,
-                             "thresholds": [t if np.isfinite(t) else None for t in thresholds],
-                             "spinning": spin, "busy_process": load, "rows": rows,
-                             "report": report.to_dict()})  # fmt: skip
-                print("\n".join(body[-3:]), flush=True)
+        settings = [(load, spin, int(th)) for load in loads
+                    for spin in args.spinning.split(",") for th in args.threads.split(",")]
+        for load, spin, threads in settings:
+            with busy_core(load):
+                report = run_benchmark(
+                    bundle, ds.images, ds.labels, config=config, backend="onnxruntime",
+                    thresholds=thresholds, operating_points=no_exit_point(bundle),
+                    backend_options={"spinning": SPINNING_NAMES[spin],
+                                     "threads": threads or None},
+                    data_name=data_name,
+                )
+            rows = summary(report)
+            where = "beside one busy process" if load else "idle machine"
+            body += [f"### spinning {spin}, {threads or 'all'} threads, {where}", "",
+                     f"backend: {report.backend.get('describe')}; load average at start "
+                     f"{report.machine.get('load_average_start')}", ""]
+            body += [f"**warning: fast path off: {w}**"
+                     for w in report.backend.get("fast_paths_off", [])]
+            body += [_table(rows), ""]
+            data.append({"bundle": str(path), "data": data_name, "mix": mix,
+                         "thresholds": [t if np.isfinite(t) else None for t in thresholds],
+                         "spinning": spin, "threads": threads or None,
+                         "busy_process": load, "rows": rows,
+                         "report": report.to_dict()})  # fmt: skip
+            print("\n".join(body[-3:]), flush=True)
     md = header("The gated runtime against the physical limit (ONNX Runtime CPU)", [
-        "one interleaved run per model × spinning setting (× load): full = our tuned session on "
+        "one interleaved run per model × spinning × threads setting (× load): full = our tuned session on "
         "full.onnx; default ORT = `onnxruntime.InferenceSession(full.onnx)` with default options; "
         "limit = every image pays only the ungated prefix of the full model up to its exit "
         "(prefix graphs built from the bundle's stage graphs, timed in the same rounds); "

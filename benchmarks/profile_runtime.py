@@ -218,7 +218,7 @@ def ablation(bundle: Bundle, sizes: list[int], reps: int) -> str:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         sess = ort.InferenceSession(_ablated(captured["model"], gather, gates).SerializeToString(),
                                     so, providers=["CPUExecutionProvider"])
-        run = chain_mod.ChainSession(sess, ortb._direct_run(sess), be.run_options,
+        run = chain_mod.ChainSession(sess, ortb.direct_run(sess), be.run_options,
                                      bundle.num_stages).run
         variants.append(_Variant(label, lambda x, run=run: run(x, no_exit)[-1][1], last))
     x = np.random.default_rng(3).standard_normal((2048, *bundle.input_shape)).astype(np.float32)

@@ -204,7 +204,7 @@ class OnnxRuntimeBackend(Backend):
             if optimized is not None:
                 shutil.rmtree(optimized, ignore_errors=True)
         #: the contract graphs as exported, one path per stage
-        self.plain = [StagePath(_direct_run(s)) for s in self.sessions]
+        self.plain = [StagePath(direct_run(s)) for s in self.sessions]
         self.fused_sessions: list[Any] = []  # the rewritten stage graphs, when fused
         self.paths = self.plain
         self.fusion = f"off: {why_not}" if why_not else "off"
@@ -253,7 +253,7 @@ class OnnxRuntimeBackend(Backend):
     def _check_fused(self, fused: FusedStages) -> list[StagePath]:
         """Load the rewritten graphs; check them against the plain ones; their paths."""
         self.fused_sessions = [self._extended_session(m) for m in fused.models]
-        runs = [_direct_run(sess) for sess in self.fused_sessions]
+        runs = [direct_run(sess) for sess in self.fused_sessions]
         blocks = check_fused(self.plain, runs, fused, self.stage_io, self.run_options,
                              self.bundle.input_shape)
         return [StagePath(runs[k], fused.blocked_input[k], blocks[k],
@@ -295,7 +295,7 @@ class OnnxRuntimeBackend(Backend):
             sess = self._extended_session(composed)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ChainError(f"ONNX Runtime refused the composed graph: {exc}") from exc
-        chain = ChainSession(sess, _direct_run(sess), self.run_options, self.bundle.num_stages,
+        chain = ChainSession(sess, direct_run(sess), self.run_options, self.bundle.num_stages,
                              off)
         rng = np.random.default_rng(1)
         x = rng.standard_normal((16, *self.bundle.input_shape)).astype(np.float32)
@@ -382,7 +382,7 @@ class OnnxRuntimeBackend(Backend):
         """``(run, input name, session)`` of ``full.onnx``, created on first use."""
         if self._full is None:
             sess = self._session(str(self.bundle.full_file()))
-            self._full = (_direct_run(sess), sess.get_inputs()[0].name, sess)
+            self._full = (direct_run(sess), sess.get_inputs()[0].name, sess)
         return self._full
 
     @property
@@ -415,7 +415,7 @@ def _fusion_unavailable(cpu_only: bool, wanted: bool | None) -> str:
     return ""
 
 
-def _direct_run(sess: Any) -> Run:
+def direct_run(sess: Any) -> Run:
     """The session's C++ ``run`` (no per-call Python validation) when reachable."""
     inner = getattr(sess, "_sess", None)
     if inner is not None and callable(getattr(inner, "run", None)):

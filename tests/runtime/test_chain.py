@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from dgconvert.core.errors import DGConvertError
 from dgconvert.core.preprocess import prepare_images
 from dgconvert.runtime import GatedRunner
-from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend, _direct_run, session_options
+from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend, direct_run, session_options
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
 from dgconvert.runtime.passes.chain import ChainError, compose_chain
 
@@ -144,13 +144,13 @@ def test_self_check_catches_a_wrong_graph(tiny: dict[str, Any]) -> None:
     init = next(i for i in models[1].graph.initializer if i.name == gemm.input[1])
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * -1.0, init.name))
     sess = _session(compose_chain(models))
-    chain = ChainSession(sess, _direct_run(sess), ort.RunOptions(), len(models))
+    chain = ChainSession(sess, direct_run(sess), ort.RunOptions(), len(models))
     x = np.random.default_rng(3).standard_normal((16, 1, 28, 28)).astype(np.float32)
     with pytest.raises(ChainError, match="stage 1 (scores|labels) differ"):
         check_chain(chain, be.run_stage, x)
     good = compose_chain(_stage_models(tiny["bundle"]))
     sess = _session(good)
-    t = check_chain(ChainSession(sess, _direct_run(sess), ort.RunOptions(), len(models)),
+    t = check_chain(ChainSession(sess, direct_run(sess), ort.RunOptions(), len(models)),
                     be.run_stage, x)
     assert t.shape == (tiny["bundle"].num_gates,)
 
