@@ -1,13 +1,15 @@
 """The gated runtime against the physical limit of early exit, per model and thread setting.
 
-For each bundle and each ONNX Runtime spinning setting, one interleaved ``run_benchmark``:
+For each bundle and each ONNX Runtime spinning × threads setting, one interleaved
+``run_benchmark``:
 the full model (our tuned session and a default ONNX Runtime session), the gated runner,
 the gated runner with every gate off (what staging costs), and the ungated prefixes up to
 each exit (the physical limit). ``--load`` repeats each run beside one busy process that
 competes for a core (what a loaded machine does to each setting).
 
     python benchmarks/limit_sweep.py [out/reference.dg] \\
-        [--extra BUNDLE=DATA[=MIX]] [--spinning off,run] [--load] [--batch-size 1,8,64,256]
+        [--extra BUNDLE=DATA[=MIX]] [--spinning off,run] [--threads 0,1] [--load] \\
+        [--batch-size 1,8,64,256]
 
 ``--extra``: another bundle and its images (a .npz works); ``MIX`` (e.g. ``25,25,25``):
 thresholds set so that these percentages of the images exit at the gates (the rest at the
