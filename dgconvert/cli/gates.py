@@ -16,6 +16,7 @@ from dgconvert.core.gates import (
     HINGES,
     LAYOUTS,
     POOLS,
+    RATE_WEIGHTS,
     SCORE_CHOICES,
 )
 
@@ -207,7 +208,18 @@ def train_reference_cmd(
 @click.option("--bottleneck", type=int, default=8, show_default=True,
               help="Size of the gater's bottleneck layer (the paper uses 8 on CIFAR).")
 @click.option("--sparsity", type=float, default=0.5, show_default=True,
-              help="Weight lambda of the L1 term on the gates (more: more filters off).")
+              help="Weight lambda of the sparsity term (more: more filters off).")
+@click.option("--target-rate", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Share of the gated filters' FLOPs to keep switched on, in (0, 1]: the "
+                   "sparsity term becomes lambda * max(0, rate - target), rate FLOPs-weighted "
+                   "(default: the paper's plain L1 term lambda * mean(gates)).")
+@click.option("--rate-weights", type=click.Choice(RATE_WEIGHTS), default="flops", show_default=True,
+              help="--target-rate weighs each gate by the FLOPs pruning its filter saves "
+                   "(flops) or counts filters (filters).")
+@click.option("--off-below", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
+              show_default=True,
+              help="After the joint training, gates on for at most this share of the training "
+                   "images are forced off for every input (then pruned) before settling.")
 @click.option("--gater-epochs", type=int, default=1, show_default=True,
               help="Epochs of gater pre-training as a classifier (0: random init).")
 @click.option("--epochs", type=int, default=1, show_default=True,
@@ -235,7 +247,8 @@ def train_reference_cmd(
 @friendly_errors
 def gaternet_cmd(
     backbone: Path, data: str, output: Path, gated: str | None, gater_arch: str | None,
-    gater_kwargs: str | None, bottleneck: int, sparsity: float, gater_epochs: int, epochs: int,
+    gater_kwargs: str | None, bottleneck: int, sparsity: float, target_rate: float | None,
+    rate_weights: str, off_below: float, gater_epochs: int, epochs: int,
     settle_epochs: int, lr: float, batch_size: int, holdout: float, no_augment: bool, arch: str | None,
     arch_kwargs: str | None, normalization: str | None, threads: int | None, seed: int,
     trust_pickle: bool, allow_near_chance: bool, force: bool, json_path: Path | None,
@@ -262,7 +275,8 @@ def gaternet_cmd(
     result = fit_gaternet(
         backbone, data, layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
         epochs=epochs, settle_epochs=settle_epochs, batch_size=batch_size, lr=lr,
-        sparsity=sparsity, holdout=holdout,
+        sparsity=sparsity, target_rate=target_rate, rate_weights=rate_weights,
+        off_below=off_below, holdout=holdout,
         augment=not no_augment, arch=arch_spec, trust_pickle=trust_pickle,
         normalization=parse_json_object(normalization, "--normalization"), seed=seed,
         threads=threads, progress=True, check_accuracy=not allow_near_chance,
