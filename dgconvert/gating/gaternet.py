@@ -693,10 +693,12 @@ def fit_gaternet(
     then gater and a copy of the backbone are trained jointly for ``epochs`` epochs (SGD,
     Nesterov momentum, one-cycle schedule peaking at ``lr``, batch-norm in training mode,
     random crop + flip when ``augment``) on cross-entropy plus ``sparsity · mean(gates)``
-    (the paper's L1 term) or, with a ``target_rate`` ``r``, plus ``sparsity · max(0, rate − r)``
-    where ``rate`` is the FLOPs-weighted share of the gated filters switched on
-    (:func:`gate_flops`): the term pushes gates off only while more than ``r`` of the gated
-    FLOPs run, and pushes hardest where pruning saves most;
+    (the paper's L1 term) or, with a ``target_rate`` ``r``, plus ``sparsity · max(0, use − r)``
+    where ``use = Σ_i w_i √(p_i)``: ``p_i`` is gate ``i``'s on-rate in the batch, ``w_i`` sum
+    to 1 and are the FLOPs pruning its filter saves (:func:`gate_flops`; ``rate_weights=
+    "flops"``) or equal (``"filters"``). The square root (a group-sparsity norm over the
+    batch) pushes rarely-on gates hardest, towards always off, which pruning can remove; the
+    hinge stops pushing once the usage is down to ``r``, so ``r`` sets how much is switched off;
     the gater learns at ``gater_lr_scale`` times ``lr`` (a few epochs must move its gates,
     while the backbone is already trained). ``gater_lr`` is the pre-training's peak rate.
     Every gate starts on, so training starts from the backbone's own predictions. Then the
