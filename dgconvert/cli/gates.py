@@ -207,17 +207,17 @@ def train_reference_cmd(
 @click.option("--gater-kwargs", default=None, help="JSON keyword arguments for --gater.")
 @click.option("--bottleneck", type=int, default=8, show_default=True,
               help="Size of the gater's bottleneck layer (the paper uses 8 on CIFAR).")
-@click.option("--sparsity", type=float, default=0.5, show_default=True,
+@click.option("--sparsity", type=float, default=2.0, show_default=True,
               help="Weight lambda of the sparsity term (more: more filters off).")
-@click.option("--target-rate", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="Gate usage to keep, in (0, 1]: the sparsity term becomes lambda * "
-                   "max(0, usage - target), usage = the weighted mean over gates of sqrt(on-rate "
-                   "in the batch), which drives rarely-on gates to always off (default: the "
-                   "paper's L1 term lambda * mean(gates)).")
-@click.option("--rate-weights", type=click.Choice(RATE_WEIGHTS), default="flops", show_default=True,
+@click.option("--target-rate", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
+              help="Gate usage to keep, in (0, 1]: the sparsity term is lambda * max(0, usage "
+                   "- target), usage = the weighted mean over gates of sqrt(on-rate in the "
+                   "batch), which drives rarely-on gates to always off; lower: more filters "
+                   "off. 0: no target, the paper's L1 term lambda * mean(gates).")
+@click.option("--rate-weights", type=click.Choice(RATE_WEIGHTS), default="filters", show_default=True,
               help="--target-rate weighs each gate by the FLOPs that pruning its filter "
                    "saves (flops) or counts each filter the same (filters).")
-@click.option("--off-below", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
+@click.option("--off-below", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.5,
               show_default=True,
               help="After the joint training, gates on for at most this share of the training "
                    "images are forced off for every input (then pruned) before settling.")
@@ -225,7 +225,7 @@ def train_reference_cmd(
               help="Epochs of gater pre-training as a classifier (0: random init).")
 @click.option("--epochs", type=int, default=1, show_default=True,
               help="Epochs of joint gater + backbone training.")
-@click.option("--settle-epochs", type=int, default=1, show_default=True,
+@click.option("--settle-epochs", type=int, default=5, show_default=True,
               help="Epochs of backbone-only training with the gater frozen and its hard "
                    "inference gates, after the joint training.")
 @click.option("--lr", type=float, default=0.02, show_default=True,
@@ -248,7 +248,7 @@ def train_reference_cmd(
 @friendly_errors
 def gaternet_cmd(
     backbone: Path, data: str, output: Path, gated: str | None, gater_arch: str | None,
-    gater_kwargs: str | None, bottleneck: int, sparsity: float, target_rate: float | None,
+    gater_kwargs: str | None, bottleneck: int, sparsity: float, target_rate: float,
     rate_weights: str, off_below: float, gater_epochs: int, epochs: int,
     settle_epochs: int, lr: float, batch_size: int, holdout: float, no_augment: bool, arch: str | None,
     arch_kwargs: str | None, normalization: str | None, threads: int | None, seed: int,
@@ -276,7 +276,7 @@ def gaternet_cmd(
     result = fit_gaternet(
         backbone, data, layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
         epochs=epochs, settle_epochs=settle_epochs, batch_size=batch_size, lr=lr,
-        sparsity=sparsity, target_rate=target_rate, rate_weights=rate_weights,
+        sparsity=sparsity, target_rate=target_rate or None, rate_weights=rate_weights,
         off_below=off_below, holdout=holdout,
         augment=not no_augment, arch=arch_spec, trust_pickle=trust_pickle,
         normalization=parse_json_object(normalization, "--normalization"), seed=seed,

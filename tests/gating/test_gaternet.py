@@ -143,7 +143,7 @@ def test_fit_runs_and_reports() -> None:
                  rng.integers(0, 10, 300).astype(np.int64), source="random")
     torch.manual_seed(0)
     res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=1, epochs=1,
-                       batch_size=100, sparsity=1.0, holdout=0.2, arch=ARCH,
+                       settle_epochs=1, batch_size=100, sparsity=1.0, target_rate=None, holdout=0.2, arch=ARCH,
                        normalization={"scale": 255.0}, progress=False, check_accuracy=False)
     assert res.accuracy is not None and res.backbone_accuracy is not None
     assert sum(lay.filters for lay in res.layers) == res.net.num_gates
@@ -160,7 +160,7 @@ def test_fit_with_target_rate_fixes_rare_gates_off() -> None:
     torch.manual_seed(0)
     res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=0, epochs=1,
                        settle_epochs=0, batch_size=50, lr=0.5, sparsity=50.0, target_rate=0.3,
-                       off_below=0.5, holdout=0.25, arch=ARCH, normalization={"scale": 255.0},
+                       rate_weights="flops", off_below=0.5, holdout=0.25, arch=ARCH, normalization={"scale": 255.0},
                        progress=False, check_accuracy=False)
     fixed = res.losses["fixed_off"]
     assert 0 < fixed < res.net.num_gates
@@ -183,5 +183,5 @@ def test_cli_gaternet_bad_options_are_clear(tmp_path) -> None:  # type: ignore[n
                                     str(tmp_path / "g.pt"), "--gater-kwargs", "{}"])
     assert out.exit_code != 0 and "--gater-kwargs needs --gater" in out.output
     out = CliRunner().invoke(main, ["gates", "gaternet", str(bb), "--data", "x", "-o",
-                                    str(tmp_path / "g.pt"), "--target-rate", "0"])
-    assert out.exit_code != 0 and "--target-rate" in out.output and "0<x<=1" in out.output
+                                    str(tmp_path / "g.pt"), "--target-rate", "1.5"])
+    assert out.exit_code != 0 and "--target-rate" in out.output and "0<=x<=1" in out.output
