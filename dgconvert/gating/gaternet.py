@@ -17,8 +17,10 @@ backbone's gated layers; a gate of 0 zeroes that filter's output channel for tha
   removed exactly — its convolution, its normalization and the next convolution's input
   channels (:func:`prune_always_off`).
 - :func:`fit_gaternet`: gater pre-training, then gater and backbone trained jointly with
-  cross-entropy plus ``λ · mean(gates)`` (the paper's L1 sparsity term; the backbone gets no
-  gradient from it), from the pre-trained backbone.
+  cross-entropy plus a sparsity term (by default a hinge on the gates' usage above a target,
+  else the paper's L1 term ``λ · mean(gates)``; the backbone gets no gradient from it), from
+  the pre-trained backbone; then the rarely-on gates are forced off and the backbone is
+  trained with the hard gates (settle).
 """
 
 from __future__ import annotations
