@@ -64,8 +64,8 @@ __all__ = [
     "GaterNet",
     "GaterNetFit",
     "GaterNetError",
-    "RATE_WEIGHTS",
     "ImprovedSemHash",
+    "RATE_WEIGHTS",
     "default_gated_layers",
     "fit_gaternet",
     "force_off",
@@ -705,7 +705,8 @@ def fit_gaternet(
     while the backbone is already trained). ``gater_lr`` is the pre-training's peak rate.
     Every gate starts on, so training starts from the backbone's own predictions. Then the
     gates switched on for at most ``off_below`` of the training images are forced off for
-    every input (:func:`force_off`): exactly the filters that pruning will remove. Then, for
+    every input (:func:`force_off`), so the backbone learns without the filters pruning
+    removes. Then, for
     ``settle_epochs``, the gater is frozen and the backbone alone is trained with the hard,
     noiseless gates of inference (a short run leaves many gate logits near 0, where the
     training noise switches them on and inference does not).
@@ -725,7 +726,7 @@ def fit_gaternet(
                             "sparsity >= 0, lr > 0 and a holdout share in [0, 1)")
     if (target_rate is not None and not 0.0 < target_rate <= 1.0) or not 0.0 <= off_below < 1.0:
         raise GaterNetError(f"target_rate={target_rate}, off_below={off_below}; expected a "
-                            "target share of gated FLOPs in (0, 1] and off_below in [0, 1)")
+                            "target gate usage in (0, 1] and off_below in [0, 1)")
     if rate_weights not in RATE_WEIGHTS:
         raise GaterNetError(f"rate_weights={rate_weights!r}; expected one of {RATE_WEIGHTS}")
     gater_spec = {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
@@ -774,6 +775,7 @@ def fit_gaternet(
                     clf(batches(tr[i])), y[tr[i]]),
                 n, gater_epochs, batch_size, gater_lr, weight_decay, _decayed(clf), seed, bar)
             bar.close()
+        target = target_rate or 0.0
         if target_rate is None:
             weights = None
         else:
@@ -787,13 +789,12 @@ def fit_gaternet(
             x = batches(tr[i])
             g = net.gater(x)
             if weights is None:
-                reg = g.mean()
+                reg = term = g.mean()
             else:  # a gate's usage: sqrt of its on-rate in the batch (group sparsity)
                 reg = torch.sqrt(g.mean(0) + _USAGE_EPS) @ weights
+                term = torch.relu(reg - target)
             sparse_terms.append(float(reg.detach()))
-            if weights is not None and target_rate is not None:
-                reg = torch.relu(reg - target_rate)
-            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * reg
+            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * term
 
         bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
         groups = [{"params": list(net.body.parameters())},
@@ -801,7 +802,7 @@ def fit_gaternet(
         losses["joint"] = _sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
                                weight_decay, _decayed(net), seed + 1, bar)
         bar.close()
-        losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))
+        losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))  # usage with a target
         train_counts = gate_counts(net, ds.images[train_idx])
         fixed = train_counts <= off_below * n
         net = force_off(net, fixed).train()  # gate_counts left it in eval mode
