@@ -18,6 +18,7 @@ backbone). Writes ``benchmarks/results/gaternet.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", type=Path, default=Path("out/backbone.pt"))
     ap.add_argument("--gaternet", type=Path, default=Path("out/gaternet.pt"))
     ap.add_argument("--refit", action="store_true", help="Fit the GaterNet even if cached.")
-    ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--fit-options", default="{}",
+                    help="JSON keyword arguments for fit_gaternet (default: its defaults, as "
+                         "`dgconvert gates gaternet`)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and ONNX Runtime threads (1: the 2 shared cores spin less)")
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         fit_report = net.meta.get("fit", {})
         fit_s = fit_report.get("seconds")
     else:
-        res = fit_gaternet(args.backbone, TRAIN, sparsity=args.sparsity, epochs=args.epochs,
-                           settle_epochs=1, threads=args.threads, progress=True)
+        res = fit_gaternet(args.backbone, TRAIN, threads=args.threads, progress=True,
+                           **json.loads(args.fit_options))
         net, fit_report, fit_s = res.net, res.as_dict(), res.seconds
         dg.save(net, args.gaternet)
         print(res.table(), file=sys.stderr)
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     counts_cal = gate_counts(net, calib.images)
     off = counts_cal == 0
     pruned = prune_always_off(net, off)
+    with torch.no_grad():
+        logit_diff = float(np.abs(pruned.net(torch.from_numpy(xt)).numpy() - gn_logits).max())
     counts_test = gate_counts(net, test.images)
     kinds_test = distribution(net, counts_test, len(test))
     flip = int(((counts_test > 0) & off).sum())  # pruned gates some test image switches on
@@ -170,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             "pruning": gn.to_dict(), "kinds_test": [k.to_dict() for k in kinds_test],
             "pruned_gates_on_for_some_test_image": flip,
             "pruned_vs_unpruned_label_agreement_test": agree,
+            "pruned_vs_unpruned_max_abs_logit_diff_test": logit_diff,
             "gaternet_torch_test_accuracy": gn_acc_torch,
             "seconds": round(time.perf_counter() - t_start, 1)}
     write_results("gaternet", render(data, args), data, args.out)
     return 0
+
+
+def _fit_options(d: dict[str, Any]) -> str:
+    o = d["fit"].get("options", {})
+    keys = ("sparsity", "target_rate", "rate_weights", "off_below", "epochs", "settle_epochs")
+    return ", ".join(f"{k} {o[k]}" for k in keys if o.get(k) is not None)
 
 
 def render(d: dict[str, Any], args: argparse.Namespace) -> str:
@@ -184,11 +195,8 @@ def render(d: dict[str, Any], args: argparse.Namespace) -> str:
             ("GaterNet, always-off filters pruned", "gaternet_pruned"),
             ("GaterNet (pruned) + d-gates, --max-drop 0.3", "gaternet_dgates")]
     lines = [header("GaterNet vs the plain backbone (Fashion-MNIST test set, 10,000 images)",
-                    [f"GaterNet fit: `dgconvert gates gaternet` (sparsity "
-                     f"{d['fit'].get('options', {}).get('sparsity')}, joint epochs "
-                     f"{d['fit'].get('options', {}).get('epochs')}, settle epochs "
-                     f"{d['fit'].get('options', {}).get('settle_epochs')}) on {TRAIN}, "
-                     "1 torch thread",
+                    [f"GaterNet fit: `dgconvert gates gaternet` ({_fit_options(d)}) on "
+                     f"{TRAIN}, 1 torch thread",
                      f"pruning and d-gate calibration data: {CALIBRATION_DATA}; d-gates fitted "
                      f"on {DGATE_TRAIN}", f"timing: ONNX Runtime CPU, {args.threads} threads, "
                      f"median of {args.rounds} interleaved rounds"]),
@@ -212,7 +220,8 @@ def render(d: dict[str, Any], args: argparse.Namespace) -> str:
         f"bundle's labels agree with the unpruned GaterNet on "
         f"{100 * d['pruned_vs_unpruned_label_agreement_test']:.2f} % of the test images "
         f"({d['pruned_gates_on_for_some_test_image']} pruned gates are switched on by some "
-        "test image; pruned, they stay off).",
+        "test image; pruned, they stay off); largest logit difference, pruned vs unpruned "
+        f"in torch on the test set: {d['pruned_vs_unpruned_max_abs_logit_diff_test']:.1e}.",
         f"GaterNet test accuracy in torch: {100 * d['gaternet_torch_test_accuracy']:.2f} %.",
         f"d-gates: exits per stage {r['gaternet_dgates']['exit_rates']}, thresholds "
         f"{[round(t, 3) for t in r['gaternet_dgates']['thresholds']]}.",

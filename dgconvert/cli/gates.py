@@ -16,6 +16,7 @@ from dgconvert.core.gates import (
     HINGES,
     LAYOUTS,
     POOLS,
+    RATE_WEIGHTS,
     SCORE_CHOICES,
 )
 
@@ -206,13 +207,25 @@ def train_reference_cmd(
 @click.option("--gater-kwargs", default=None, help="JSON keyword arguments for --gater.")
 @click.option("--bottleneck", type=int, default=8, show_default=True,
               help="Size of the gater's bottleneck layer (the paper uses 8 on CIFAR).")
-@click.option("--sparsity", type=float, default=0.5, show_default=True,
-              help="Weight lambda of the L1 term on the gates (more: more filters off).")
+@click.option("--sparsity", type=float, default=2.0, show_default=True,
+              help="Weight lambda of the sparsity term (more: more filters off).")
+@click.option("--target-rate", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
+              help="Gate usage to keep, in (0, 1]: the sparsity term is lambda * max(0, usage "
+                   "- target), usage = the weighted mean over gates of sqrt(on-rate in the "
+                   "batch), which drives rarely-on gates to always off; lower: more filters "
+                   "off. 0: no target, the paper's L1 term lambda * mean(gates).")
+@click.option("--rate-weights", type=click.Choice(RATE_WEIGHTS), default="filters", show_default=True,
+              help="--target-rate weighs each gate by the FLOPs that pruning its filter "
+                   "saves (flops) or counts each filter the same (filters).")
+@click.option("--off-below", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.5,
+              show_default=True,
+              help="After the joint training, gates on for at most this share of the training "
+                   "images are forced off for every input (then pruned) before settling.")
 @click.option("--gater-epochs", type=int, default=1, show_default=True,
               help="Epochs of gater pre-training as a classifier (0: random init).")
 @click.option("--epochs", type=int, default=1, show_default=True,
               help="Epochs of joint gater + backbone training.")
-@click.option("--settle-epochs", type=int, default=1, show_default=True,
+@click.option("--settle-epochs", type=int, default=5, show_default=True,
               help="Epochs of backbone-only training with the gater frozen and its hard "
                    "inference gates, after the joint training.")
 @click.option("--lr", type=float, default=0.02, show_default=True,
@@ -235,7 +248,8 @@ def train_reference_cmd(
 @friendly_errors
 def gaternet_cmd(
     backbone: Path, data: str, output: Path, gated: str | None, gater_arch: str | None,
-    gater_kwargs: str | None, bottleneck: int, sparsity: float, gater_epochs: int, epochs: int,
+    gater_kwargs: str | None, bottleneck: int, sparsity: float, target_rate: float,
+    rate_weights: str, off_below: float, gater_epochs: int, epochs: int,
     settle_epochs: int, lr: float, batch_size: int, holdout: float, no_augment: bool, arch: str | None,
     arch_kwargs: str | None, normalization: str | None, threads: int | None, seed: int,
     trust_pickle: bool, allow_near_chance: bool, force: bool, json_path: Path | None,
@@ -262,7 +276,8 @@ def gaternet_cmd(
     result = fit_gaternet(
         backbone, data, layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
         epochs=epochs, settle_epochs=settle_epochs, batch_size=batch_size, lr=lr,
-        sparsity=sparsity, holdout=holdout,
+        sparsity=sparsity, target_rate=target_rate or None, rate_weights=rate_weights,
+        off_below=off_below, holdout=holdout,
         augment=not no_augment, arch=arch_spec, trust_pickle=trust_pickle,
         normalization=parse_json_object(normalization, "--normalization"), seed=seed,
         threads=threads, progress=True, check_accuracy=not allow_near_chance,
@@ -273,3 +288,74 @@ def gaternet_cmd(
         write_json(json_path, result.as_dict())
     click.echo(f"wrote {output} (GaterNet: {result.net.num_gates} gated filters in "
                f"{len(result.net.layers)} layers) in {result.seconds:.1f} s")
+
+
+@gates_group.command("gaternet-exits")
+@click.argument("gaternet", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", required=True,
+              help="Labelled data to fit the d-gates on, e.g. 'fashion-mnist:train[:10000]'.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory to write (GaterNet + d-gates have no checkpoint of their "
+                   "own: the bundle is exported and verified here; `dgconvert calibrate` it next).")
+@click.option("--prune-data", default=None,
+              help="Calibration images: filters whose gate is off for every one are pruned "
+                   "before the d-gates are attached, e.g. 'fashion-mnist:train[50000:]'.")
+@click.option("--cut", "cuts", default="layer1,layer2,layer3", show_default=True,
+              help="Comma-separated backbone modules (top-level blocks); a d-gate follows each.")
+@click.option("--gate", type=click.Choice(GATE_TYPES), default=DEFAULT_GATE, show_default=True,
+              help="Gate head type.")
+@click.option("--epochs", type=int, default=20, show_default=True,
+              help="Epochs over the cached features.")
+@click.option("--holdout", type=float, default=0.1, show_default=True,
+              help="Share of --data held out for the coverage/accuracy report and thresholds.")
+@click.option("--verify-data", default=None,
+              help="Inputs to verify the bundle against PyTorch on (default: random inputs).")
+@click.option("--verify-samples", type=int, default=256, show_default=True)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+              show_default=True, help="ONNX exporter, as in `dgconvert export`.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@friendly_errors
+def gaternet_exits_cmd(
+    gaternet: Path, data: str, output: Path, prune_data: str | None, cuts: str, gate: str,
+    epochs: int, holdout: float, verify_data: str | None, verify_samples: int, exporter: str,
+    seed: int, force: bool,
+) -> None:  # fmt: skip
+    """Attach d-gates (early exits) after --cut blocks of a GaterNet checkpoint (pruned with
+    --prune-data first), fit them on --data and export the verified bundle."""
+    import torch
+
+    import dgconvert as dg
+    from dgconvert.core.preprocess import normalize
+    from dgconvert.gating.gaternet import GaterNet, gate_counts, prune_always_off
+    from dgconvert.gating.gaternet_exits import fit_gaternet_exits
+
+    if epochs < 1 or not 0.0 <= holdout < 1.0:
+        raise click.BadParameter(f"--epochs {epochs}, --holdout {holdout}; expected epochs >= 1 "
+                                 "and a holdout share in [0, 1)")
+    if output.exists() and not force:
+        raise click.ClickException(f"{output} exists; expected a new bundle. Fix: pass --force "
+                                   "to replace it, or choose another -o.")
+    net = dg.load(gaternet)
+    if not isinstance(net, GaterNet):
+        raise click.UsageError(f"{gaternet.name} is not a GaterNet checkpoint (`dgconvert gates "
+                               "gaternet` writes one); for a backbone use `dgconvert gates fit`.")
+    if prune_data is not None:
+        off = gate_counts(net, dg.load_dataset(prune_data).images) == 0
+        net = prune_always_off(net, off).net
+        click.echo(f"pruned {int(off.sum())} of {len(off)} gated filters (off for all of {prune_data})")
+    names, _ = parse_cuts(cuts)
+    if not isinstance(names, list):
+        raise click.BadParameter("expected module names, e.g. layer1,layer2", param_hint="--cut")
+    result = fit_gaternet_exits(net, data, names, gate, epochs=epochs, holdout=holdout,
+                                seed=seed, progress=True)
+    click.echo(result.table())
+    verify = None
+    if verify_data is not None:
+        imgs = dg.load_dataset(verify_data).images[:verify_samples]
+        verify = torch.from_numpy(normalize(imgs, net.normalization) if imgs.dtype.kind == "u"
+                                  else imgs.astype("float32"))
+    bundle = dg.export(result.net, output, verify_input=verify, force=force, progress=True,
+                       exporter=exporter)
+    click.echo(f"wrote {bundle.path} ({bundle.num_stages} stages, {bundle.num_gates} d-gates); "
+               f"next: dgconvert calibrate {bundle.path} --data ...")

@@ -127,6 +127,9 @@ def exit_head_score(logits: np.ndarray, confidence: np.ndarray | None, score: st
 #: The three kinds of binary filter gates a trained GaterNet shows (its Figure 2): on for
 #: every sample, off for every sample, on for some samples and off for others.
 FILTER_GATE_KINDS: tuple[str, ...] = ("always_on", "always_off", "input_dependent")
+#: How a GaterNet fit's target rate weighs its gates: by the FLOPs that pruning each gate's
+#: filter saves, or each filter the same.
+RATE_WEIGHTS: tuple[str, ...] = ("flops", "filters")
 
 
 def filter_gate_kinds(on_counts: np.ndarray, samples: int) -> np.ndarray:

@@ -17,8 +17,10 @@ backbone's gated layers; a gate of 0 zeroes that filter's output channel for tha
   removed exactly — its convolution, its normalization and the next convolution's input
   channels (:func:`prune_always_off`).
 - :func:`fit_gaternet`: gater pre-training, then gater and backbone trained jointly with
-  cross-entropy plus ``λ · mean(gates)`` (the paper's L1 sparsity term; the backbone gets no
-  gradient from it), from the pre-trained backbone.
+  cross-entropy plus a sparsity term (by default a hinge on the gates' usage above a target,
+  else the paper's L1 term ``λ · mean(gates)``; the backbone gets no gradient from it), from
+  the pre-trained backbone; then the rarely-on gates are forced off and the backbone is
+  trained with the hard gates (settle).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from dgconvert.core.errors import CheckpointError
-from dgconvert.core.gates import FilterGateLayer, format_filter_gates
+from dgconvert.core.gates import RATE_WEIGHTS, FilterGateLayer, format_filter_gates
 from dgconvert.core.io import atomic_write
 from dgconvert.gating.augment import random_crop_flip
 from dgconvert.gating.checkpoint import VERSION, _load_state, build_arch
@@ -63,10 +65,12 @@ __all__ = [
     "GaterNetFit",
     "GaterNetError",
     "ImprovedSemHash",
+    "RATE_WEIGHTS",
     "default_gated_layers",
     "fit_gaternet",
     "force_off",
     "gate_counts",
+    "gate_flops",
     "gate_layers",
     "prune_always_off",
     "saturating_sigmoid",
@@ -79,6 +83,8 @@ DEFAULT_GATER: dict[str, Any] = {"factory": "dgconvert.zoo:resnet",
 #: Gate logits start at this bias: every gate on, so training starts from the backbone
 #: (low enough that the saturating sigmoid still passes the sparsity term's gradient).
 _INIT_ON = 1.0
+#: Keeps the gradient of sqrt(on-rate) finite for a gate off for the whole batch.
+_USAGE_EPS = 1e-4
 #: A forced-off gate's logit (weights zero): hard gate 0 for every input.
 _OFF_LOGIT = -1.0
 
@@ -509,6 +515,29 @@ def prune_always_off(net: GaterNet, off: np.ndarray) -> PruneResult:
     return PruneResult(new, removed, notes)
 
 
+@torch.no_grad()
+def gate_flops(net: GaterNet) -> np.ndarray:
+    """Per gate, the FLOPs per image that pruning its filter saves (its convolution and
+    normalization channel and the next convolution's input channel): float64 ``[c]``,
+    measured by pruning one filter of each gated layer; 0 where a filter cannot be pruned."""
+    from dgconvert.gating.flops import count_flops
+
+    training = net.training
+    net.eval()  # one image: batch norm in evaluation mode
+    one = torch.zeros(1, *net.input_shape)
+    full = count_flops(net, one)
+    out, start = np.zeros(net.num_gates), 0
+    for lay in net.layers:
+        off = np.zeros(net.num_gates, bool)
+        off[start] = True
+        pruned = prune_always_off(net, off)
+        if pruned.removed.any():
+            out[start : start + lay.filters] = full - count_flops(pruned.net, one)
+        start += lay.filters
+    net.train(training)
+    return out
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 GATERNET_FORMAT = "dgconvert-gaternet"
@@ -641,8 +670,11 @@ def fit_gaternet(
     lr: float = 0.02,
     gater_lr: float = 0.1,
     gater_lr_scale: float = 10.0,
-    sparsity: float = 0.5,
-    settle_epochs: int = 1,
+    sparsity: float = 2.0,
+    target_rate: float | None = 0.7,
+    rate_weights: str = "filters",
+    off_below: float = 0.5,
+    settle_epochs: int = 5,
     weight_decay: float = 5e-4,
     holdout: float = 0.1,
     augment: bool = True,
@@ -662,10 +694,19 @@ def fit_gaternet(
     paper starts both networks pre-trained; 0 keeps it random), its output layer removed;
     then gater and a copy of the backbone are trained jointly for ``epochs`` epochs (SGD,
     Nesterov momentum, one-cycle schedule peaking at ``lr``, batch-norm in training mode,
-    random crop + flip when ``augment``) on cross-entropy plus ``sparsity · mean(gates)``;
+    random crop + flip when ``augment``) on cross-entropy plus ``sparsity · mean(gates)``
+    (the paper's L1 term) or, with a ``target_rate`` ``r``, plus ``sparsity · max(0, use − r)``
+    where ``use = Σ_i w_i √(p_i)``: ``p_i`` is gate ``i``'s on-rate in the batch, ``w_i`` sum
+    to 1 and are the FLOPs pruning its filter saves (:func:`gate_flops`; ``rate_weights=
+    "flops"``) or equal (``"filters"``). The square root (a group-sparsity norm over the
+    batch) pushes rarely-on gates hardest, towards always off, which pruning can remove; the
+    hinge stops pushing once the usage is down to ``r``, so ``r`` sets how much is switched off;
     the gater learns at ``gater_lr_scale`` times ``lr`` (a few epochs must move its gates,
     while the backbone is already trained). ``gater_lr`` is the pre-training's peak rate.
-    Every gate starts on, so training starts from the backbone's own predictions. Then, for
+    Every gate starts on, so training starts from the backbone's own predictions. Then the
+    gates switched on for at most ``off_below`` of the training images are forced off for
+    every input (:func:`force_off`), so the backbone learns without the filters pruning
+    removes. Then, for
     ``settle_epochs``, the gater is frozen and the backbone alone is trained with the hard,
     noiseless gates of inference (a short run leaves many gate logits near 0, where the
     training noise switches them on and inference does not).
@@ -683,6 +724,11 @@ def fit_gaternet(
     if sparsity < 0 or lr <= 0 or not 0.0 <= holdout < 1.0:
         raise GaterNetError(f"sparsity={sparsity}, lr={lr}, holdout={holdout}; expected "
                             "sparsity >= 0, lr > 0 and a holdout share in [0, 1)")
+    if (target_rate is not None and not 0.0 < target_rate <= 1.0) or not 0.0 <= off_below < 1.0:
+        raise GaterNetError(f"target_rate={target_rate}, off_below={off_below}; expected a "
+                            "target gate usage in (0, 1] and off_below in [0, 1)")
+    if rate_weights not in RATE_WEIGHTS:
+        raise GaterNetError(f"rate_weights={rate_weights!r}; expected one of {RATE_WEIGHTS}")
     gater_spec = {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
     model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
     spec_in = info.get("input") or {}
@@ -729,15 +775,26 @@ def fit_gaternet(
                     clf(batches(tr[i])), y[tr[i]]),
                 n, gater_epochs, batch_size, gater_lr, weight_decay, _decayed(clf), seed, bar)
             bar.close()
+        target = target_rate or 0.0
+        if target_rate is None:
+            weights = None
+        else:
+            w = gate_flops(net) if rate_weights == "flops" else np.ones(net.num_gates)
+            w = w if w.sum() > 0 else np.ones_like(w)
+            weights = torch.from_numpy(w / w.sum()).float()
         net.train()
         sparse_terms: list[float] = []
 
         def joint_loss(i: torch.Tensor) -> torch.Tensor:
             x = batches(tr[i])
             g = net.gater(x)
-            reg = g.mean()
+            if weights is None:
+                reg = term = g.mean()
+            else:  # a gate's usage: sqrt of its on-rate in the batch (group sparsity)
+                reg = torch.sqrt(g.mean(0) + _USAGE_EPS) @ weights
+                term = torch.relu(reg - target)
             sparse_terms.append(float(reg.detach()))
-            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * reg
+            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * term
 
         bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
         groups = [{"params": list(net.body.parameters())},
@@ -745,7 +802,11 @@ def fit_gaternet(
         losses["joint"] = _sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
                                weight_decay, _decayed(net), seed + 1, bar)
         bar.close()
-        losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))
+        losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))  # usage with a target
+        train_counts = gate_counts(net, ds.images[train_idx])
+        fixed = train_counts <= off_below * n
+        net = force_off(net, fixed).train()  # gate_counts left it in eval mode
+        losses["fixed_off"] = int(fixed.sum())
         if settle_epochs:
             net.gater.eval()
             for p in net.gater.parameters():
@@ -772,7 +833,9 @@ def fit_gaternet(
     options = {"gated": [lay.name for lay in net.layers], "gater": net.meta["gater"],
                "gater_epochs": gater_epochs, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "gater_lr": gater_lr, "gater_lr_scale": gater_lr_scale,
-               "sparsity": sparsity, "settle_epochs": settle_epochs,
+               "sparsity": sparsity, "target_rate": target_rate,
+               "rate_weights": rate_weights, "off_below": off_below,
+               "settle_epochs": settle_epochs,
                "weight_decay": weight_decay, "augment": augment, "seed": seed,
                "data": ds.source, "train_samples": n, "holdout_samples": len(hold_idx)}
     result = GaterNetFit(net, base_acc if len(hold_idx) else None,

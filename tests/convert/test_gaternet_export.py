@@ -118,3 +118,27 @@ def test_gaternet_with_dgates_exports_verifies_and_exits(tmp_path) -> None:  # t
                                      max_batch=batch).predict(x.numpy())
         assert np.array_equal(out.exit_stage, ref_stage.numpy())
         assert np.array_equal(out.labels, ref_labels.numpy())
+
+
+def test_cli_gaternet_exits_prunes_fits_and_exports(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net = tiny()
+    ckpt = dg.save(net, tmp_path / "gn.pt")
+    rng = np.random.default_rng(4)
+    imgs = (rng.random((120, 1, 28, 28)) * 255).astype(np.uint8)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=imgs, y=rng.integers(0, 10, 120).astype(np.int64))
+    out = tmp_path / "gd.dg"
+    args = ["gates", "gaternet-exits", str(ckpt), "--data", str(data), "-o", str(out),
+            "--prune-data", str(data), "--cut", "layer1,layer2", "--epochs", "1",
+            "--verify-data", str(data), "--verify-samples", "16", "--exporter", "torchscript"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    removed = int((gate_counts(net, imgs) == 0).sum())
+    assert f"pruned {removed} of {net.num_gates}" in res.output and removed > 0
+    bundle = Bundle.load(out)
+    assert bundle.num_stages == 3 and bundle.num_gates == 2
+    res = CliRunner().invoke(main, args)  # exists, no --force
+    assert res.exit_code != 0 and "--force" in res.output
+    res = CliRunner().invoke(main, ["gates", "gaternet-exits", str(ckpt), "--data", str(data),
+                                    "-o", str(tmp_path / "x.dg"), "--epochs", "0"])
+    assert res.exit_code != 0 and "--epochs 0" in res.output

@@ -19,6 +19,7 @@ from dgconvert.gating.gaternet import (
     fit_gaternet,
     force_off,
     gate_counts,
+    gate_flops,
     prune_always_off,
     saturating_sigmoid,
 )
@@ -112,6 +113,18 @@ def test_pruned_equals_masked_and_removes_flops() -> None:
     assert conv.out_channels == kept and pruned.net.body.get_submodule("layer2.0.conv2.0").in_channels == kept
 
 
+def test_gate_flops_are_what_pruning_saves() -> None:
+    net = tiny()
+    w = gate_flops(net)
+    assert w.shape == (net.num_gates,) and (w > 0).all()
+    assert w[0] > w[-1]  # a layer-1 filter (28x28 maps) costs more than a layer-4 one
+    off = np.zeros(net.num_gates, bool)
+    off[[0, 3, 9, 30, 40, 41]] = True  # some filters of every layer, none emptied
+    one = torch.zeros(1, 1, 28, 28)
+    saved = count_flops(net, one) - count_flops(prune_always_off(net, off).net, one)
+    assert saved == pytest.approx(w[off].sum())
+
+
 def test_checkpoint_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     net = tiny()
     dg.save(net, tmp_path / "g.pt")
@@ -130,7 +143,7 @@ def test_fit_runs_and_reports() -> None:
                  rng.integers(0, 10, 300).astype(np.int64), source="random")
     torch.manual_seed(0)
     res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=1, epochs=1,
-                       batch_size=100, sparsity=1.0, holdout=0.2, arch=ARCH,
+                       settle_epochs=1, batch_size=100, sparsity=1.0, target_rate=None, holdout=0.2, arch=ARCH,
                        normalization={"scale": 255.0}, progress=False, check_accuracy=False)
     assert res.accuracy is not None and res.backbone_accuracy is not None
     assert sum(lay.filters for lay in res.layers) == res.net.num_gates
@@ -138,6 +151,25 @@ def test_fit_runs_and_reports() -> None:
     assert "always on" in res.table()
     with pytest.raises(GaterNetError, match="epochs"):
         fit_gaternet(resnet(), ds, epochs=0, progress=False)
+
+
+def test_fit_with_target_rate_fixes_rare_gates_off() -> None:
+    rng = np.random.default_rng(1)
+    ds = Dataset((rng.random((200, 1, 28, 28)) * 255).astype(np.uint8),
+                 rng.integers(0, 10, 200).astype(np.int64), source="random")
+    torch.manual_seed(0)
+    res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=0, epochs=1,
+                       settle_epochs=0, batch_size=50, lr=0.5, sparsity=50.0, target_rate=0.3,
+                       rate_weights="flops", off_below=0.5, holdout=0.25, arch=ARCH, normalization={"scale": 255.0},
+                       progress=False, check_accuracy=False)
+    fixed = res.losses["fixed_off"]
+    assert 0 < fixed < res.net.num_gates
+    assert sum(lay.always_off for lay in res.layers) >= fixed  # forced off: off for every input
+    assert res.net.meta["fit"]["options"]["target_rate"] == 0.3
+    for bad in ({"target_rate": 0.0}, {"target_rate": 1.5}, {"off_below": 1.0},
+                {"rate_weights": "bytes"}):
+        with pytest.raises(GaterNetError, match=next(iter(bad))):
+            fit_gaternet(resnet(), ds, progress=False, **bad)  # type: ignore[arg-type]
 
 
 def test_cli_gaternet_bad_options_are_clear(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -150,3 +182,6 @@ def test_cli_gaternet_bad_options_are_clear(tmp_path) -> None:  # type: ignore[n
     out = CliRunner().invoke(main, ["gates", "gaternet", str(bb), "--data", "x", "-o",
                                     str(tmp_path / "g.pt"), "--gater-kwargs", "{}"])
     assert out.exit_code != 0 and "--gater-kwargs needs --gater" in out.output
+    out = CliRunner().invoke(main, ["gates", "gaternet", str(bb), "--data", "x", "-o",
+                                    str(tmp_path / "g.pt"), "--target-rate", "1.5"])
+    assert out.exit_code != 0 and "--target-rate" in out.output and "0<=x<=1" in out.output
