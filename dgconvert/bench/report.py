@@ -337,7 +337,9 @@ def render_paper_table(rows: Sequence[SystemResult]) -> str:
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.kind == "full":
-            out.append(f"| original (full model) | – | {_fmt_acc(r.accuracy)} | "
+            name = ("full model, default ONNX Runtime session" if r.system == FULL_DEFAULT
+                    else "original (full model)")
+            out.append(f"| {name} | – | {_fmt_acc(r.accuracy)} | "
                        f"{r.gflops_per_image:.4f} | – | {r.ms.median:.4f} | – |")
             continue
         t = ", ".join("inf" if not math.isfinite(v) else f"{v:.3g}" for v in r.thresholds or [])

@@ -4,6 +4,7 @@ are asserted: only what must hold whatever the machine's speed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 import dgconvert as dg
 from dgconvert.bench import BenchConfig, BenchError, run_benchmark
-from dgconvert.bench.measurements import Measurements
+from dgconvert.bench.measurements import FULL_DEFAULT, Measurements
 from dgconvert.bench.memory import PeakMemory
 from dgconvert.bench.report import build_results, prefix_ideal_seconds, render_paper_table
 from dgconvert.bench.stats import (
@@ -157,6 +158,8 @@ def test_build_results_arithmetic(tmp_path: Path) -> None:
     assert row["thresholds"] == [0.5, None]  # JSON has no inf
     table = render_paper_table(list(res.values())[:2])
     assert "| original (full model) |" in table and "(0.5, inf)" in table and "-50.0 %" in table
+    default = dataclasses.replace(res["full"], system=FULL_DEFAULT)  # the other full model
+    assert "| full model, default ONNX Runtime session |" in render_paper_table([default])
 
 
 # -- the harness end to end on a tiny bundle ---------------------------------------------------
