@@ -100,3 +100,11 @@ def parse_json_object(text: str | None, hint: str) -> dict[str, Any] | None:
             f"expected a JSON object, got {type(value).__name__}: {text!r}", param_hint=hint
         )
     return value
+
+
+#: ``--prune-multiple`` of the commands that prune a GaterNet
+prune_multiple_option = click.option(
+    "--prune-multiple", type=click.IntRange(min=1), default=16, show_default=True,
+    help="GaterNet pruning: pruned layers keep a multiple of this many channels (some "
+         "always-off filters stay, gated off), so ONNX Runtime keeps its fast blocked layout "
+         "(8 with AVX2, 16 with AVX-512); 1 removes every always-off filter.")

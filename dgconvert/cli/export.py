@@ -8,7 +8,12 @@ from typing import Any
 
 import click
 
-from dgconvert.cli.common import friendly_errors, parse_ints, parse_json_object
+from dgconvert.cli.common import (
+    friendly_errors,
+    parse_ints,
+    parse_json_object,
+    prune_multiple_option,
+)
 from dgconvert.core.gates import DEFAULT_EXIT_SCORE, EXIT_SCORES
 
 
@@ -51,12 +56,14 @@ from dgconvert.core.gates import DEFAULT_EXIT_SCORE, EXIT_SCORES
 @click.option("--prune-data", default=None,
               help="GaterNet only: calibration images; filters whose gate is off for every one "
                    "of them are removed from the graphs, e.g. 'fashion-mnist:train[50000:]'.")
+@prune_multiple_option
 @friendly_errors
 def export_cmd(
     model: Path, output: Path | None, force: bool, trust_pickle: bool, data: str | None,
     verify_samples: int, atol: float, rtol: float, no_verify: bool, exits: str | None,
     score: str | None, arch: str | None, arch_kwargs: str | None, input_shape: str | None,
     normalization: str | None, exporter: str, allow_near_chance: bool, prune_data: str | None,
+    prune_multiple: int,
 ) -> None:
     """Export a gated network (MODEL.pt from `dgconvert gates fit` or dgconvert.save), or with
     --exits a multi-exit model as it is, to a bundle: one ONNX graph per stage with its gate
@@ -119,6 +126,7 @@ def export_cmd(
         net, out, verify_input=verify_input, force=force, verify=not no_verify,
         atol=atol, rtol=rtol, progress=True, on_report=show, exporter=exporter,
         prune_images=prune_images, prune_source=portable(prune_data) if prune_data else "",
+        prune_multiple=prune_multiple if prune_images is not None else None,
         source={"checkpoint": model.name, "checkpoint_sha256": file_sha256(model),
                 "verified_on": portable(data) if data else "random inputs"},
     )

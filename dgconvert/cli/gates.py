@@ -7,7 +7,12 @@ from typing import Any
 
 import click
 
-from dgconvert.cli.common import friendly_errors, parse_json_object, write_json
+from dgconvert.cli.common import (
+    friendly_errors,
+    parse_json_object,
+    prune_multiple_option,
+    write_json,
+)
 from dgconvert.core.gates import (
     DEFAULT_GATE,
     DEFAULT_HINGE,
@@ -300,6 +305,7 @@ def gaternet_cmd(
 @click.option("--prune-data", default=None,
               help="Calibration images: filters whose gate is off for every one are pruned "
                    "before the d-gates are attached, e.g. 'fashion-mnist:train[50000:]'.")
+@prune_multiple_option
 @click.option("--cut", "cuts", default="layer1,layer2,layer3", show_default=True,
               help="Comma-separated backbone modules (top-level blocks); a d-gate follows each.")
 @click.option("--gate", type=click.Choice(GATE_TYPES), default=DEFAULT_GATE, show_default=True,
@@ -317,9 +323,9 @@ def gaternet_cmd(
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @friendly_errors
 def gaternet_exits_cmd(
-    gaternet: Path, data: str, output: Path, prune_data: str | None, cuts: str, gate: str,
-    epochs: int, holdout: float, verify_data: str | None, verify_samples: int, exporter: str,
-    seed: int, force: bool,
+    gaternet: Path, data: str, output: Path, prune_data: str | None, prune_multiple: int,
+    cuts: str, gate: str, epochs: int, holdout: float, verify_data: str | None,
+    verify_samples: int, exporter: str, seed: int, force: bool,
 ) -> None:  # fmt: skip
     """Attach d-gates (early exits) after --cut blocks of a GaterNet checkpoint (pruned with
     --prune-data first), fit them on --data and export the verified bundle."""
@@ -342,8 +348,10 @@ def gaternet_exits_cmd(
                                "gaternet` writes one); for a backbone use `dgconvert gates fit`.")
     if prune_data is not None:
         off = gate_counts(net, dg.load_dataset(prune_data).images) == 0
-        net = prune_always_off(net, off).net
-        click.echo(f"pruned {int(off.sum())} of {len(off)} gated filters (off for all of {prune_data})")
+        pruned = prune_always_off(net, off, prune_multiple)
+        net = pruned.net
+        click.echo(f"pruned {int(pruned.removed.sum())} of {len(off)} gated filters ({int(off.sum())} "
+                   f"off for all of {prune_data}; layers keep multiples of {prune_multiple})")
     names, _ = parse_cuts(cuts)
     if not isinstance(names, list):
         raise click.BadParameter("expected module names, e.g. layer1,layer2", param_hint="--cut")

@@ -44,6 +44,7 @@ from dgconvert.core.manifest import (
 )
 from dgconvert.gating.flops import count_flops
 from dgconvert.gating.gaternet import (
+    PRUNE_MULTIPLE,
     GaterNet,
     distribution,
     force_off,
@@ -67,9 +68,10 @@ class GaterNetStage(nn.Module):
 
 
 def prepare(net: GaterNet, prune_images: np.ndarray | None, example: torch.Tensor,
-            data: str = "") -> tuple[GaterNet, GaterNet, GaterNetInfo]:
+            data: str = "", multiple: int = PRUNE_MULTIPLE) -> tuple[GaterNet, GaterNet, GaterNetInfo]:
     """``(exported, masked, info)``: the pruned network (or ``net`` itself without
-    ``prune_images``), the masked reference it must equal, and the manifest record."""
+    ``prune_images``; pruned layers keep a multiple of ``multiple`` channels), the masked
+    reference it must equal, and the manifest record."""
     net.eval()
     one = example[:1]
     if prune_images is None or len(prune_images) == 0:
@@ -78,7 +80,7 @@ def prepare(net: GaterNet, prune_images: np.ndarray | None, example: torch.Tenso
     counts = gate_counts(net, prune_images)
     off = counts == 0
     masked = force_off(net, off)
-    pruned = prune_always_off(net, off)
+    pruned = prune_always_off(net, off, multiple)
     layers = distribution(net, counts, len(prune_images), pruned.removed)
     info = GaterNetInfo(
         layers, len(prune_images), data, dict(net.meta.get("gater", {})),
@@ -140,6 +142,7 @@ def export_gaternet(
     verify_input: torch.Tensor | np.ndarray | None = None,
     prune_images: np.ndarray | None = None,
     prune_source: str = "",
+    prune_multiple: int = PRUNE_MULTIPLE,
     force: bool = False,
     verify: bool = True,
     atol: float = 1e-4,
@@ -151,14 +154,15 @@ def export_gaternet(
 ) -> Bundle:
     """Write ``out``: ``stage0.onnx`` (gater + gated backbone, pruned with ``prune_images``),
     ``full.onnx`` (the same model) and the manifest with its ``gaternet`` record; verified
-    against torch (see :func:`verify_gaternet_bundle`). Arguments as in
+    against torch (see :func:`verify_gaternet_bundle`). ``prune_multiple``: see
+    :func:`~dgconvert.gating.gaternet.prune_always_off`. Other arguments as in
     :func:`dgconvert.convert.export.export`."""
     net.eval()
     shape = net.input_shape
     example = example_batch(example_input, shape)
     vin = example if verify_input is None else torch.as_tensor(verify_input).float()
     bar = progress_bar(4 + int(verify), progress)
-    exported, masked, info = prepare(net, prune_images, example, prune_source)
+    exported, masked, info = prepare(net, prune_images, example, prune_source, prune_multiple)
     bar.update(1)
     stage = GaterNetStage(exported).eval()  # see convert.stages.stage_modules
     inputs, outputs = CONTRACT.inputs(0), CONTRACT.outputs(0, 1)

@@ -65,6 +65,7 @@ __all__ = [
     "GaterNetFit",
     "GaterNetError",
     "ImprovedSemHash",
+    "PRUNE_MULTIPLE",
     "RATE_WEIGHTS",
     "default_gated_layers",
     "fit_gaternet",
@@ -452,15 +453,26 @@ class PruneResult:
     notes: dict[str, str] = field(default_factory=dict)  # layer -> why it was not pruned
 
 
+#: Pruned layers keep a multiple of this many channels: ONNX Runtime runs a convolution in
+#: its fast blocked (NCHWc) layout only when its channels are a multiple of the SIMD block
+#: (8 with AVX2, 16 with AVX-512); an odd count falls back to a slower kernel and reorders.
+PRUNE_MULTIPLE = 16
+
+
 @torch.no_grad()
-def prune_always_off(net: GaterNet, off: np.ndarray) -> PruneResult:
+def prune_always_off(net: GaterNet, off: np.ndarray, multiple: int = 1) -> PruneResult:
     """Remove the filters whose gates are ``off`` (bool ``[c]``, e.g. off for every
     calibration sample): their convolution's output channels, their normalization's channels,
     the next convolution's input channels and the gater's rows. The result equals
     :func:`force_off` ``(net, off)`` on every input (up to float summation order); a layer
     whose channels cannot be traced to one next convolution keeps them (gated off, not
-    removed; ``notes`` says why). A layer with every gate off keeps one forced-off channel.
+    removed; ``notes`` says why). Each pruned layer keeps a multiple of ``multiple``
+    channels (some off filters stay, gated off for every input; :data:`PRUNE_MULTIPLE` suits
+    ONNX Runtime on the CPU); a layer with every gate off keeps at least one.
     """
+    if multiple < 1:
+        raise GaterNetError(f"multiple={multiple}; expected a channel multiple >= 1 (1: remove "
+                            f"every off filter, {PRUNE_MULTIPLE}: keep ONNX Runtime's blocked layout)")
     off = _check_mask(net, off)
     new = force_off(net, off)  # forced-off rows stay off where a channel has to stay
     gm = new.body
@@ -482,8 +494,13 @@ def prune_always_off(net: GaterNet, off: np.ndarray) -> PruneResult:
                 notes[lay.name] = why or "its convolution/normalization could not be found"
             keep_rows.append(np.ones(lay.filters, bool))
             continue
-        if layer_off.all():
-            layer_off[0] = False  # one channel stays, gated off for every input
+        kept = int((~layer_off).sum())
+        stay = min(lay.filters, max(1, -(-kept // multiple) * multiple)) - kept
+        if stay > 0:  # off filters that stay, gated off for every input
+            layer_off[np.flatnonzero(layer_off)[:stay]] = False
+        if not layer_off.any():
+            keep_rows.append(np.ones(lay.filters, bool))
+            continue
         keep = torch.from_numpy(np.flatnonzero(~layer_off))
         conv, bn, names = prod
         _replace(gm, names[0], _slim_conv(conv, keep, None))

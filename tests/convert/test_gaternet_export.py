@@ -28,7 +28,7 @@ def gaternet_bundle(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
     verify = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     path = tmp_path_factory.mktemp("gn") / "gn.dg"
     bundle = dg.export(net, path, verify_input=verify, prune_images=calib, prune_source="calib",
-                       exporter="dynamo")
+                       exporter="dynamo", prune_multiple=1)  # every always-off filter
     return net, bundle, calib, verify
 
 
@@ -129,12 +129,14 @@ def test_cli_gaternet_exits_prunes_fits_and_exports(tmp_path) -> None:  # type: 
     np.savez(data, x=imgs, y=rng.integers(0, 10, 120).astype(np.int64))
     out = tmp_path / "gd.dg"
     args = ["gates", "gaternet-exits", str(ckpt), "--data", str(data), "-o", str(out),
-            "--prune-data", str(data), "--cut", "layer1,layer2", "--epochs", "1",
+            "--prune-data", str(data), "--prune-multiple", "1", "--cut", "layer1,layer2",
+            "--epochs", "1",
             "--verify-data", str(data), "--verify-samples", "16", "--exporter", "torchscript"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     removed = int((gate_counts(net, imgs) == 0).sum())
-    assert f"pruned {removed} of {net.num_gates}" in res.output and removed > 0
+    assert f"pruned {removed} of {net.num_gates} gated filters ({removed} off" in res.output
+    assert removed > 0
     bundle = Bundle.load(out)
     assert bundle.num_stages == 3 and bundle.num_gates == 2
     res = CliRunner().invoke(main, args)  # exists, no --force

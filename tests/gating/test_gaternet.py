@@ -113,6 +113,28 @@ def test_pruned_equals_masked_and_removes_flops() -> None:
     assert conv.out_channels == kept and pruned.net.body.get_submodule("layer2.0.conv2.0").in_channels == kept
 
 
+def test_pruning_keeps_channel_multiples() -> None:
+    """Pruned layers keep a multiple of ``multiple`` channels (ONNX Runtime's blocked layout);
+    the off filters that stay are still off for every input: outputs equal the masked model."""
+    net = tiny()
+    x = torch.randn(64, 1, 28, 28)
+    off = gate_counts(net, x.numpy()) == 0
+    exact, rounded = prune_always_off(net, off), prune_always_off(net, off, 4)
+    assert not (rounded.removed & ~off).any() and rounded.removed.sum() < exact.removed.sum()
+    start = 0
+    for lay in net.layers:
+        sl = slice(start, start + lay.filters)
+        start += lay.filters
+        kept = lay.filters - int(rounded.removed[sl].sum())
+        assert kept % 4 == 0 or kept == lay.filters
+        assert kept - (lay.filters - int(exact.removed[sl].sum())) < 4
+    y = torch.randn(32, 1, 28, 28) * 2
+    with torch.no_grad():
+        assert (rounded.net(y) - force_off(net, off)(y)).abs().max().item() < 1e-5
+    with pytest.raises(GaterNetError, match="multiple=0"):
+        prune_always_off(net, off, 0)
+
+
 def test_gate_flops_are_what_pruning_saves() -> None:
     net = tiny()
     w = gate_flops(net)
