@@ -139,12 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                     "--data", CALIBRATION_DATA, "--max-drop", "0.3"], check=True,
                    capture_output=True)  # fmt: skip
     b_dg = dg.Bundle.load(b_dg.path)
-    runners = {
-        "gaternet_pruned": dg.runtime.GatedRunner(b_pruned.path, backend="onnxruntime", max_batch=64),
-        "gaternet_unpruned": dg.runtime.GatedRunner(b_unpruned.path, backend="onnxruntime", max_batch=64),
-        "gaternet_exact": dg.runtime.GatedRunner(b_exact.path, backend="onnxruntime", max_batch=64),
-        "gaternet_dgates": dg.runtime.GatedRunner(b_dg.path, backend="onnxruntime", max_batch=64),
-    }
+    bundles = {"gaternet_pruned": b_pruned, "gaternet_unpruned": b_unpruned,
+               "gaternet_exact": b_exact, "gaternet_dgates": b_dg}
+    runners = {k: dg.runtime.GatedRunner(b.path, backend="onnxruntime", max_batch=64,
+                                         threads=args.threads)  # as many threads as plain
+               for k, b in bundles.items()}
     results: dict[str, dict[str, Any]] = {}
     preds = {k: r.predict(test.images) for k, r in runners.items()}
     costs = b_dg.exit_costs()

@@ -266,6 +266,8 @@ class OnnxRuntimeBackend(Backend):
         Say what was done."""
         if wanted is False:
             return "off (compose=False)"
+        if self.bundle.num_stages < 2:
+            return "off: one stage graph, nothing to chain"
         if not why_not and models is None:
             why_not = "ONNX Runtime wrote no optimized stage graphs"
         crashing = [s.index for s in self.bundle.manifest.stages if not s.empty_batch]
@@ -338,7 +340,7 @@ class OnnxRuntimeBackend(Backend):
         for name, state in (("fused boundaries", self.fusion), ("chain", self.composition),
                             ("chain without off gates", self._variants_off)):
             if state.startswith("off: ") and not any(
-                    why in state for why in ("=False", "only for", "nothing to fuse")):
+                    why in state for why in ("=False", "only for", "nothing to")):
                 off.append(f"{name} {state}")
         return off
 

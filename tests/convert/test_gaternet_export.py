@@ -58,8 +58,11 @@ def test_runtime_matches_torch_at_every_batch_size(gaternet_bundle) -> None:  # 
     with torch.no_grad():
         ref = net(x).argmax(1).numpy()  # the unpruned GaterNet: equal on calibration data
     for batch in (1, 7, 64):
-        res = dg.runtime.GatedRunner(bundle.path, backend="onnxruntime", max_batch=batch).predict(calib)
+        runner = dg.runtime.GatedRunner(bundle.path, backend="onnxruntime", max_batch=batch)
+        res = runner.predict(calib)
         assert np.array_equal(res.labels, ref) and (res.exit_stage == 0).all()
+    # one stage: no chain to compose, and that is no fast path turned off
+    assert runner.backend.fast_paths_off() == [] and "nothing to chain" in runner.backend.describe()
 
 
 def test_pruned_bundle_equals_masked_model_on_new_inputs(gaternet_bundle) -> None:  # type: ignore[no-untyped-def]
