@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -159,14 +161,23 @@ def test_checkpoint_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
         dg.save(pruned, tmp_path / "p.pt")
 
 
-def test_fit_runs_and_reports() -> None:
-    rng = np.random.default_rng(0)
-    ds = Dataset((rng.random((300, 1, 28, 28)) * 255).astype(np.uint8),
-                 rng.integers(0, 10, 300).astype(np.int64), source="random")
+def _random_data(n: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset((rng.random((n, 1, 28, 28)) * 255).astype(np.uint8),
+                   rng.integers(0, 10, n).astype(np.int64), source="random")
+
+
+def _fit(ds: Dataset, **options: Any) -> Any:
     torch.manual_seed(0)
-    res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=1, epochs=1,
-                       settle_epochs=1, batch_size=100, sparsity=1.0, target_rate=None, holdout=0.2, arch=ARCH,
-                       normalization={"scale": 255.0}, progress=False, check_accuracy=False)
+    return fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, epochs=1, arch=ARCH,
+                        normalization={"scale": 255.0}, progress=False, check_accuracy=False,
+                        **options)
+
+
+def test_fit_runs_and_reports() -> None:
+    ds = _random_data(300, 0)
+    res = _fit(ds, gater_epochs=1, settle_epochs=1, batch_size=100, sparsity=1.0,
+               target_rate=None, holdout=0.2)
     assert res.accuracy is not None and res.backbone_accuracy is not None
     assert sum(lay.filters for lay in res.layers) == res.net.num_gates
     assert res.net.meta["fit"]["options"]["sparsity"] == 1.0
@@ -176,14 +187,9 @@ def test_fit_runs_and_reports() -> None:
 
 
 def test_fit_with_target_rate_fixes_rare_gates_off() -> None:
-    rng = np.random.default_rng(1)
-    ds = Dataset((rng.random((200, 1, 28, 28)) * 255).astype(np.uint8),
-                 rng.integers(0, 10, 200).astype(np.int64), source="random")
-    torch.manual_seed(0)
-    res = fit_gaternet(resnet(**ARCH["kwargs"]), ds, gater=GATER, gater_epochs=0, epochs=1,
-                       settle_epochs=0, batch_size=50, lr=0.5, sparsity=50.0, target_rate=0.3,
-                       rate_weights="flops", off_below=0.5, holdout=0.25, arch=ARCH, normalization={"scale": 255.0},
-                       progress=False, check_accuracy=False)
+    ds = _random_data(200, 1)
+    res = _fit(ds, gater_epochs=0, settle_epochs=0, batch_size=50, lr=0.5, sparsity=50.0,
+               target_rate=0.3, rate_weights="flops", off_below=0.5, holdout=0.25)
     fixed = res.losses["fixed_off"]
     assert 0 < fixed < res.net.num_gates
     assert sum(lay.always_off for lay in res.layers) >= fixed  # forced off: off for every input
