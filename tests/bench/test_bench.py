@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,12 @@ def test_cli_bench_staging_overhead(tiny: dict[str, Any]) -> None:
 def test_peak_memory_sees_an_allocation() -> None:
     mem = PeakMemory()
     before = mem.start()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    # 64 MiB of fresh anonymous pages, each touched (a numpy array may reuse memory the
+    # allocator already holds resident from an earlier test: then RSS does not grow)
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
     peak = mem.peak()
-    del block
+    block.close()
     assert peak > 0
     if mem.method == "vmhwm-reset" and before is not None:
         assert peak - before >= 60 * 2**20
