@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from dgconvert.core.errors import DGConvertError
+from dgconvert.core.gates import PRUNE_MULTIPLE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,7 +105,7 @@ def parse_json_object(text: str | None, hint: str) -> dict[str, Any] | None:
 
 #: ``--prune-multiple`` of the commands that prune a GaterNet
 prune_multiple_option = click.option(
-    "--prune-multiple", type=click.IntRange(min=1), default=16, show_default=True,
+    "--prune-multiple", type=click.IntRange(min=1), default=PRUNE_MULTIPLE, show_default=True,
     help="GaterNet pruning: pruned layers keep a multiple of this many channels (some "
          "always-off filters stay, gated off), so ONNX Runtime keeps its fast blocked layout "
          "(8 with AVX2, 16 with AVX-512); 1 removes every always-off filter.")

@@ -126,7 +126,7 @@ def export_cmd(
         net, out, verify_input=verify_input, force=force, verify=not no_verify,
         atol=atol, rtol=rtol, progress=True, on_report=show, exporter=exporter,
         prune_images=prune_images, prune_source=portable(prune_data) if prune_data else "",
-        prune_multiple=prune_multiple if prune_images is not None else None,
+        prune_multiple=prune_multiple,
         source={"checkpoint": model.name, "checkpoint_sha256": file_sha256(model),
                 "verified_on": portable(data) if data else "random inputs"},
     )

@@ -15,6 +15,7 @@ from dgconvert.convert.stages import stage_modules
 from dgconvert.convert.verify import VerificationReport, check_stage_graph, verify_bundle
 from dgconvert.core.bundle import Bundle, stamp_digests, write_manifest
 from dgconvert.core.contract import CONTRACT
+from dgconvert.core.gates import PRUNE_MULTIPLE
 from dgconvert.core.io import atomic_directory
 from dgconvert.core.manifest import (
     FullInfo,
@@ -77,7 +78,7 @@ def export(
     exporter: str = "auto",
     prune_images: np.ndarray | None = None,
     prune_source: str = "",
-    prune_multiple: int | None = None,
+    prune_multiple: int = PRUNE_MULTIPLE,
 ) -> Bundle:
     """Write ``out`` (a ``.dg`` directory): one ONNX graph per stage, ``full.onnx``, manifest.
 
@@ -91,16 +92,14 @@ def export(
     A :class:`~dgconvert.gating.gaternet.GaterNet` goes to
     :func:`dgconvert.convert.gaternet.export_gaternet` (``prune_images``: calibration images
     whose always-off filters are removed; ``prune_source`` names them in the manifest;
-    ``prune_multiple``: pruned layers keep a multiple of this many channels, default
-    :data:`~dgconvert.gating.gaternet.PRUNE_MULTIPLE`).
+    ``prune_multiple``: pruned layers keep a multiple of this many channels).
     """
     if not isinstance(net, GatedNetwork):
         from dgconvert.convert.gaternet import export_gaternet
 
         return export_gaternet(net, out, example_input, verify_input=verify_input,
                                prune_images=prune_images, prune_source=prune_source,
-                               **({} if prune_multiple is None
-                                  else {"prune_multiple": prune_multiple}),
+                               prune_multiple=prune_multiple,
                                force=force, verify=verify, atol=atol, rtol=rtol, source=source,
                                progress=progress, on_report=on_report, exporter=exporter)
     if prune_images is not None:

@@ -130,6 +130,11 @@ FILTER_GATE_KINDS: tuple[str, ...] = ("always_on", "always_off", "input_dependen
 #: How a GaterNet fit's target rate weighs its gates: by the FLOPs that pruning each gate's
 #: filter saves, or each filter the same.
 RATE_WEIGHTS: tuple[str, ...] = ("flops", "filters")
+#: Pruned GaterNet layers keep a multiple of this many channels: ONNX Runtime runs a
+#: convolution in its fast blocked (NCHWc) layout only when its channels are a multiple of
+#: the SIMD block (8 with AVX2, 16 with AVX-512); an odd count falls back to a slower kernel
+#: and reorders.
+PRUNE_MULTIPLE = 16
 
 
 def filter_gate_kinds(on_counts: np.ndarray, samples: int) -> np.ndarray:

@@ -38,7 +38,12 @@ import torch
 from torch import fx, nn
 
 from dgconvert.core.errors import CheckpointError
-from dgconvert.core.gates import RATE_WEIGHTS, FilterGateLayer, format_filter_gates
+from dgconvert.core.gates import (
+    PRUNE_MULTIPLE,
+    RATE_WEIGHTS,
+    FilterGateLayer,
+    format_filter_gates,
+)
 from dgconvert.core.io import atomic_write
 from dgconvert.gating.augment import random_crop_flip
 from dgconvert.gating.checkpoint import VERSION, _load_state, build_arch
@@ -453,10 +458,14 @@ class PruneResult:
     notes: dict[str, str] = field(default_factory=dict)  # layer -> why it was not pruned
 
 
-#: Pruned layers keep a multiple of this many channels: ONNX Runtime runs a convolution in
-#: its fast blocked (NCHWc) layout only when its channels are a multiple of the SIMD block
-#: (8 with AVX2, 16 with AVX-512); an odd count falls back to a slower kernel and reorders.
-PRUNE_MULTIPLE = 16
+def _removable(layer_off: np.ndarray, multiple: int) -> np.ndarray:
+    """The off filters of one layer that can go so that a multiple of ``multiple`` channels
+    (at least one) stays: the first off ones stay, gated off for every input."""
+    out = layer_off.copy()
+    kept = int((~out).sum())
+    stay = min(len(out), max(1, -(-kept // multiple) * multiple)) - kept
+    out[np.flatnonzero(out)[:max(stay, 0)]] = False
+    return out
 
 
 @torch.no_grad()
@@ -483,22 +492,15 @@ def prune_always_off(net: GaterNet, off: np.ndarray, multiple: int = 1) -> Prune
     start = 0
     for i, lay in enumerate(net.layers):
         sl = slice(start, start + lay.filters)
-        layer_off = off[sl].copy()
+        layer_off = _removable(off[sl], multiple)
         start += lay.filters
         gate_node = calls[f"gaternet_gate{i}"]
         src = gate_node.args[0]
         prod = _producers(gm, src) if isinstance(src, fx.Node) else None
         consumer, why = _consumer(gm, gate_node)
         if not layer_off.any() or prod is None or consumer is None:
-            if layer_off.any():
+            if off[sl].any() and (prod is None or consumer is None):
                 notes[lay.name] = why or "its convolution/normalization could not be found"
-            keep_rows.append(np.ones(lay.filters, bool))
-            continue
-        kept = int((~layer_off).sum())
-        stay = min(lay.filters, max(1, -(-kept // multiple) * multiple)) - kept
-        if stay > 0:  # off filters that stay, gated off for every input
-            layer_off[np.flatnonzero(layer_off)[:stay]] = False
-        if not layer_off.any():
             keep_rows.append(np.ones(lay.filters, bool))
             continue
         keep = torch.from_numpy(np.flatnonzero(~layer_off))

@@ -35,7 +35,7 @@ from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, InputError
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
-from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain, off_gates
+from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
 from dgconvert.runtime.passes.boundary_fusion import (
     FusedStages,
     FusionError,
@@ -313,9 +313,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _run_chain(self, images: np.ndarray, thresholds: np.ndarray) -> list[Any]:
         t = np.asarray(thresholds, np.float32)
-        if (t < np.inf).all():
+        can_exit = t < np.inf  # False for NaN and +inf: gates that are off
+        if can_exit.all():
             return self.chain_session.run(images, t)  # type: ignore[union-attr]
-        off = off_gates(t)
+        off = frozenset(np.flatnonzero(~can_exit).tolist())
         chain = self.chain_variants.get(off) or self._chain_variant(off)
         return chain.run(images, t)
 

@@ -11,11 +11,6 @@ from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError, output_names
 
 
-def off_gates(thresholds: np.ndarray) -> frozenset[int]:
-    """The gates that can never exit a row: threshold NaN or +inf."""
-    return frozenset(np.flatnonzero(~(np.asarray(thresholds) < np.inf)).tolist())
-
-
 class ChainSession:
     """Runs a composed chain: ``run(images, thresholds) -> [(score_k, label_k), ...]``;
     ``None`` for the stages whose gate is in ``off`` (composed without it)."""

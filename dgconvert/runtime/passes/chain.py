@@ -103,12 +103,11 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
             inputs.append(next(i for i in graph.input if i.name == f"s0/{names[0]}"))
             inputs[-1].name = names[0]
         elif k - 1 in off:  # every row continues: the stage reads the features as they are
-            prev = f"s{k - 1}/"
             why = remove_gather(graph.node, f"s{k}/{names[0]}")
             unused.append(f"s{k}/{names[1]}")  # keep: read by nothing once the Gather is gone
             if why:
                 raise ChainError(f"stage {k} graph: {why} (gate {k - 1} off)")
-            rename[f"s{k}/{names[0]}"] = prev + CONTRACT.features
+            rename[f"s{k}/{names[0]}"] = f"s{k - 1}/{CONTRACT.features}"
         else:
             t = f"chain/t{k - 1}" if n > 2 else THRESHOLDS
             prev, p = f"s{k - 1}/", f"chain/{k}_"
@@ -143,4 +142,3 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
     return helper.make_model(
         graph, ir_version=ir, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()]
     )
-
