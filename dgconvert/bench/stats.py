@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dgconvert.bench.errors import BenchError
+from dgconvert.core.exits import ExitRule
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,7 @@ def histogram_from_rows(rows_reached: Sequence[int]) -> list[int]:
 
 def rows_from_histogram(histogram: Sequence[int]) -> list[int]:
     """Rows reached per stage from exits per stage."""
-    h = [int(x) for x in histogram]
-    return [int(sum(h[k:])) for k in range(len(h))]
+    return [int(v) for v in ExitRule.reach(np.asarray([int(x) for x in histogram], np.int64))]
 
 
 def cost_share_flops(histogram: Sequence[int], exit_costs: Sequence[float], full_flops: float) -> float:

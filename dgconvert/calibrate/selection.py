@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.core.exits import GateRecords, simulate
+from dgconvert.core.exits import ExitRule, GateRecords, simulate
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ Z90 = 1.6448536269514722  # two-sided 90 % normal quantile
 
 def is_full(thresholds: Sequence[float]) -> bool:
     """Every gate off: the full model."""
-    return all(math.isinf(t) and t > 0 for t in thresholds)
+    return ExitRule.from_thresholds(thresholds, np.float64).never_exits
 
 
 @dataclass(frozen=True)

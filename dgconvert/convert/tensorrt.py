@@ -62,6 +62,7 @@ import numpy as np
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendUnavailableError, BundleError, DGConvertError
+from dgconvert.core.exits import ExitRule
 from dgconvert.core.io import atomic_directory, atomic_write
 from dgconvert.core.manifest import Manifest, now_iso
 from dgconvert.runtime.tensorrt_backend import (
@@ -159,11 +160,8 @@ def expected_rows(batch: int, exit_fractions: Sequence[float] | None, num_stages
     share of samples that did not exit before it (at least 1)."""
     if exit_fractions is None:
         return [batch] * num_stages
-    reach, rows = 1.0, []
-    for k in range(num_stages):
-        rows.append(max(1, min(batch, round(batch * reach))))
-        reach -= exit_fractions[k]
-    return rows
+    reach = ExitRule.reach(np.asarray(exit_fractions[:num_stages], np.float64), total=1.0)
+    return [max(1, min(batch, round(batch * float(r)))) for r in reach]
 
 
 def stage_profiles(

@@ -29,7 +29,7 @@ from dgconvert.convert.stages import stage_modules
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import ExportVerificationError
-from dgconvert.core.exits import exit_points
+from dgconvert.core.exits import ExitRule
 from dgconvert.core.gates import exit_head_score
 from dgconvert.gating.multi_exit import MultiExitInfo, own_exit_outputs
 from dgconvert.gating.network import GatedNetwork
@@ -314,7 +314,7 @@ def own_exit_rule(net: GatedNetwork, x: torch.Tensor, thresholds: list[float], t
     labels = np.stack([lg.argmax(axis=1) for lg, _ in outs], axis=1)
     ties = np.stack([_tie_rows(lg, tol) for lg, _ in outs], axis=1)
     t = np.asarray(thresholds, np.float64)
-    stage = exit_points(scores, t)
+    stage = ExitRule.from_thresholds(t, np.float64).points(scores)
     rows = np.arange(len(stage))
     near = (np.abs(scores - t) <= tol).any(axis=1) | ties[rows, stage]
     return labels[rows, stage].astype(np.int64), stage, near

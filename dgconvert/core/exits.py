@@ -7,17 +7,21 @@ A sample exits at the first gate ``k`` that is on (``thresholds[k] < +inf``) wit
 (+inf included); a NaN score never exits; a +inf score exits wherever the gate is on.
 ``exit_costs[k]`` (length K+1, non-decreasing) is the cumulative cost paid by a sample
 leaving at exit point ``k``; ``k = K`` is the final stage.
+
+:class:`ExitRule` is the one place that rule is written: every path that decides exits
+(the runner's, the pool's, the serve split's, the torch reference, :func:`simulate`) asks it.
+A sample leaving at the final stage has the final stage's score (max softmax).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dgconvert.core.errors import CalibrationError
+from dgconvert.core.errors import CalibrationError, InputError
 
 
 @dataclass
@@ -43,6 +47,81 @@ class GatedResult:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass(frozen=True, eq=False)
+class ExitRule:
+    """The exit rule for one set of thresholds, encoded once (build it with
+    :meth:`from_thresholds`).
+
+    ``exit_at[k]`` is the value gate k's score is compared against (``score >= exit_at[k]``):
+    the threshold, or NaN where the gate is off (+inf), so an off gate never exits (+inf
+    score included) and a NaN score never exits. ``tests[k]`` is that comparison as one
+    C-level call (``tests[k](score)``: a bool for a scalar, a mask for an array), for hot
+    loops.
+    """
+
+    thresholds: tuple[float, ...]  # as given; +inf = gate off
+    exit_at: np.ndarray  # [K] as compared; NaN where the gate is off (read-only)
+    off: frozenset[int]  # the gates that are off
+    tests: tuple[Callable[[Any], Any], ...]  # tests[k](score) == (score >= exit_at[k])
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Sequence[float] | np.ndarray,
+                        dtype: type[np.floating] = np.float32) -> ExitRule:
+        """The rule for ``thresholds`` (one per gate, +inf = off; NaN is refused), compared
+        in ``dtype`` (float32: what the runtime's graphs output)."""
+        t = np.asarray(thresholds, dtype=dtype).reshape(-1)
+        if np.isnan(t).any():
+            raise InputError(f"thresholds {t.tolist()} contain NaN; use inf to disable a gate")
+        on = t < np.inf
+        exit_at = np.where(on, t, np.nan).astype(dtype)
+        exit_at.flags.writeable = False
+        return cls(tuple(float(v) for v in t), exit_at,
+                   frozenset(np.flatnonzero(~on).tolist()),
+                   tuple(v.__le__ for v in exit_at))  # exit_at[k] <= score
+
+    @classmethod
+    def of(cls, rule: ExitRule | Sequence[float] | np.ndarray) -> ExitRule:
+        """``rule`` itself, or the rule of these thresholds."""
+        return rule if isinstance(rule, ExitRule) else cls.from_thresholds(rule)
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.thresholds)
+
+    @property
+    def never_exits(self) -> bool:
+        """Every gate is off: every sample runs to the final stage."""
+        return len(self.off) == len(self.thresholds)
+
+    def exits(self, k: int, score: Any) -> Any:
+        """Which of gate ``k``'s ``score`` values exit there (bool, or a mask)."""
+        return self.tests[k](score)
+
+    def split(self, k: int, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(exits, keep)`` for gate ``k``: the mask of the rows that exit and the int64
+        indices of those that continue (the next stage's ``keep``)."""
+        exits = self.tests[k](score)
+        keep = (~exits).nonzero()[0]
+        if keep.dtype != np.int64:  # pragma: no cover - 32-bit platforms
+            keep = keep.astype(np.int64)
+        return exits, keep
+
+    def points(self, scores: np.ndarray) -> np.ndarray:
+        """The exit point of each sample of a score matrix ``[N, K]``: its first gate
+        that exits, ``K`` (the final stage) where none does (int64 ``[N]``)."""
+        return first_fire(np.asarray(scores) >= self.exit_at[None, :]).astype(np.int64)
+
+    @staticmethod
+    def reach(exits: Sequence[float] | np.ndarray, total: float | None = None) -> np.ndarray:
+        """Rows (or shares) reaching each stage, from those exiting at each stage: ``total``
+        (default: all of them) less the exits before it."""
+        e = np.asarray(exits)
+        if e.size == 0:
+            return e
+        before = np.concatenate([np.zeros(1, e.dtype), np.cumsum(e)[:-1]])
+        return (e.sum() if total is None else total) - before
 
 
 def _int_array(name: str, value: Any, ndim: int) -> np.ndarray:
@@ -198,12 +277,11 @@ def first_fire(fires: np.ndarray) -> np.ndarray:
 
 
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """First gate with ``score >= threshold`` per sample, ``K`` when none fires.
-
-    A gate whose threshold is +inf is off and never fires, whatever the score (+inf too);
-    a NaN score never fires."""
+    """First gate with ``score >= threshold`` per sample, ``K`` when none fires, compared
+    in the thresholds' precision (:meth:`ExitRule.points`)."""
     t = np.asarray(thresholds)
-    return first_fire((scores >= t[None, :]) & (t < np.inf)[None, :]).astype(np.int64)
+    dtype = t.dtype.type if np.issubdtype(t.dtype, np.floating) else np.float64
+    return ExitRule.from_thresholds(t, dtype).points(scores)
 
 
 def simulate(
@@ -218,7 +296,7 @@ def simulate(
     t = check_thresholds(records, thresholds)
     costs = check_exit_costs(records, exit_costs)
     k = records.num_gates
-    point = exit_points(records.scores, t)
+    point = ExitRule.from_thresholds(t, np.float64).points(records.scores)
     all_labels = np.concatenate([records.labels, records.final_labels[:, None]], axis=1)
     pred = np.take_along_axis(all_labels, point[:, None], axis=1)[:, 0]
     all_scores = np.concatenate([records.scores, np.full((records.n, 1), np.nan, np.float32)],

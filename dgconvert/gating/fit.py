@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from dgconvert.core.errors import DGConvertError
+from dgconvert.core.exits import ExitRule
 from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, GATE_KINDS, GATE_TYPES, HINGES
 from dgconvert.gating.heads import SCORE_KINDS, GateHead
 from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
@@ -684,7 +685,7 @@ def _reports(
     for k, g in enumerate(net.gates):
         correct = labels[:, k] == y
         t = initial_threshold(scores[:, k], correct, final_correct)
-        hit = scores[:, k] >= t
+        hit = ExitRule.from_thresholds([t]).exits(0, scores[:, k])
         reports.append(
             GateReport(
                 index=k,

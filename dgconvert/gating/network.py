@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dgconvert.core.exits import GatedResult, exit_points
+from dgconvert.core.exits import ExitRule, GatedResult
 from dgconvert.core.gates import DEFAULT_EXIT_SCORE, gate_kind
 from dgconvert.gating.cut import auto_cuts, cut_backbone
 from dgconvert.gating.heads import FinalHead, GateHead, check_layout, feature_size, make_gate
@@ -286,7 +286,7 @@ class GatedNetwork(nn.Module):
         t = _check_thresholds(self.thresholds if thresholds is None else thresholds, self.num_gates)
         fs, fl, _ = self.final_head(out.final_logits)
         scores = out.scores.float().numpy()
-        stage = exit_points(scores, np.asarray(t, np.float32))  # compared as the runtime does
+        stage = ExitRule.from_thresholds(t).points(scores)  # compared as the runtime does
         labels = np.concatenate([out.labels.numpy(), fl.numpy()[:, None]], axis=1)
         all_scores = np.concatenate([scores, fs.float().numpy()[:, None]], axis=1)
         rows = np.arange(len(stage))

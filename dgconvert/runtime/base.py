@@ -43,10 +43,11 @@ class Backend(abc.ABC):
         """Logits of the ungated model (``full.onnx``) for float32 images."""
 
     def chain(self) -> Callable[[np.ndarray, np.ndarray], list[tuple[np.ndarray, ...]]] | None:
-        """Optional fast path: ``run(images, thresholds)`` running every stage in one call,
+        """Optional fast path: ``run(images, rule)`` running every stage in one call,
         compaction inside, returning ``(score, label)`` per stage over the rows that reached
-        it (a row of stage ``k`` continues iff ``not score >= thresholds[k]``). None when
-        the backend only runs stage by stage."""
+        it (a row of stage ``k`` continues where ``rule`` (an
+        :class:`~dgconvert.core.exits.ExitRule`, or its thresholds) does not exit it). None
+        when the backend only runs stage by stage."""
         return None
 
     def merge_features(self, parts: Sequence[tuple[Any, np.ndarray]]) -> Any | None:

@@ -33,6 +33,7 @@ import numpy as np
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, InputError
+from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
@@ -305,20 +306,19 @@ class OnnxRuntimeBackend(Backend):
         return chain
 
     def chain(self) -> Any:
-        """``run(images, thresholds) -> [(score, label) or None per stage]`` of the
-        one-session chain, or None when the stages run as separate sessions. Gates that are
-        off (threshold NaN or +inf) cost nothing: the first call with a new set of them
-        composes a chain without their heads and compaction (None for those stages)."""
+        """``run(images, rule) -> [(score, label) or None per stage]`` of the one-session
+        chain (``rule``: an :class:`~dgconvert.core.exits.ExitRule` or its thresholds), or
+        None when the stages run as separate sessions. Gates that are off (+inf) cost
+        nothing: the first call with a new set of them composes a chain without their heads
+        and compaction (None for those stages)."""
         return None if self.chain_session is None else self._run_chain
 
-    def _run_chain(self, images: np.ndarray, thresholds: np.ndarray) -> list[Any]:
-        t = np.asarray(thresholds, np.float32)
-        can_exit = t < np.inf  # False for NaN and +inf: gates that are off
-        if can_exit.all():
-            return self.chain_session.run(images, t)  # type: ignore[union-attr]
-        off = frozenset(np.flatnonzero(~can_exit).tolist())
-        chain = self.chain_variants.get(off) or self._chain_variant(off)
-        return chain.run(images, t)
+    def _run_chain(self, images: np.ndarray, rule: ExitRule | np.ndarray) -> list[Any]:
+        rule = ExitRule.of(rule)
+        if not rule.off:
+            return self.chain_session.run(images, rule.exit_at)  # type: ignore[union-attr]
+        chain = self.chain_variants.get(rule.off) or self._chain_variant(rule.off)
+        return chain.run(images, rule.exit_at)
 
     def _chain_variant(self, off: frozenset[int]) -> ChainSession:
         """The chain composed without the gates in ``off`` (built once; the full chain when

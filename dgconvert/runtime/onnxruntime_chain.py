@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError, output_names
 
@@ -58,20 +59,21 @@ def _expected(run_stage: Any, first: Any, n: int, how: Any,
               off: frozenset[int] = frozenset()) -> tuple[str, np.ndarray, list]:
     """The per-stage chain's ``(score, label)`` per stage, from stage 0's output ``first``,
     for thresholds ``how`` (a value for every gate, or ``"median"``; NaN for the gates in
-    ``off``); stages nobody reaches get empty arrays."""
+    ``off``, given as compared: NaN); stages nobody reaches get empty arrays."""
     out = first
     thresholds, expected = [], [(out.score, out.label)]
     for k in range(1, n):
         if k - 1 in off:
-            t = np.float32(np.nan)
+            t = np.float32(np.inf)
         elif how == "median":
             s = np.sort(out.score)
             m = len(s) // 2  # midway between two scores: no row sits on the threshold
             t = np.float32((s[m - 1] + s[m]) / 2) if len(s) >= 2 else np.float32(0)
+            t = np.float32(np.inf) if np.isnan(t) else t  # NaN scores: nobody exits
         else:
             t = np.float32(how)
         thresholds.append(t)
-        keep = (~(out.score >= t)).nonzero()[0].astype(np.int64)
+        _, keep = ExitRule.from_thresholds([t]).split(0, out.score)
         if keep.size == 0:  # the runner never runs an empty stage; the chain returns empties
             empty = (np.zeros(0, np.float32), np.zeros(0, np.int64))
             expected += [empty] * (n - k)
@@ -80,4 +82,4 @@ def _expected(run_stage: Any, first: Any, n: int, how: Any,
         out = run_stage(k, out.features, keep)
         expected.append((out.score, out.label))
     what = "thresholds at the median score" if how == "median" else f"thresholds {how}"
-    return what, np.asarray(thresholds, np.float32), expected
+    return what, ExitRule.from_thresholds(thresholds).exit_at, expected

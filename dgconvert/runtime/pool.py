@@ -41,6 +41,7 @@ import numpy as np
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import DGConvertError, InputError
 from dgconvert.core.exits import GatedResult
+from dgconvert.core.gates import exit_head_score
 from dgconvert.runtime.runner import GatedRunner
 
 #: how many of the latest stage-run batch sizes a pool keeps (``batch_sizes``)
@@ -281,7 +282,7 @@ class GatedPool:
             rows = sum(map(len, group))
             if self.full:
                 logits = be.run_full(inputs)
-                score = np.full(rows, np.nan, np.float32)
+                score = exit_head_score(logits, None, "max-softmax").astype(np.float32)
                 label = logits.argmax(axis=1).astype(np.int64)
                 features, last = None, True
             else:
@@ -292,7 +293,7 @@ class GatedPool:
 
     def _after(self, k: int, group: list[_Segment], score: np.ndarray, label: np.ndarray,
                features: Any, last: bool, rows: int) -> None:
-        t = self.runner.exit_thresholds
+        rule = self.runner.exit_rule
         stage = self.runner.bundle.num_stages - 1 if self.full else k
         done: list[_Request] = []
         with self._cond:
@@ -306,7 +307,7 @@ class GatedPool:
                 if last:
                     exits = np.ones(m, bool)
                 else:
-                    exits = s >= t[k]
+                    exits = rule.exits(k, s)
                 if exits.any():
                     if seg.request.finish_rows(seg.rows[exits], lab[exits], s[exits], stage):
                         done.append(seg.request)

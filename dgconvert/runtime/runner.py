@@ -16,7 +16,7 @@ import numpy as np
 
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import InputError
-from dgconvert.core.exits import GatedResult, GateRecords
+from dgconvert.core.exits import ExitRule, GatedResult, GateRecords
 from dgconvert.core.preprocess import make_normalizer, prepare_images
 from dgconvert.runtime.backends import create_backend
 from dgconvert.runtime.base import Backend
@@ -76,7 +76,7 @@ class GatedRunner:
 
     @property
     def thresholds(self) -> list[float]:
-        return [float(v) for v in self._thresholds]
+        return list(self._rule.thresholds)
 
     @thresholds.setter
     def thresholds(self, values: list[float] | None) -> None:
@@ -85,19 +85,17 @@ class GatedRunner:
             raise InputError(
                 f"got {len(t)} thresholds {t}; expected {self.bundle.num_gates} (one per gate)"
             )
-        if any(np.isnan(v) for v in t):
-            raise InputError(f"thresholds {t} contain NaN; use inf to disable a gate")
-        self._thresholds = np.asarray(t, dtype=np.float32)
-        # compared against: a gate that is off (+inf) never exits, whatever its score, and
-        # a NaN score never exits (x >= NaN and NaN >= x are both False)
-        self._exit_at = np.where(np.isposinf(self._thresholds), np.float32(np.nan),
-                                 self._thresholds)
-        self._never_exits = bool(np.isnan(self._exit_at).all())
+        self._rule = ExitRule.from_thresholds(t)  # refuses NaN
+
+    @property
+    def exit_rule(self) -> ExitRule:
+        """The exit rule of the current thresholds."""
+        return self._rule
 
     @property
     def exit_thresholds(self) -> np.ndarray:
         """float32 thresholds as compared (``score >= t``): a gate that is off is NaN."""
-        return self._exit_at
+        return self._rule.exit_at
 
     @property
     def stats(self) -> list[int]:
@@ -144,19 +142,21 @@ class GatedRunner:
         return res
 
     def _predict_chunk(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
-        if self._chain is not None and (len(x) >= self.chain_min_batch or self._never_exits):
-            self._predict_chained(x, res, offset)
+        rule = self._rule
+        if self._chain is not None and (len(x) >= self.chain_min_batch or rule.never_exits):
+            self._predict_chained(x, res, offset, rule)
             return
         # Hot path (batch 1 pays it per image): few numpy calls per stage, one lock per chunk.
-        t, last, run = self._exit_at, self.bundle.num_stages - 1, self.backend.run_stage
+        last, run = self.bundle.num_stages - 1, self.backend.run_stage
         n = len(x)
         counts = [n] + [0] * last
         out = run(0, x, None)
         if n == 1:  # batch 1: scalar decisions, no index arithmetic
+            exits = rule.tests
             try:
                 for k in range(1, last + 1):
                     score = out.score[0]
-                    if score >= t[k - 1]:
+                    if exits[k - 1](score):
                         res.labels[offset], res.scores[offset] = out.label[0], score
                         res.exit_stage[offset] = k - 1
                         return
@@ -170,27 +170,25 @@ class GatedRunner:
         rows = np.arange(offset, offset + n)  # caller rows of the current stage rows
         try:
             for k in range(1, last + 1):
-                exits = out.score >= t[k - 1]
-                keep = (~exits).nonzero()[0]
+                exits, keep = rule.split(k - 1, out.score)
                 if keep.size < n:
                     res.fill(rows[exits], out.label[exits], out.score[exits], k - 1)
                     if keep.size == 0:
                         return
                     rows = rows[keep]
                     n = keep.size
-                if keep.dtype != np.int64:  # pragma: no cover - 32-bit platforms
-                    keep = keep.astype(np.int64)
                 out = run(k, out.features, keep)
                 counts[k] = n
             res.fill(rows, out.label, out.score, last)
         finally:
             self._add_counts(counts)
 
-    def _predict_chained(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
+    def _predict_chained(self, x: np.ndarray, res: GatedResult, offset: int,
+                         rule: ExitRule) -> None:
         """The backend ran every stage in one call; map each stage's rows back to the caller's."""
-        t, last = self._exit_at, self.bundle.num_stages - 1
-        outs = self._chain(x, t)  # type: ignore[misc]
-        if self._never_exits:  # one composed model, no compaction: every row leaves last
+        last = self.bundle.num_stages - 1
+        outs = self._chain(x, rule)  # type: ignore[misc]
+        if rule.never_exits:  # one composed model, no compaction: every row leaves last
             score, label = outs[last]
             sl = slice(offset, offset + len(x))
             res.labels[sl], res.scores[sl], res.exit_stage[sl] = label, score, last
@@ -206,7 +204,7 @@ class GatedRunner:
             if k == last:
                 res.fill(rows, label, score, k)
                 break
-            exits = score >= t[k]
+            exits = rule.exits(k, score)
             res.fill(rows[exits], label[exits], score[exits], k)
             rows = rows[~exits]
         self._add_counts(counts)

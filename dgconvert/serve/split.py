@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.bundle import Bundle
-from dgconvert.core.exits import GatedResult
+from dgconvert.core.exits import ExitRule, GatedResult
 from dgconvert.core.preprocess import prepare_images
 from dgconvert.serve.common import (
     RayMetrics,
@@ -34,8 +34,7 @@ from dgconvert.serve.server import OIPServer
 
 def exit_thresholds(values: list[float]) -> np.ndarray:
     """float32 thresholds as compared (``score >= t``): a gate that is off is NaN (never)."""
-    t = np.asarray(values, dtype=np.float32)
-    return np.where(np.isposinf(t), np.float32(np.nan), t)
+    return ExitRule.from_thresholds(values).exit_at
 
 
 def stage_loads(bundle: Bundle) -> tuple[list[float], str]:
@@ -52,7 +51,7 @@ def stage_loads(bundle: Bundle) -> tuple[list[float], str]:
         f = np.zeros(k)
         f[-1] = 1.0
         source = "no calibrated exit fractions: every sample assumed to reach every stage"
-    reach = 1.0 - np.concatenate([[0.0], np.cumsum(f)[:-1]])
+    reach = ExitRule.reach(f, total=1.0)
     flops = np.asarray(bundle.stage_flops, float)
     flops = np.where(flops > 0, flops, 1.0)
     return [float(v) for v in np.clip(reach, 0, 1) * flops], source
@@ -86,7 +85,7 @@ class StageWorker:
         self.runner = GatedRunner(bundle, max_batch=None, **kw)
         self.k = k
         self.last = k == self.runner.bundle.num_stages - 1
-        self.exit_at = self.runner.exit_thresholds
+        self.rule = self.runner.exit_rule
         from ray import serve
 
         async def run_list(parts: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
@@ -109,7 +108,7 @@ class StageWorker:
             if self.last:
                 res.append((s, lab, None))
             else:
-                cont = ~(s >= self.exit_at[self.k])
+                cont = ~self.rule.exits(self.k, s)
                 res.append((s, lab, np.ascontiguousarray(feats[at:at + m][cont])))
             at += m
         return res
@@ -128,7 +127,7 @@ class SplitIngress:
         self.bundle = Bundle.load(bundle)
         self.stages = stages
         t = opts.thresholds if opts.thresholds is not None else self.bundle.thresholds
-        self.exit_at = exit_thresholds(t)
+        self.rule = ExitRule.from_thresholds(t)
         spec = model_spec(self.bundle)
         self.server = OIPServer(spec, self._infer, max_rows=opts.max_rows,
                                 metrics=RayMetrics(spec.name))
@@ -143,7 +142,7 @@ class SplitIngress:
             if k == last:
                 res.fill(rows, label, score, k)
                 break
-            exits = score >= self.exit_at[k]
+            exits = self.rule.exits(k, score)
             res.fill(rows[exits], label[exits], score[exits], k)
             rows, feats = rows[~exits], survivors
             if not len(rows):
