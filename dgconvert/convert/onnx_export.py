@@ -16,6 +16,7 @@ import io
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,15 @@ class StageExportError(DGConvertError, RuntimeError):
             f"failing module lands in another stage; or use another torch (this is "
             f"{torch.__version__})."
         )
+
+
+@dataclass(frozen=True)
+class ExporterFailure:
+    """Why one exporter gave no usable graph: ``graph_differs`` when it produced a graph
+    that failed the caller's check (else the export itself raised)."""
+
+    reason: str
+    graph_differs: bool
 
 
 def _first_line(exc: BaseException, limit: int = 400) -> str:
@@ -135,15 +145,15 @@ def export_onnx(
         raise ValueError(f"exporter {exporter!r} is unknown; expected auto, dynamo or torchscript")
     what = what or type(module).__name__
     order = list(EXPORTERS) if exporter == "auto" else [exporter]
-    reasons: dict[str, str] = {}
+    failed: dict[str, ExporterFailure] = {}
     mismatches: list[str] = []
     for kind in order:
         try:
             with _quiet():
                 _EXPORT[kind](module, args, path, input_names, output_names)
         except Exception as exc:
-            reasons[kind] = "export raised " + _first_line(exc)
-            logger.info("%s: the %s exporter failed: %s", what, kind, reasons[kind])
+            failed[kind] = ExporterFailure("export raised " + _first_line(exc), False)
+            logger.info("%s: the %s exporter failed: %s", what, kind, failed[kind].reason)
             continue
         if check is not None:
             try:
@@ -151,16 +161,18 @@ def export_onnx(
             except Exception as exc:
                 if isinstance(exc, ExportVerificationError):
                     mismatches += [f"{what}, {kind} exporter: {m}" for m in exc.mismatches]
-                reasons[kind] = "the exported graph differs from torch: " + _first_line(exc, 600)
-                logger.info("%s: the %s graph failed its check: %s", what, kind, reasons[kind])
+                failed[kind] = ExporterFailure(
+                    "the exported graph differs from torch: " + _first_line(exc, 600), True)
+                logger.info("%s: the %s graph failed its check: %s", what, kind,
+                            failed[kind].reason)
                 continue
-        if reasons:
+        if failed:
             logger.warning(
                 "%s: exported with the %s exporter (%s)", what, kind,
-                "; ".join(f"{k} failed: {v}" for k, v in reasons.items()),
+                "; ".join(f"{k} failed: {f.reason}" for k, f in failed.items()),
             )  # fmt: skip
         return kind
-    if len(mismatches) and all("differs from torch" in r for r in reasons.values()):
+    if mismatches and all(f.graph_differs for f in failed.values()):
         # every exporter produced a graph, none within tolerance: a verification failure
         raise ExportVerificationError(mismatches)
-    raise StageExportError(what, reasons, hint)
+    raise StageExportError(what, {k: f.reason for k, f in failed.items()}, hint)

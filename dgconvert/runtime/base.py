@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.bundle import Bundle
+from dgconvert.runtime.fast_paths import FastPath
 
 
 @dataclass
@@ -62,10 +63,14 @@ class Backend(abc.ABC):
         """Largest batch a stage accepts (an engine profile's max), or None if unbounded."""
         return None
 
+    def fast_paths(self) -> list[FastPath]:
+        """The state of each fast path this backend has (none by default)."""
+        return []
+
     def fast_paths_off(self) -> list[str]:
         """The fast paths this backend would use by default but could not, each with why
         (also logged as a warning when it happens)."""
-        return []
+        return [p.message for p in self.fast_paths() if p.unwanted_off]
 
     def describe(self) -> str:
         """One line saying what this backend runs on (providers, device, precision)."""

@@ -36,6 +36,7 @@ from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, I
 from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
+from dgconvert.runtime.fast_paths import FastPath
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
 from dgconvert.runtime.passes.boundary_fusion import (
     FusedStages,
@@ -190,7 +191,7 @@ class OnnxRuntimeBackend(Backend):
         why_not = _fusion_unavailable(cpu_only, fuse_boundaries)
         if why_not and fuse_boundaries:
             raise BackendUnavailableError(
-                f"fuse_boundaries=True was requested but {why_not}. Fix: pass "
+                f"fuse_boundaries=True was requested but {why_not.detail}. Fix: pass "
                 "fuse_boundaries=None (use it when possible) or False."
             )
         # ORT's optimized stage graphs feed the boundary fusion and the one-session chain
@@ -208,16 +209,18 @@ class OnnxRuntimeBackend(Backend):
         self.plain = [StagePath(direct_run(s)) for s in self.sessions]
         self.fused_sessions: list[Any] = []  # the rewritten stage graphs, when fused
         self.paths = self.plain
-        self.fusion = f"off: {why_not}" if why_not else "off"
+        self.fusion_path = why_not or FastPath.failed(_FUSED, _NO_OPTIMIZED)
         chain_models = models
         if models is not None and not why_not:
             try:
                 fused = fuse_nchwc_boundaries([_copy(m) for m in models])
                 self.paths = self._check_fused(fused)
-                self.fusion, chain_models = fused.describe(), fused.models
+                self.fusion_path, chain_models = FastPath.on(_FUSED, fused.describe()), fused.models
             except FusionError as exc:
-                self.fusion = f"off: {exc}"
-                if not isinstance(exc, NothingToFuse):
+                if isinstance(exc, NothingToFuse):
+                    self.fusion_path = FastPath.by_choice(_FUSED, str(exc))
+                else:
+                    self.fusion_path = FastPath.failed(_FUSED, str(exc))
                     log.warning("onnxruntime: fused stage boundaries are off: %s", exc)
                 if fuse_boundaries:
                     raise BackendUnavailableError(
@@ -228,9 +231,20 @@ class OnnxRuntimeBackend(Backend):
         #: chains composed without the heads of gates that are off, by the set of those gates
         self.chain_variants: dict[frozenset[int], ChainSession] = {}
         self._variant_lock = threading.Lock()
-        self._variants_off = ""  # why a chain without the off gates could not be built
-        self.composition = self._compose(compose, chain_models, not_optimizable)
+        #: set when a chain without the off gates could not be built
+        self.variants_path: FastPath | None = None
+        self.chain_path = self._compose(compose, chain_models, not_optimizable)
         self._chain_models = chain_models if self.chain_session is not None else None
+
+    @property
+    def fusion(self) -> str:
+        """The fused boundaries' state as :meth:`describe` shows it."""
+        return self.fusion_path.text
+
+    @property
+    def composition(self) -> str:
+        """The one-session chain's state as :meth:`describe` shows it."""
+        return self.chain_path.text
 
     def _session(self, model: str | bytes, optimized_path: Path | None = None,
                  level: Any = None) -> Any:
@@ -261,33 +275,36 @@ class OnnxRuntimeBackend(Backend):
                           o.channels if (o := fused.blocked_output[k]) else 0)
                 for k in range(len(runs))]
 
-    def _compose(self, wanted: bool | None, models: list[Any] | None, why_not: str) -> str:
+    def _compose(self, wanted: bool | None, models: list[Any] | None,
+                 unoptimized: FastPath | None) -> FastPath:
         """Build and check the one-session chain from ORT's optimized stage graphs
-        (boundaries fused when they are); ``why_not``: why there are no optimized graphs.
-        Say what was done."""
+        (boundaries fused when they are); ``unoptimized``: why there are no optimized
+        graphs. Say what was done."""
         if wanted is False:
-            return "off (compose=False)"
+            return FastPath.by_choice(_CHAIN, "(compose=False)")
         if self.bundle.num_stages < 2:
-            return "off: one stage graph, nothing to chain"
+            return FastPath.by_choice(_CHAIN, "one stage graph, nothing to chain")
+        why_not = unoptimized.named(_CHAIN) if unoptimized else None
         if not why_not and models is None:
-            why_not = "ONNX Runtime wrote no optimized stage graphs"
+            why_not = FastPath.failed(_CHAIN, _NO_OPTIMIZED)
         crashing = [s.index for s in self.bundle.manifest.stages if not s.empty_batch]
         if not why_not and crashing:
-            why_not = (f"ONNX Runtime crashes running stage(s) {crashing} on an empty batch "
-                       "(recorded at export), and the chain runs stages no row reaches")
-            log.warning("onnxruntime: the one-session chain is off: %s", why_not)
+            why_not = FastPath.failed(
+                _CHAIN, f"ONNX Runtime crashes running stage(s) {crashing} on an empty batch "
+                "(recorded at export), and the chain runs stages no row reaches")
+            log.warning("onnxruntime: the one-session chain is off: %s", why_not.detail)
         if not why_not:
             try:
                 self.chain_session = self._build_chain(models)  # type: ignore[arg-type]
             except ChainError as exc:
-                why_not = str(exc)
+                why_not = FastPath.failed(_CHAIN, str(exc))
                 log.warning("onnxruntime: the one-session chain is off: %s", exc)
         if why_not and wanted:
             raise BackendUnavailableError(
-                f"compose=True was requested but {why_not}. Fix: pass compose=None (use it "
-                "when possible) or False."
+                f"compose=True was requested but {why_not.detail}. Fix: pass compose=None "
+                "(use it when possible) or False."
             )
-        return f"off: {why_not}" if why_not else "one session"
+        return why_not or FastPath.on(_CHAIN, "one session")
 
     def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
         try:
@@ -329,21 +346,16 @@ class OnnxRuntimeBackend(Backend):
                     chain = self._build_chain(self._chain_models, off)  # type: ignore[arg-type]
                 except ChainError as exc:
                     chain = self.chain_session  # type: ignore[assignment]
-                    self._variants_off = f"off: gates {sorted(off)} off: {exc}"
+                    self.variants_path = FastPath.failed("chain without off gates",
+                                                         f"gates {sorted(off)} off: {exc}")
                     log.warning("onnxruntime: a chain without the heads of the gates that "
                                 "are off could not be built (they are computed): %s", exc)
                 self.chain_variants[off] = chain
             return self.chain_variants[off]
 
-    def fast_paths_off(self) -> list[str]:
-        """The fast paths that were wanted (by default) but are off, with why."""
-        off = []
-        for name, state in (("fused boundaries", self.fusion), ("chain", self.composition),
-                            ("chain without off gates", self._variants_off)):
-            if state.startswith("off: ") and not any(
-                    why in state for why in ("=False", "only for", "nothing to")):
-                off.append(f"{name} {state}")
-        return off
+    def fast_paths(self) -> list[FastPath]:
+        paths = [self.fusion_path, self.chain_path]
+        return paths if self.variants_path is None else [*paths, self.variants_path]
 
     def run_stage(self, k: int, inputs: Any, keep: np.ndarray | None) -> StageOutput:
         path = self.paths[k]
@@ -406,16 +418,21 @@ class OnnxRuntimeBackend(Backend):
         )
 
 
-def _fusion_unavailable(cpu_only: bool, wanted: bool | None) -> str:
+_FUSED, _CHAIN = "fused boundaries", "chain"
+_NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
+
+
+def _fusion_unavailable(cpu_only: bool, wanted: bool | None) -> FastPath | None:
+    """Why the fused boundaries cannot be used here (None: they can)."""
     if wanted is False:
-        return "disabled (fuse_boundaries=False)"
+        return FastPath.by_choice(_FUSED, "disabled (fuse_boundaries=False)")
     if not cpu_only:
-        return "only for the CPU execution provider"
+        return FastPath.by_choice(_FUSED, "only for the CPU execution provider")
     try:
         import onnx  # noqa: F401
     except ImportError:
-        return "the onnx package is not installed (pip install onnx)"
-    return ""
+        return FastPath.failed(_FUSED, "the onnx package is not installed (pip install onnx)")
+    return None
 
 
 def direct_run(sess: Any) -> Run:
