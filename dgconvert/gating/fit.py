@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from dgconvert.core.errors import DGConvertError
-from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, GATE_KINDS, GATE_TYPES, HINGES
-from dgconvert.gating.heads import SCORE_KINDS, GateHead
+from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, HINGES, gate_kind
+from dgconvert.gating.heads import GateHead
 from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.gating.threads import torch_threads
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_GATE",
     "DEFAULT_HINGE",
-    "DEFAULT_SCORE",
     "HINGES",
     "PAPER_DGATE",
     "FitError",
@@ -69,15 +68,13 @@ __all__ = [
     "train_heads",
 ]
 
-#: Defaults of :func:`fit_gates` and ``dgconvert gates fit`` (:mod:`dgconvert.core.gates`):
-#: a d-gate trained with the Crammer–Singer hinge on standardized features, scored by the
-#: margin between its two largest distances (why: benchmarks/results/gate_comparison.md).
-#: Default score kind per gate type.
-DEFAULT_SCORE = {name: kind.default_score for name, kind in GATE_KINDS.items()}
+#: Defaults of :func:`fit_gates` and ``dgconvert gates fit`` (per gate kind: its
+#: :class:`~dgconvert.core.gates.GateKind`): a d-gate trained with the Crammer–Singer hinge on
+#: standardized features, scored by the margin between its two largest distances (why:
+#: benchmarks/results/gate_comparison.md).
 #: The d-gate paper's exact formulation, as keyword arguments of :func:`fit_gates`.
 PAPER_DGATE: dict[str, Any] = {"gate": "dgate", "score": "max", "hinge": "ovr", "standardize": False}
 
-_DEFAULT_L2 = {"dgate": 1e-4, "softmax": 1e-4, "confidence": 1e-4}
 _DEFAULT_LR = 0.2
 _JOINT_LR = 1e-3
 
@@ -313,16 +310,16 @@ def _linears(head: nn.Module) -> list[nn.Linear]:
 
 
 @torch.no_grad()
-def _fold_standardization(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+def _fold_standardization(head: GateHead, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Make a head trained on ``(x − mean) / std`` take raw ``x``: ``W' = W/σ``, ``b' = b − W'μ``."""
-    for lin in _linears(head):
+    for lin in head.input_linears():
         lin.weight.div_(std)
         lin.bias.sub_(lin.weight @ mean)
 
 
 def _data_loss(head: GateHead, x: torch.Tensor, y: torch.Tensor, hinge: str) -> torch.Tensor:
     _, _, logits = head(x)
-    if head.gate_type != "dgate":  # softmax gates, confidence gates' classifier branch
+    if gate_kind(head.gate_type).objective != "hinge":  # cross-entropy; L_v2's warm start
         return nn.functional.cross_entropy(logits, y)
     return ovr_hinge(logits, y) if hinge == "ovr" else crammer_singer_hinge(logits, y)
 
@@ -368,7 +365,7 @@ def train_heads(
     n = len(y)
     steps = math.ceil(n / batch_size)
     with torch_threads(1):  # tiny matmuls: more threads only add synchronisation
-        if kind == "confidence":
+        if gate_kind(kind).objective == "lv2":
             if costs is None:
                 raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
             bar = _bar((len(heads) + 1) * epochs * steps, progress, "fit confidence gates", "step")
@@ -495,7 +492,7 @@ def fit_gates(
     whole pickles). ``data``: a ``--data`` spec or a :class:`~dgconvert.data.Dataset` with
     labels (uint8 images are normalized with the backbone's normalization).
 
-    ``score`` defaults to :data:`DEFAULT_SCORE`; ``hinge`` (``"ovr"``, ``"crammer-singer"``),
+    ``score`` defaults to the gate kind's (:data:`~dgconvert.core.gates.GATE_KINDS`); ``hinge`` (``"ovr"``, ``"crammer-singer"``),
     ``l2`` and ``standardize`` shape the training (``PAPER_DGATE`` is the paper's exact
     setting). ``joint`` (confidence gates only) then fine-tunes backbone and exits together
     with ``L_v2`` for ``joint_epochs`` epochs at learning rate ``joint_lr``. Otherwise the
@@ -510,7 +507,7 @@ def fit_gates(
     t0 = time.perf_counter()
     opts = _check_options(gate, score, hinge, holdout, epochs, batch_size, joint, cost_weight)
     score = opts["score"]
-    l2 = _DEFAULT_L2[gate] if l2 is None else float(l2)
+    l2 = gate_kind(gate).l2 if l2 is None else float(l2)
     lr = _DEFAULT_LR if lr is None else float(lr)
     model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
     spec_in = info.get("input") or {}
@@ -605,30 +602,24 @@ def _check_options(
     gate: str, score: str | None, hinge: str, holdout: float, epochs: int, batch_size: int,
     joint: bool, cost_weight: float,
 ) -> dict[str, Any]:  # fmt: skip
-    if gate not in GATE_TYPES:
-        raise FitError(f"gate {gate!r} is unknown; expected one of {', '.join(GATE_TYPES)}")
-    score = score or DEFAULT_SCORE[gate]
-    if score not in SCORE_KINDS[gate]:
-        raise FitError(
-            f"score {score!r} does not exist for {gate} gates; expected one of "
-            f"{', '.join(SCORE_KINDS[gate])}"
-        )
+    kind = gate_kind(gate, fittable=True)
+    score = kind.check_score(score)
     if hinge not in HINGES:
         raise FitError(f"hinge {hinge!r} is unknown; expected one of {', '.join(HINGES)}")
     if not 0.0 <= holdout < 1.0:
         raise FitError(f"holdout is {holdout}; expected a share in [0, 1), e.g. 0.1")
     if epochs < 1 or batch_size < 1:
         raise FitError(f"epochs={epochs}, batch_size={batch_size}; expected positive integers")
-    if joint and gate != "confidence":
+    if joint and "joint" not in kind.options:
         raise FitError(
             f"joint fine-tuning was asked for {gate} gates; it exists for confidence gates "
-            "(EENet's L_v2 trains backbone and exits together). d-gates and softmax gates "
+            "(EENet's L_v2 trains backbone and exits together). The other gates "
             "are fitted on a frozen backbone, as in the d-gate paper. Fix: drop --joint or "
             "use --gate confidence."
         )
     if cost_weight < 0:
         raise FitError(f"cost_weight is {cost_weight}; expected >= 0 (EENets use 1)")
-    return {"gate": gate, "score": score, "hinge": hinge if gate == "dgate" else None,
+    return {"gate": gate, "score": score, "hinge": hinge if "hinge" in kind.options else None,
             "holdout": float(holdout), "joint": bool(joint), "cost_weight": float(cost_weight)}  # fmt: skip
 
 

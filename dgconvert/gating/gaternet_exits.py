@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE
+from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, gate_kind
 from dgconvert.gating.cut import CutError, _crossing, _module_spans
 from dgconvert.gating.fit import (
-    DEFAULT_SCORE,
     FitResult,
     _reports,
     _resolve_data,
@@ -65,6 +64,9 @@ class PackedGate(nn.Module):
         self.gate_type, self.score_kind = head.gate_type, head.score_kind
         self.in_features, self.num_classes = head.in_features, head.num_classes
         self.layout = getattr(head, "layout", "nchw")
+
+    def input_linears(self) -> list[nn.Linear]:
+        return self.head.input_linears()
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[1] == self.in_features:
@@ -170,7 +172,7 @@ def gaternet_exits(net: GaterNet, cuts: Sequence[str], gate: str = DEFAULT_GATE,
     stages = [GaterNetStage(p, net.gater if k == 0 else None, shapes[k - 1] if k else None,
                             shapes[k] if k < len(shapes) else None)
               for k, p in enumerate(parts)]
-    spec = {"type": gate, "score": score or DEFAULT_SCORE[gate], "layout": "nchw"}
+    spec = {"type": gate, "score": gate_kind(gate).check_score(score), "layout": "nchw"}
     heads = [PackedGate(make_gate(spec, s[0], net.num_classes), s) for s in shapes]
     meta = {"cuts": list(cuts), "gaternet": {"gated": [lay.name for lay in net.layers],
                                              "gates": net.num_gates}}

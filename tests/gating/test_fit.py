@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dgconvert as dg
-from dgconvert.core.errors import DGConvertError
+from dgconvert.core.errors import DGConvertError, GateKindError
 from dgconvert.data import load_dataset
 from dgconvert.gating.fit import (
     DEFAULT_GATE,
@@ -252,7 +252,7 @@ def test_errors_say_what_was_wrong(tmp_path: Path) -> None:
         fit_gates(model, ds, gate="dgate", joint=True, progress=False)
     with pytest.raises(FitError, match="holdout is 1.5"):
         fit_gates(model, ds, holdout=1.5, progress=False)
-    with pytest.raises(FitError, match="score 'sigmoid' does not exist for dgate"):
+    with pytest.raises(GateKindError, match="score 'sigmoid' does not exist for dgate"):
         fit_gates(model, ds, gate="dgate", score="sigmoid", progress=False)
     bad = Dataset(np.zeros((20, 1, 28, 28), np.uint8), np.arange(20, dtype=np.int64), [])
     with pytest.raises(FitError, match="labels .* span 0..19.*10 outputs"):
