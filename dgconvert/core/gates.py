@@ -97,6 +97,8 @@ GATE_KINDS: dict[str, GateKind] = {
                  "EENet pool exit: class head + sigmoid confidence head",
                  head="dgconvert.gating.heads:ConfidenceGate", objective="lv2",
                  options=frozenset({"joint"})),
+        GateKind("mlp", ("max", "margin"), "margin", 0.99, "cross-entropy",
+                 "one hidden layer of 64 with ReLU; softmax score", head="dgconvert.gating.mlp_gate:MLPGate"),
         GateKind("exit-head",
                  ("max-softmax", "margin-softmax", "margin-logits", "neg-entropy", "confidence"),
                  "max-softmax", 0.99, "the model's own training",
