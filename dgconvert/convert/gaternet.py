@@ -24,10 +24,10 @@ from dgconvert.convert.onnx_export import OPSET, export_onnx
 from dgconvert.convert.specs import example_batch, progress_bar, tensor_specs
 from dgconvert.convert.verify import (
     VerificationReport,
-    _compare,
-    _tie_rows,
     check_runner,
     check_stage_graph,
+    compare_outputs,
+    tie_rows,
 )
 from dgconvert.core.bundle import Bundle, stamp_digests, write_manifest
 from dgconvert.core.contract import CONTRACT
@@ -97,7 +97,7 @@ def _near(net: GaterNet, x: torch.Tensor, tol: float) -> np.ndarray:
     with torch.no_grad():
         g = net.gater.logits(x).numpy()
         logits = net(x).numpy()
-    return (np.abs(g) <= tol).any(axis=1) | _tie_rows(logits, tol)
+    return (np.abs(g) <= tol).any(axis=1) | tie_rows(logits, tol)
 
 
 @torch.no_grad()
@@ -116,14 +116,14 @@ def verify_gaternet_bundle(exported: GaterNet, masked: GaterNet, bundle: Bundle,
     names = list(CONTRACT.outputs(0, 1))
     got = list(backend.run_contract(0, {CONTRACT.images: x.numpy()}).values())
     ref = [t.numpy() for t in GaterNetStage(exported).eval()(x)]
-    _compare(report, "stage 0 (judged rows)", names, [g[~near] for g in got],
+    compare_outputs(report, "stage 0 (judged rows)", names, [g[~near] for g in got],
              [r[~near] for r in ref], atol, rtol)
     full = backend.run_full(x.numpy())
-    _compare(report, "full.onnx (judged rows)", list(CONTRACT.full_outputs), [full[~near]],
+    compare_outputs(report, "full.onnx (judged rows)", list(CONTRACT.full_outputs), [full[~near]],
              [ref[0][~near]], atol, rtol)
     # pruned vs masked in torch: identical up to float summation order
     m = masked(x).numpy()
-    _compare(report, "pruned vs masked (judged rows)", [CONTRACT.logits, CONTRACT.label],
+    compare_outputs(report, "pruned vs masked (judged rows)", [CONTRACT.logits, CONTRACT.label],
              [ref[0][~near], ref[1][~near]], [m[~near], m.argmax(1)[~near]], atol, rtol)
     report.max_abs["pruned_vs_masked"] = float(np.abs(ref[0] - m).max()) if len(m) else 0.0
     check_runner(report, bundle, backend, x.numpy(), [], ref[1], np.zeros(len(x), np.int64),

@@ -42,8 +42,9 @@ from torch import nn
 from dgconvert.core.errors import DGConvertError
 from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, HINGES, gate_kind
 from dgconvert.gating.heads import GateHead
-from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
+from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, ovr_hinge
 from dgconvert.gating.network import GatedNetwork
+from dgconvert.gating.sgd import progress_bar, sgd
 from dgconvert.gating.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -63,8 +64,12 @@ __all__ = [
     "extract_features",
     "fit_gates",
     "gate_outputs",
+    "gate_reports",
+    "holdout_split",
     "check_backbone_accuracy",
     "initial_threshold",
+    "resolve_backbone",
+    "resolve_data",
     "train_heads",
 ]
 
@@ -232,7 +237,7 @@ def extract_features(
         s.eval()
     pooled: list[list[torch.Tensor]] = [[] for _ in range(net.num_gates)]
     logits = []
-    bar = _bar(len(images), progress, "features", "img")
+    bar = progress_bar(len(images), progress, "features", "img")
     try:
         for start in range(0, len(images), batch_size):
             xb = images[start : start + batch_size]
@@ -298,13 +303,6 @@ def initial_threshold(scores: np.ndarray, gate_correct: np.ndarray, final_correc
     return float(s[ok[-1]]) if ok.size else float("inf")
 
 
-def _bar(total: int, progress: bool | str, desc: str, unit: str) -> Any:
-    from tqdm.auto import tqdm
-
-    label = progress if isinstance(progress, str) else desc
-    return tqdm(total=total, desc=label, unit=unit, disable=not progress, leave=False, dynamic_ncols=True)
-
-
 def _linears(head: nn.Module) -> list[nn.Linear]:
     return [m for m in head.modules() if isinstance(m, nn.Linear)]
 
@@ -322,12 +320,6 @@ def _data_loss(head: GateHead, x: torch.Tensor, y: torch.Tensor, hinge: str) -> 
     if gate_kind(head.gate_type).objective != "hinge":  # cross-entropy; L_v2's warm start
         return nn.functional.cross_entropy(logits, y)
     return ovr_hinge(logits, y) if hinge == "ovr" else crammer_singer_hinge(logits, y)
-
-
-def _schedule(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1), pct_start=0.1
-    )
 
 
 def train_heads(
@@ -368,16 +360,16 @@ def train_heads(
         if gate_kind(kind).objective == "lv2":
             if costs is None:
                 raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
-            bar = _bar((len(heads) + 1) * epochs * steps, progress, "fit confidence gates", "step")
+            bar = progress_bar((len(heads) + 1) * epochs * steps, progress, "fit confidence gates", "step")
             # Warm start: each classifier branch is first fitted with cross-entropy. With a
             # frozen, accurate final classifier, L_v2 alone drives h -> 0 at early exits and
             # then starves their classifier branches (their gradient scales with h).
             for head, x in zip(heads, xs, strict=True):
                 warm = lambda i, h=head, x=x: _data_loss(h, x[i], y[i], hinge)  # noqa: E731
-                _sgd(list(head.classifier.parameters()), warm, n, epochs, batch_size, lr, l2,
+                sgd(list(head.classifier.parameters()), warm, n, epochs, batch_size, lr, l2,
                      [head.classifier], seed, bar)  # fmt: skip
             final_p = torch.softmax(features.logits, 1)
-            last = _sgd(
+            last = sgd(
                 [p for h in heads for p in h.parameters()],
                 lambda i: _lv2_step(heads, [x[i] for x in xs], final_p[i], y[i], costs, cost_weight),
                 n, epochs, batch_size, lr, l2, [m for h in heads for m in _linears(h)], seed, bar,
@@ -386,10 +378,10 @@ def train_heads(
             losses = [last] * len(heads)
         else:
             losses = []
-            bar = _bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
+            bar = progress_bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
             for head, x in zip(heads, xs, strict=True):
                 loss_fn = lambda i, h=head, x=x: _data_loss(h, x[i], y[i], hinge)  # noqa: E731
-                losses.append(_sgd(list(head.parameters()), loss_fn, n, epochs, batch_size, lr, l2,
+                losses.append(sgd(list(head.parameters()), loss_fn, n, epochs, batch_size, lr, l2,
                                    _linears(head), seed, bar))  # fmt: skip
             bar.close()
     for head, (mean, std) in zip(heads, stats, strict=True):
@@ -397,41 +389,6 @@ def train_heads(
         if standardize:
             _fold_standardization(head, mean, std)
     return losses
-
-
-def _sgd(
-    params: list[nn.Parameter],
-    loss_fn: Any,
-    n: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    l2: float,
-    decayed: Sequence[nn.Linear],
-    seed: int,
-    bar: Any,
-) -> float:
-    """Mini-batch (sub-)gradient descent, Nesterov momentum, one-cycle schedule; L2 on the
-    ``decayed`` layers' weights. Returns the mean data loss of the last epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    steps = math.ceil(n / batch_size)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    sched = _schedule(opt, epochs * steps)
-    last = 0.0
-    for _ in range(epochs):
-        perm, tot = torch.randperm(n, generator=gen), 0.0
-        for i in range(steps):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            data = loss_fn(idx)
-            loss = data + sum(l2_penalty(m.weight, l2) for m in decayed) if l2 else data
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += data.item() * len(idx)
-            bar.update(1)
-        last = tot / n
-    return last
 
 
 def _lv2_step(
@@ -509,11 +466,11 @@ def fit_gates(
     score = opts["score"]
     l2 = gate_kind(gate).l2 if l2 is None else float(l2)
     lr = _DEFAULT_LR if lr is None else float(lr)
-    model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
+    model, arch_spec, info = resolve_backbone(backbone, arch, trust_pickle)
     spec_in = info.get("input") or {}
     input_shape = list(input_shape or spec_in.get("shape") or [])
     normalization = normalization if normalization is not None else spec_in.get("normalization")
-    ds = _resolve_data(data)
+    ds = resolve_data(data)
     if not input_shape:
         input_shape = list(ds.sample_shape)
     if list(ds.sample_shape) != [int(s) for s in input_shape]:
@@ -549,7 +506,7 @@ def fit_gates(
         p.requires_grad_(False)
     costs = exit_costs(net)
     fractions = [c / costs[-1] for c in costs]
-    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
     if len(train_idx) < 2:
         raise FitError(f"only {len(train_idx)} training samples after the holdout; expected at least 2")
     feats = extract_features(net, ds.images, normalization, feature_batch_size, "backbone features" if progress else False)
@@ -574,7 +531,7 @@ def fit_gates(
         hold = extract_features(net, ds.images[hold_idx], normalization, feature_batch_size, "held-out features" if progress else False)
     else:
         hold = feats.subset(torch.from_numpy(hold_idx))
-    reports, final_acc = _reports(net, list(cuts), hold, y_all[hold_idx], losses)
+    reports, final_acc = gate_reports(net, list(cuts), hold, y_all[hold_idx], losses)
     net.thresholds = [r.threshold for r in reports]
     options = {
         **opts,
@@ -623,9 +580,11 @@ def _check_options(
             "holdout": float(holdout), "joint": bool(joint), "cost_weight": float(cost_weight)}  # fmt: skip
 
 
-def _resolve_backbone(
+def resolve_backbone(
     backbone: nn.Module | str | Path, arch: str | dict[str, Any] | None, trust_pickle: bool
 ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    """The backbone module, its architecture spec (for weights-only saving) and what its
+    checkpoint records (``{}`` for a module)."""
     from dgconvert.gating.checkpoint import load_backbone
 
     spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
@@ -641,7 +600,8 @@ def _resolve_backbone(
     return model, info.get("arch") or spec, info
 
 
-def _resolve_data(data: str | Dataset) -> Dataset:
+def resolve_data(data: str | Dataset) -> Dataset:
+    """``data`` as a :class:`~dgconvert.data.Dataset` (a ``--data`` spec is loaded)."""
     from dgconvert.data import Dataset, load_dataset
 
     if isinstance(data, str):
@@ -654,13 +614,14 @@ def _resolve_data(data: str | Dataset) -> Dataset:
     return data
 
 
-def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, held-out) indices of ``n`` samples, ``holdout`` of them held out."""
     perm = np.random.default_rng(seed).permutation(n)
     k = int(round(holdout * n))
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _reports(
+def gate_reports(
     net: GatedNetwork, cuts: list[str], hold: Features, y: np.ndarray, losses: list[float]
 ) -> tuple[list[GateReport], float | None]:
     """Per-gate held-out curves and initial thresholds (defaults when nothing is held out)."""
@@ -733,11 +694,11 @@ def _fine_tune_jointly(
         final_p = torch.softmax(net.stages[-1](x), 1)
         return _lv2_step(heads, xs, final_p, y[idx], costs, cost_weight)
 
-    bar = _bar(epochs * math.ceil(n / batch_size), "fine-tune jointly" if progress else False,
+    bar = progress_bar(epochs * math.ceil(n / batch_size), "fine-tune jointly" if progress else False,
                "joint", "step")
     net.eval()
     try:
-        last = _sgd(params + head_params, loss_fn, n, epochs, batch_size, lr, l2,
+        last = sgd(params + head_params, loss_fn, n, epochs, batch_size, lr, l2,
                     [lin for h in heads for lin in _linears(h)], seed, bar)
     finally:
         bar.close()

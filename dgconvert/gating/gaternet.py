@@ -46,17 +46,16 @@ from dgconvert.core.gates import (
 )
 from dgconvert.core.io import atomic_write
 from dgconvert.gating.augment import random_crop_flip
-from dgconvert.gating.checkpoint import VERSION, _load_state, build_arch
+from dgconvert.gating.checkpoint import VERSION, build_arch, load_state
 from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.fit import (
     FitError,
-    _bar,
-    _resolve_backbone,
-    _resolve_data,
-    _sgd,
-    _split,
     check_backbone_accuracy,
+    holdout_split,
+    resolve_backbone,
+    resolve_data,
 )
+from dgconvert.gating.sgd import progress_bar, sgd
 from dgconvert.gating.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -321,7 +320,7 @@ def gate_counts(net: GaterNet, images: np.ndarray, batch_size: int = 512,
 
     net.eval()
     counts = np.zeros(net.num_gates, np.int64)
-    bar = _bar(len(images), progress, "gates", "img")
+    bar = progress_bar(len(images), progress, "gates", "img")
     for start in range(0, len(images), batch_size):
         xb = images[start : start + batch_size]
         x = torch.from_numpy(normalize(xb, net.normalization) if xb.dtype == np.uint8 else xb)
@@ -601,7 +600,7 @@ def load_gaternet(obj: dict[str, Any], path: str | Path) -> GaterNet:
                          input_shape=spec["shape"], num_classes=obj["num_classes"],
                          arch=obj["arch"], normalization=spec.get("normalization"),
                          classes=obj.get("classes"))
-    _load_state(net, obj["state"], path)
+    load_state(net, obj["state"], path)
     if obj.get("fit"):
         net.meta["fit"] = obj["fit"]
     return net.eval()
@@ -749,17 +748,17 @@ def fit_gaternet(
     if rate_weights not in RATE_WEIGHTS:
         raise GaterNetError(f"rate_weights={rate_weights!r}; expected one of {RATE_WEIGHTS}")
     gater_spec = {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
-    model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
+    model, arch_spec, info = resolve_backbone(backbone, arch, trust_pickle)
     spec_in = info.get("input") or {}
     input_shape = list(input_shape or spec_in.get("shape") or [])
     normalization = normalization if normalization is not None else spec_in.get("normalization")
-    ds = _resolve_data(data)
+    ds = resolve_data(data)
     input_shape = input_shape or list(ds.sample_shape)
     if list(ds.sample_shape) != [int(s) for s in input_shape]:
         raise GaterNetError(f"{ds.source or 'the data'} has samples of shape "
                             f"{list(ds.sample_shape)}; the backbone expects {input_shape}")
     y_all = ds.require_labels("GaterNet fitting")
-    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
     with torch_threads(threads):
         model.eval()
         with torch.no_grad():
@@ -788,8 +787,8 @@ def fit_gaternet(
             clf = nn.Sequential(net.gater.extractor, nn.Flatten(1),
                                 nn.Linear(net.gater.fc1.in_features, num_classes))
             clf.train()
-            bar = _bar(gater_epochs * steps, "pre-train gater" if progress else False, "gater", "step")
-            losses["gater_pretrain"] = _sgd(
+            bar = progress_bar(gater_epochs * steps, "pre-train gater" if progress else False, "gater", "step")
+            losses["gater_pretrain"] = sgd(
                 list(clf.parameters()), lambda i: nn.functional.cross_entropy(
                     clf(batches(tr[i])), y[tr[i]]),
                 n, gater_epochs, batch_size, gater_lr, weight_decay, _decayed(clf), seed, bar)
@@ -815,10 +814,10 @@ def fit_gaternet(
             sparse_terms.append(float(reg.detach()))
             return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * term
 
-        bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
+        bar = progress_bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
         groups = [{"params": list(net.body.parameters())},
                   {"params": list(net.gater.parameters()), "lr": lr * gater_lr_scale}]
-        losses["joint"] = _sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
+        losses["joint"] = sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
                                weight_decay, _decayed(net), seed + 1, bar)
         bar.close()
         losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))  # usage with a target
@@ -835,9 +834,9 @@ def fit_gaternet(
                 x = batches(tr[i])
                 return nn.functional.cross_entropy(net.body(x, net.hard_gates(x)), y[tr[i]])
 
-            bar = _bar(settle_epochs * steps, "settle backbone" if progress else False,
+            bar = progress_bar(settle_epochs * steps, "settle backbone" if progress else False,
                        "settle", "step")
-            losses["settle"] = _sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
+            losses["settle"] = sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
                                     batch_size, lr, weight_decay, _decayed(net.body), seed + 2,
                                     bar)
             bar.close()

@@ -24,14 +24,14 @@ import torch
 from torch import fx, nn
 
 from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, gate_kind
-from dgconvert.gating.cut import CutError, _crossing, _module_spans
+from dgconvert.gating.cut import CutError, crossing_values, module_spans
 from dgconvert.gating.fit import (
     FitResult,
-    _reports,
-    _resolve_data,
-    _split,
     exit_costs,
     extract_features,
+    gate_reports,
+    holdout_split,
+    resolve_data,
     train_heads,
 )
 from dgconvert.gating.gaternet import Gater, GaterNet, GaterNetError
@@ -106,7 +106,7 @@ def _parts(body: fx.GraphModule, cuts: Sequence[str]) -> list[fx.GraphModule]:
     ``(features, gates) -> features`` (the last: ``-> logits``)."""
     nodes = list(body.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    spans = _module_spans(nodes)
+    spans = module_spans(nodes)
     x_node, gates_node = (n for n in nodes if n.op == "placeholder")
     ends = []
     for cut in cuts:
@@ -114,7 +114,7 @@ def _parts(body: fx.GraphModule, cuts: Sequence[str]) -> list[fx.GraphModule]:
             raise CutError(f"cut {cut!r} is not a module the GaterNet's backbone runs; expected "
                            "names such as layer1, layer2")
         end = spans[cut][-1]
-        crossing = [n for n in _crossing(nodes, end, index) if n is not gates_node]
+        crossing = [n for n in crossing_values(nodes, end, index) if n is not gates_node]
         if crossing != [nodes[end]]:
             raise CutError(f"cut {cut!r}: {[n.name for n in crossing]} cross it; expected one "
                            "feature tensor (and the gates)")
@@ -201,15 +201,15 @@ def fit_gaternet_exits(
     features, initial thresholds from the held-out share)."""
     t0 = time.perf_counter()
     gnet = gaternet_exits(net, cuts, gate, score)
-    ds = _resolve_data(data)
+    ds = resolve_data(data)
     y_all = ds.require_labels("d-gate fitting")
-    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
     feats = extract_features(gnet, ds.images, net.normalization, progress=progress)
     y = torch.from_numpy(y_all)
     tr = torch.from_numpy(train_idx)
     losses = train_heads(list(gnet.gates), feats.subset(tr), y[tr], hinge=hinge, l2=l2,  # type: ignore[arg-type]
                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    reports, final_acc = _reports(gnet, list(cuts), feats.subset(torch.from_numpy(hold_idx)),
+    reports, final_acc = gate_reports(gnet, list(cuts), feats.subset(torch.from_numpy(hold_idx)),
                                   y_all[hold_idx], losses)
     gnet.thresholds = [r.threshold for r in reports]
     options = {"gate": gate, "score": gnet.gates[0].score_kind, "hinge": hinge, "l2": l2,
