@@ -80,7 +80,7 @@ class PackedGate(nn.Module):
         return {**self.head.spec(), "packed": {"features": self.shape, "carries": "gaternet gates"}}
 
 
-class GaterNetStage(nn.Module):
+class GaterNetExitStage(nn.Module):
     """One stage: stage 0 runs the gater on the images; later stages unpack their input.
     Every stage but the last packs its output with the gates."""
 
@@ -169,13 +169,13 @@ def gaternet_exits(net: GaterNet, cuts: Sequence[str], gate: str = DEFAULT_GATE,
                 raise GaterNetError(f"features after a cut have shape {list(x.shape)}; packing "
                                     "expects NCHW feature maps")
             shapes.append(list(x.shape[1:]))
-    stages = [GaterNetStage(p, net.gater if k == 0 else None, shapes[k - 1] if k else None,
+    stages = [GaterNetExitStage(p, net.gater if k == 0 else None, shapes[k - 1] if k else None,
                             shapes[k] if k < len(shapes) else None)
               for k, p in enumerate(parts)]
     spec = {"type": gate, "score": gate_kind(gate).check_score(score), "layout": "nchw"}
     heads = [PackedGate(make_gate(spec, s[0], net.num_classes), s) for s in shapes]
     meta = {"cuts": list(cuts), "gaternet": {"gated": [lay.name for lay in net.layers],
-                                             "gates": net.num_gates}}
+                                             "gates": net.num_filter_gates}}
     return GatedNetwork(stages, heads, net.num_classes, input_shape=net.input_shape,  # type: ignore[arg-type]
                         normalization=net.normalization, classes=net.classes, meta=meta).eval()
 
