@@ -118,7 +118,7 @@ def run_split(job: tuple[Any, ...]) -> list[dict[str, Any]]:
             if mode == "search-only":
                 part = np.sort(np.random.default_rng(split).permutation(size)[: int(0.7 * size)])
                 full = float(np.mean(rc.final_labels[part] == yc[part]))
-                res = search(rc.subset(part), yc[part], costs, target_acc=full - drop_pt / 100)
+                res = search(rc.subset(part), yc[part], costs, target_accuracy=full - drop_pt / 100)
                 t, fallback, est, r = res.best.thresholds, False, None, None
             else:
                 c = conf if mode == "confidence" else None

@@ -42,8 +42,8 @@ from dgconvert.gating.flops import count_flops  # noqa: E402
 from dgconvert.gating.gaternet import (  # noqa: E402
     PRUNE_MULTIPLE,
     distribution,
+    filter_gate_counts,
     fit_gaternet,
-    gate_counts,
     prune_always_off,
 )
 from dgconvert.gating.gaternet_exits import fit_gaternet_exits  # noqa: E402
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     gn_acc_torch = float((gn_logits.argmax(1) == test.labels).mean())
     plain_flops = count_flops(backbone, x1)
     # gate kinds: on the calibration data (what pruning uses) and on the test set (paper)
-    counts_cal = gate_counts(net, calib.images)
+    counts_cal = filter_gate_counts(net, calib.images)
     off = counts_cal == 0
     pruned = prune_always_off(net, off, PRUNE_MULTIPLE)  # what export does by default
     with torch.no_grad():
         logit_diff = float(np.abs(pruned.net(torch.from_numpy(xt)).numpy() - gn_logits).max())
-    counts_test = gate_counts(net, test.images)
+    counts_test = filter_gate_counts(net, test.images)
     kinds_test = distribution(net, counts_test, len(test))
     flip = int(((counts_test > 0) & off).sum())  # pruned gates some test image switches on
     tmp = Path(tempfile.mkdtemp(prefix="gaternet-bench-"))

@@ -50,7 +50,7 @@ def main() -> None:
     rec, y, costs = synthetic(args.gates, args.samples, args.seed)
     full = float(np.mean(rec.final_labels == y))
     wall, cpu = time.perf_counter(), time.process_time()
-    res = search(rec, y, costs, target_acc=full - args.drop)
+    res = search(rec, y, costs, target_accuracy=full - args.drop)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     kind = "exact" if res.exact else "heuristic"
     print(

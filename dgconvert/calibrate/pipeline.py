@@ -36,15 +36,19 @@ DEFAULT_HOLDOUT = 0.3  # default mode: the share held out for the unseen-data es
 CONFIDENCE_HOLDOUT = 0.5  # with a confidence: the share held out for the test
 
 
-def _target(full: float, target_acc: float | None, max_drop: float | None) -> float:
-    if (target_acc is None) == (max_drop is None):
-        raise CalibrationError("give exactly one of target_acc (fraction) or max_drop (fraction)")
-    if target_acc is not None:
-        return check_target(target_acc)
+def _target(full: float, target_accuracy: float | None, max_drop: float | None) -> float:
+    if (target_accuracy is None) == (max_drop is None):
+        raise CalibrationError(
+            "give exactly one of target_accuracy (fraction) or max_drop (fraction)"
+        )
+    if target_accuracy is not None:
+        return check_target(target_accuracy)
     drop = float(max_drop)
     if not 0.0 <= drop <= 1.0:
         raise CalibrationError(
-            f"max_drop must be a fraction in [0, 1] (0.01 = one point), got {max_drop!r}"
+            f"max_drop={max_drop!r}; expected a fraction in [0, 1] (0.01 = one point). The "
+            "Python API takes fractions, the CLI's --max-drop points. Fix: for points, divide "
+            "by 100."
         )
     return max(full - drop, 0.0)
 
@@ -96,7 +100,7 @@ def calibrate(
     y: Any,
     exit_costs: Sequence[float] | np.ndarray,
     *,
-    target_acc: float | None = None,
+    target_accuracy: float | None = None,
     max_drop: float | None = None,
     confidence: float | None = None,
     holdout: float | None = None,
@@ -110,7 +114,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Choose gate thresholds: cheapest expected cost with accuracy >= target on new data.
 
-    ``target_acc`` is an absolute accuracy, ``max_drop`` a drop below the full model's
+    ``target_accuracy`` is an absolute accuracy, ``max_drop`` a drop below the full model's
     accuracy; both are fractions (0.947, 0.01 = one point). A seeded split keeps ``holdout``
     of the samples aside (default: ``DEFAULT_HOLDOUT``, with a confidence
     ``CONFIDENCE_HOLDOUT``). Default mode: the rest is split again (``search_share`` for the
@@ -135,7 +139,7 @@ def calibrate(
     if cal_idx.size == 0:
         raise CalibrationError("no calibration samples: the records are empty")
     full_cal = float(np.mean(rec.final_labels[cal_idx] == y[cal_idx]))
-    target = _target(full_cal, target_acc, max_drop)
+    target = _target(full_cal, target_accuracy, max_drop)
     drop = None if max_drop is None else float(max_drop)
     if conf is None:
         if not 0.0 < search_share < 1.0:

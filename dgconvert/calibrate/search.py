@@ -93,13 +93,14 @@ class SearchResult:
     seconds: float
 
 
-def check_target(target_acc: float) -> float:
-    """A target accuracy as a fraction in [0, 1]."""
-    t = float(target_acc)
+def check_target(target_accuracy: float) -> float:
+    """A target accuracy as a fraction in [0, 1]; a clear error for a percentage."""
+    t = float(target_accuracy)
     if not 0.0 <= t <= 1.0:
         raise CalibrationError(
-            f"target accuracy must be a fraction in [0, 1], got {target_acc!r} "
-            "(for a percentage, divide by 100)"
+            f"target_accuracy={target_accuracy!r}; expected a fraction in [0, 1] (0.947 for "
+            "94.7 %). The Python API takes fractions, the CLI's --target-acc percent. Fix: "
+            "for a percentage, divide by 100."
         )
     return t
 
@@ -230,27 +231,27 @@ def shared_value(prob: Problem, target: float) -> float:
     return t
 
 
-def sequential_search(records: Any, y: Any, exit_costs: Any, *, target_acc: float) -> Candidate:
+def sequential_search(records: Any, y: Any, exit_costs: Any, *, target_accuracy: float) -> Candidate:
     """The d-gate paper's sequential thresholds (earliest gate first, each the lowest that
     keeps the target); ``feasible`` is False when even that misses the target."""
-    target = check_target(target_acc)
+    target = check_target(target_accuracy)
     rec, y, costs, prob = _inputs(records, y, exit_costs)
     sol = sequential_index(prob, required_correct(target, prob.n))
     return candidate("sequential", rec, y, costs, prob.to_thresholds(sol.idx), target)
 
 
-def shared_search(records: Any, y: Any, exit_costs: Any, *, target_acc: float) -> Candidate:
+def shared_search(records: Any, y: Any, exit_costs: Any, *, target_accuracy: float) -> Candidate:
     """One threshold for every gate, the cheapest meeting the target; if none does, the
     most accurate one (``feasible`` False)."""
-    target = check_target(target_acc)
+    target = check_target(target_accuracy)
     rec, y, costs, prob = _inputs(records, y, exit_costs)
     return candidate("shared", rec, y, costs, [shared_value(prob, target)] * prob.num_gates, target)
 
 
-def brute_force_search(records: Any, y: Any, exit_costs: Any, *, target_acc: float) -> Candidate:
+def brute_force_search(records: Any, y: Any, exit_costs: Any, *, target_accuracy: float) -> Candidate:
     """Exhaustive optimum over all distinct scores (+inf) per gate; small problems only
     (``prod(D_k + 1) * n * K`` work). Raises :class:`CalibrationError` if unreachable."""
-    target = check_target(target_acc)
+    target = check_target(target_accuracy)
     rec, y, costs, prob = _inputs(records, y, exit_costs)
     sol = brute_force_index(prob, Goal(required_correct(target, prob.n)))
     if sol is None:
@@ -261,9 +262,9 @@ def brute_force_search(records: Any, y: Any, exit_costs: Any, *, target_acc: flo
 
 
 def search(
-    records: Any, y: Any, exit_costs: Any, *, target_acc: float, method: str = "auto"
+    records: Any, y: Any, exit_costs: Any, *, target_accuracy: float, method: str = "auto"
 ) -> SearchResult:
-    """Cheapest thresholds with accuracy >= ``target_acc`` (fraction) on these samples,
+    """Cheapest thresholds with accuracy >= ``target_accuracy`` (a fraction) on these samples,
     with the sequential, shared and full-model choices for comparison.
 
     ``method``: ``"auto"`` (exact when K <= 3 and n <= 2,000 or the problem is small),
@@ -271,7 +272,7 @@ def search(
     :class:`CalibrationError` when no thresholds reach the target.
     """
     start = time.perf_counter()
-    target = check_target(target_acc)
+    target = check_target(target_accuracy)
     rec, y, costs, prob = _inputs(records, y, exit_costs)
     sol, exact = solve(prob, target, method)
     k = prob.num_gates

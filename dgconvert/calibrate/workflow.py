@@ -30,11 +30,15 @@ def load_data(bundle: str | Path | Bundle, data: str) -> tuple[Bundle, Dataset]:
     return b, ds
 
 
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else round(100.0 * float(fraction), 10)
+
+
 def calibrate_bundle(
     bundle: str | Path | Bundle,
     data: str,
     *,
-    target_acc: float | None = None,
+    target_accuracy: float | None = None,
     max_drop: float | None = None,
     confidence: float | None = None,
     holdout: float | None = None,
@@ -50,8 +54,8 @@ def calibrate_bundle(
     """Calibrate ``bundle`` on labelled ``data`` (a ``--data`` spec; ``dataset``: the loaded
     data set, if the caller has it already).
 
-    ``target_acc`` is in percent (94.7) and ``max_drop`` in points (0.3), as on the command
-    line. ``exit_costs``: cumulative cost per exit point (default: the manifest's FLOPs);
+    ``target_accuracy`` and ``max_drop`` are fractions (0.947; 0.003 = 0.3 points), as for
+    :func:`calibrate` (the command line takes percent and points). ``exit_costs``: cumulative cost per exit point (default: the manifest's FLOPs);
     with ``cost="latency"`` they must be given, in ms. With ``write`` the thresholds and the
     calibration record go into the manifest (:func:`write_calibration`); without it nothing
     is written anywhere (the records cache included).
@@ -77,8 +81,7 @@ def calibrate_bundle(
     costs = b.exit_costs() if exit_costs is None else list(exit_costs)
     result = calibrate(
         records, y, costs,
-        target_acc=None if target_acc is None else target_acc / 100.0,
-        max_drop=None if max_drop is None else max_drop / 100.0,
+        target_accuracy=target_accuracy, max_drop=max_drop,
         confidence=confidence, holdout=holdout, seed=seed,
         num_classes=b.num_classes, cost_unit="ms" if cost == "latency" else "flops",
     )
@@ -87,7 +90,9 @@ def calibrate_bundle(
         "data_hash": fingerprint,
         "bundle_digest": digest,
         "cost": cost,
-        "requested": {"target_acc": target_acc, "max_drop": max_drop, "confidence": confidence},
+        # recorded in the CLI's units: percent and points
+        "requested": {"target_acc": _percent(target_accuracy), "max_drop": _percent(max_drop),
+                      "confidence": confidence},
         "records_cached": cached,
         "created": now_iso(),
     }

@@ -51,7 +51,8 @@ def calibrate_cmd(
             b, ds.images, backend=backend, batch_size=batch_size, **opts
         )
     result = calibrate_bundle(
-        b, data, target_acc=target_acc, max_drop=max_drop, confidence=confidence,
+        b, data, target_accuracy=None if target_acc is None else target_acc / 100.0,
+        max_drop=None if max_drop is None else max_drop / 100.0, confidence=confidence,
         holdout=holdout, exit_costs=exit_costs, cost=cost_kind, backend=backend, seed=seed,
         write=False, progress=True, dataset=ds, **opts,
     )

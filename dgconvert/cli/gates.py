@@ -291,7 +291,7 @@ def gaternet_cmd(
     dg.save(result.net, output)
     if json_path is not None:
         write_json(json_path, result.as_dict())
-    click.echo(f"wrote {output} (GaterNet: {result.net.num_gates} gated filters in "
+    click.echo(f"wrote {output} (GaterNet: {result.net.num_filter_gates} gated filters in "
                f"{len(result.net.layers)} layers) in {result.seconds:.1f} s")
 
 
@@ -333,7 +333,7 @@ def gaternet_exits_cmd(
 
     import dgconvert as dg
     from dgconvert.core.preprocess import normalize
-    from dgconvert.gating.gaternet import GaterNet, gate_counts, prune_always_off
+    from dgconvert.gating.gaternet import GaterNet, filter_gate_counts, prune_always_off
     from dgconvert.gating.gaternet_exits import fit_gaternet_exits
 
     if epochs < 1 or not 0.0 <= holdout < 1.0:
@@ -347,7 +347,7 @@ def gaternet_exits_cmd(
         raise click.UsageError(f"{gaternet.name} is not a GaterNet checkpoint (`dgconvert gates "
                                "gaternet` writes one); for a backbone use `dgconvert gates fit`.")
     if prune_data is not None:
-        off = gate_counts(net, dg.load_dataset(prune_data).images) == 0
+        off = filter_gate_counts(net, dg.load_dataset(prune_data).images) == 0
         pruned = prune_always_off(net, off, prune_multiple)
         net = pruned.net
         click.echo(f"pruned {int(pruned.removed.sum())} of {len(off)} gated filters ({int(off.sum())} "

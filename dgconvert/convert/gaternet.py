@@ -24,10 +24,10 @@ from dgconvert.convert.onnx_export import OPSET, export_onnx
 from dgconvert.convert.specs import example_batch, progress_bar, tensor_specs
 from dgconvert.convert.verify import (
     VerificationReport,
-    _compare,
-    _tie_rows,
     check_runner,
     check_stage_graph,
+    compare_outputs,
+    tie_rows,
 )
 from dgconvert.core.bundle import Bundle, stamp_digests, write_manifest
 from dgconvert.core.contract import CONTRACT
@@ -47,14 +47,14 @@ from dgconvert.gating.gaternet import (
     PRUNE_MULTIPLE,
     GaterNet,
     distribution,
+    filter_gate_counts,
     force_off,
-    gate_counts,
     prune_always_off,
 )
 from dgconvert.gating.heads import FinalHead
 
 
-class GaterNetStage(nn.Module):
+class GaterNetBundleStage(nn.Module):
     """The one stage of a GaterNet bundle: ``images -> (logits, label, score)``."""
 
     def __init__(self, net: GaterNet) -> None:
@@ -77,7 +77,7 @@ def prepare(net: GaterNet, prune_images: np.ndarray | None, example: torch.Tenso
     if prune_images is None or len(prune_images) == 0:
         flops = count_flops(net, one)
         return net, net, GaterNetInfo([], 0, "", dict(net.meta.get("gater", {})), flops, flops, 0.0)
-    counts = gate_counts(net, prune_images)
+    counts = filter_gate_counts(net, prune_images)
     off = counts == 0
     masked = force_off(net, off)
     pruned = prune_always_off(net, off, multiple)
@@ -85,7 +85,7 @@ def prepare(net: GaterNet, prune_images: np.ndarray | None, example: torch.Tenso
     info = GaterNetInfo(
         layers, len(prune_images), data, dict(net.meta.get("gater", {})),
         count_flops(masked, one), count_flops(pruned.net, one),
-        float(pruned.removed.sum() / max(net.num_gates, 1)),
+        float(pruned.removed.sum() / max(net.num_filter_gates, 1)),
         {"not_pruned": pruned.notes} if pruned.notes else {},
     )
     return pruned.net.eval(), masked.eval(), info
@@ -97,7 +97,7 @@ def _near(net: GaterNet, x: torch.Tensor, tol: float) -> np.ndarray:
     with torch.no_grad():
         g = net.gater.logits(x).numpy()
         logits = net(x).numpy()
-    return (np.abs(g) <= tol).any(axis=1) | _tie_rows(logits, tol)
+    return (np.abs(g) <= tol).any(axis=1) | tie_rows(logits, tol)
 
 
 @torch.no_grad()
@@ -115,15 +115,15 @@ def verify_gaternet_bundle(exported: GaterNet, masked: GaterNet, bundle: Bundle,
     near = _near(exported, x, atol + rtol) | _near(masked, x, atol + rtol)
     names = list(CONTRACT.outputs(0, 1))
     got = list(backend.run_contract(0, {CONTRACT.images: x.numpy()}).values())
-    ref = [t.numpy() for t in GaterNetStage(exported).eval()(x)]
-    _compare(report, "stage 0 (judged rows)", names, [g[~near] for g in got],
+    ref = [t.numpy() for t in GaterNetBundleStage(exported).eval()(x)]
+    compare_outputs(report, "stage 0 (judged rows)", names, [g[~near] for g in got],
              [r[~near] for r in ref], atol, rtol)
     full = backend.run_full(x.numpy())
-    _compare(report, "full.onnx (judged rows)", list(CONTRACT.full_outputs), [full[~near]],
+    compare_outputs(report, "full.onnx (judged rows)", list(CONTRACT.full_outputs), [full[~near]],
              [ref[0][~near]], atol, rtol)
     # pruned vs masked in torch: identical up to float summation order
     m = masked(x).numpy()
-    _compare(report, "pruned vs masked (judged rows)", [CONTRACT.logits, CONTRACT.label],
+    compare_outputs(report, "pruned vs masked (judged rows)", [CONTRACT.logits, CONTRACT.label],
              [ref[0][~near], ref[1][~near]], [m[~near], m.argmax(1)[~near]], atol, rtol)
     report.max_abs["pruned_vs_masked"] = float(np.abs(ref[0] - m).max()) if len(m) else 0.0
     check_runner(report, bundle, backend, x.numpy(), [], ref[1], np.zeros(len(x), np.int64),
@@ -164,7 +164,7 @@ def export_gaternet(
     bar = progress_bar(4 + int(verify), progress)
     exported, masked, info = prepare(net, prune_images, example, prune_source, prune_multiple)
     bar.update(1)
-    stage = GaterNetStage(exported).eval()  # see convert.stages.stage_modules
+    stage = GaterNetBundleStage(exported).eval()  # see convert.stages.stage_modules
     inputs, outputs = CONTRACT.inputs(0), CONTRACT.outputs(0, 1)
     with atomic_directory(out, force=force) as tmp, torch.no_grad():
         outs = list(stage(example))

@@ -63,7 +63,8 @@ def keep_vectors(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {k: v.astype(np.int64) for k, v in cases.items()}
 
 
-def _tie_rows(logits: np.ndarray, tol: float) -> np.ndarray:
+def tie_rows(logits: np.ndarray, tol: float) -> np.ndarray:
+    """Rows whose two largest logits lie within ``tol``: their label may flip on float noise."""
     if logits.shape[1] < 2 or len(logits) == 0:
         return np.zeros(len(logits), bool)
     top2 = np.sort(logits, axis=1)[:, -2:]
@@ -100,7 +101,7 @@ def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def _compare(
+def compare_outputs(
     report: VerificationReport,
     where: str,
     names: list[str],
@@ -122,7 +123,7 @@ def _compare(
         if g.size == 0:
             continue
         if name == CONTRACT.label:
-            bad = (g != r) & ~_tie_rows(ref_by[logits_name], atol + rtol)
+            bad = (g != r) & ~tie_rows(ref_by[logits_name], atol + rtol)
             if bad.any():
                 report.mismatches.append(
                     f"{where} label: {int(bad.sum())}/{g.size} rows differ (first rows "
@@ -189,7 +190,7 @@ def check_stage_graph(
         except Exception as exc:
             raise ExportVerificationError([f"{case}: ONNX Runtime failed: {exc}"]) from exc
         ref = [t.numpy() for t in module(*args)]
-        _compare(report, case, names, got, ref, atol, rtol, Float64Noise(module, args))
+        compare_outputs(report, case, names, got, ref, atol, rtol, Float64Noise(module, args))
     if report.mismatches:
         raise ExportVerificationError(report.mismatches)
     return empty_ok
@@ -266,7 +267,7 @@ def verify_bundle(
     names0 = list(CONTRACT.outputs(0, n))
     got = list(backend.run_contract(0, {CONTRACT.images: x_np}).values())
     ref = [t.numpy() for t in mods[0](x)]
-    _compare(report, "stage 0", names0, got, ref, atol, rtol, Float64Noise(mods[0], [x]))
+    compare_outputs(report, "stage 0", names0, got, ref, atol, rtol, Float64Noise(mods[0], [x]))
     feats = ref[0]
     for k in range(1, n):
         names = list(CONTRACT.outputs(k, n))
@@ -277,13 +278,13 @@ def verify_bundle(
             got = list(backend.run_contract(k, {CONTRACT.x: feats, CONTRACT.keep: keep}).values())
             args = [torch.from_numpy(feats), torch.from_numpy(keep)]
             ref = [t.numpy() for t in mods[k](*args)]
-            _compare(report, f"stage {k} keep={case}[M={keep.size}]", names, got, ref, atol, rtol,
+            compare_outputs(report, f"stage {k} keep={case}[M={keep.size}]", names, got, ref, atol, rtol,
                      Float64Noise(mods[k], args))
             if case == "all":
                 nxt = ref[0]
         feats = nxt
     full = backend.run_full(x_np)
-    _compare(report, "full.onnx", list(CONTRACT.full_outputs), [full], [net(x).numpy()], atol,
+    compare_outputs(report, "full.onnx", list(CONTRACT.full_outputs), [full], [net(x).numpy()], atol,
              rtol, Float64Noise(net, [x]))
     # the chain: runtime vs gated_forward, samples exiting at every gate
     exits = net.all_exits(x)  # once: thresholds, reference exits and ties all come from it
@@ -312,7 +313,7 @@ def own_exit_rule(net: GatedNetwork, x: torch.Tensor, thresholds: list[float], t
     outs = own_exit_outputs(net.backbone, x, info.outputs)
     scores = np.stack([exit_head_score(lg, c, info.score) for lg, c in outs[:-1]], axis=1)
     labels = np.stack([lg.argmax(axis=1) for lg, _ in outs], axis=1)
-    ties = np.stack([_tie_rows(lg, tol) for lg, _ in outs], axis=1)
+    ties = np.stack([tie_rows(lg, tol) for lg, _ in outs], axis=1)
     t = np.asarray(thresholds, np.float64)
     stage = ExitRule.from_thresholds(t, np.float64).points(scores)
     rows = np.arange(len(stage))

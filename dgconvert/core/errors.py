@@ -20,6 +20,10 @@ class CheckpointError(DGConvertError, ValueError):
     """A checkpoint cannot be loaded safely or does not describe a network."""
 
 
+class GateKindError(DGConvertError, ValueError):
+    """A gate kind or score kind is unknown, or not one the asked-for use supports."""
+
+
 class CutError(DGConvertError, ValueError):
     """A backbone cannot be cut where asked (unknown module, multi-tensor cut, order)."""
 

@@ -1,5 +1,7 @@
-"""Gate-type metadata (torch-free): names, score kinds, defaults. The torch heads, the
-fitting code and the CLI's choices all derive from :data:`GATE_KINDS`.
+"""Gate kinds (torch-free): one :class:`GateKind` per kind in :data:`GATE_KINDS` holds its
+head class (by import path), score kinds, defaults, training objective and fit options, and
+validates names and scores (:class:`~dgconvert.core.errors.GateKindError`). The torch heads,
+the fitting code and the CLI's choices all derive from it.
 
 The ``exit-head`` kind is a multi-exit model's own exit head (SDN, BranchyNet, MSDNet,
 EENets), fused as it is; :func:`exit_head_score` is its score rule on the head's outputs.
@@ -7,45 +9,100 @@ EENets), fused as it is; :func:`exit_head_score` is its score rule on the head's
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from dgconvert.core.errors import GateKindError
+
+#: How ``gates fit`` trains a gate kind: ``hinge`` (a d-gate's hinge loss, each head alone),
+#: ``cross-entropy`` (each head alone) or ``lv2`` (all heads together with EENet's L_v2,
+#: after a cross-entropy warm start of their classifier branches).
+OBJECTIVES: tuple[str, ...] = ("hinge", "cross-entropy", "lv2")
+#: Fit options that only some gate kinds take (``fit_gates`` refuses them for the others):
+#: ``hinge`` (which hinge loss), ``joint`` (fine-tune the backbone with the gates).
+KIND_OPTIONS: tuple[str, ...] = ("hinge", "joint")
 
 
 @dataclass(frozen=True)
 class GateKind:
-    """One gate type: how it scores, how it is trained, where thresholds start."""
+    """One gate kind: its torch head, how it scores, how it is trained, where thresholds
+    start. Adding a kind is its head module plus one entry in :data:`GATE_KINDS`."""
 
     name: str
     scores: tuple[str, ...]  # score kinds it supports
     default_score: str  # what ``gates fit`` uses unless told otherwise
     default_threshold: float  # a conservative starting threshold (calibrate to do better)
-    loss: str  # what fits it
+    loss: str  # what fits it, in words (``gates fit --help``)
     summary: str
-    fittable: bool = True  # ``gates fit`` can attach and train it
+    #: ``"module:Class"`` of its :class:`~dgconvert.gating.heads.GateHead`, imported only when
+    #: a head is built (this module stays torch-free); None: ``gates fit`` cannot attach it
+    head: str | None = None
+    objective: str = "cross-entropy"  # one of OBJECTIVES
+    l2: float = 1e-4  # default L2 strength on its weights
+    options: frozenset[str] = frozenset()  # the KIND_OPTIONS it takes
     #: per score kind starting thresholds where they differ from ``default_threshold``
     score_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.default_score not in self.scores or self.objective not in OBJECTIVES \
+                or not self.options <= set(KIND_OPTIONS):
+            raise GateKindError(
+                f"gate kind {self.name!r}: default score {self.default_score!r} of {self.scores}, "
+                f"objective {self.objective!r} of {OBJECTIVES}, options {sorted(self.options)} "
+                f"of {KIND_OPTIONS}; expected each to be one of its choices"
+            )
+
+    @property
+    def fittable(self) -> bool:
+        """Whether ``gates fit`` can attach and train it."""
+        return self.head is not None
 
     def threshold_for(self, score: str) -> float:
         """The starting threshold of score kind ``score``."""
         return self.score_thresholds.get(score, self.default_threshold)
+
+    def check_score(self, score: str | None) -> str:
+        """``score`` (or the default) if this kind supports it, else a :class:`GateKindError`."""
+        score = score or self.default_score
+        if score not in self.scores:
+            raise GateKindError(
+                f"score {score!r} does not exist for {self.name} gates; expected one of "
+                f"{', '.join(self.scores)}"
+            )
+        return score
+
+    def head_class(self) -> Any:
+        """The torch head class (imports it: needs torch)."""
+        if self.head is None:
+            raise GateKindError(f"gate kind {self.name!r} has no head that gates fit builds")
+        module, _, name = self.head.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 GATE_KINDS: dict[str, GateKind] = {
     k.name: k
     for k in (
         GateKind("dgate", ("max", "margin"), "margin", 2.0, "hinge loss",
-                 "decision gate: pooled features -> one linear layer, hinge loss (d-gate paper)"),
+                 "decision gate: pooled features -> one linear layer, hinge loss (d-gate paper)",
+                 head="dgconvert.gating.heads:DGate", objective="hinge",
+                 options=frozenset({"hinge"})),
         GateKind("softmax", ("max", "margin"), "margin", 0.99, "cross-entropy",
-                 "linear head; score = max softmax probability (BranchyNet-style)"),
+                 "linear head; score = max softmax probability (BranchyNet-style)",
+                 head="dgconvert.gating.heads:SoftmaxGate"),
         GateKind("confidence", ("sigmoid",), "sigmoid", 0.5, "EENet L_v2",
-                 "EENet pool exit: class head + sigmoid confidence head"),
+                 "EENet pool exit: class head + sigmoid confidence head",
+                 head="dgconvert.gating.heads:ConfidenceGate", objective="lv2",
+                 options=frozenset({"joint"})),
+        GateKind("mlp", ("max", "margin"), "margin", 0.99, "cross-entropy",
+                 "one hidden layer of 64 with ReLU; softmax score", head="dgconvert.gating.mlp_gate:MLPGate"),
         GateKind("exit-head",
                  ("max-softmax", "margin-softmax", "margin-logits", "neg-entropy", "confidence"),
                  "max-softmax", 0.99, "the model's own training",
                  "a multi-exit model's own exit head, fused as it is (SDN, BranchyNet, EENets)",
-                 fittable=False,
                  score_thresholds={"margin-logits": 10.0, "neg-entropy": -0.05,
                                    "confidence": 0.5}),
     )
@@ -75,23 +132,18 @@ POOLS: dict[str, tuple[str, ...]] = {"nchw": ("mean",), "nhwc": ("mean",),
                                      "tokens": ("cls", "mean"), "vector": ("none",)}
 
 
-def gate_kind(name: str) -> GateKind:
-    """The :class:`GateKind` called ``name``; a clear ``ValueError`` otherwise."""
-    try:
-        return GATE_KINDS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown gate type {name!r}; expected one of {tuple(GATE_KINDS)}"
-        ) from None
-
-
-def check_score(gate: str, score: str | None) -> str:
-    """``score`` (or the gate's default) if ``gate`` supports it; else a ``ValueError``."""
-    kind = gate_kind(gate)
-    score = score or kind.default_score
-    if score not in kind.scores:
-        raise ValueError(f"gate {gate!r} got score={score!r}; expected one of {kind.scores}")
-    return score
+def gate_kind(name: str, *, fittable: bool = False) -> GateKind:
+    """The :class:`GateKind` called ``name`` (with ``fittable``: one ``gates fit`` attaches);
+    a :class:`GateKindError` otherwise."""
+    kind = GATE_KINDS.get(name)
+    if kind is None or (fittable and not kind.fittable):
+        expected = GATE_TYPES if fittable else tuple(GATE_KINDS)
+        raise GateKindError(
+            f"unknown gate type {name!r}; expected one of {', '.join(expected)}"
+            + (f" ({EXIT_HEAD!r} is a multi-exit model's own head: GatedNetwork.from_multi_exit)"
+               if name == EXIT_HEAD and fittable else "")
+        )
+    return kind
 
 
 def exit_head_score(logits: np.ndarray, confidence: np.ndarray | None, score: str) -> np.ndarray:
@@ -102,8 +154,7 @@ def exit_head_score(logits: np.ndarray, confidence: np.ndarray | None, score: st
     top-1 minus top-2 of the softmax / of the logits; ``neg-entropy``: ``sum p log p``;
     ``confidence``: the confidence as it is.
     """
-    if score not in EXIT_SCORES:
-        raise ValueError(f"exit score {score!r} is unknown; expected one of {EXIT_SCORES}")
+    GATE_KINDS[EXIT_HEAD].check_score(score)
     z = np.asarray(logits, np.float64)
     if score == "confidence":
         if confidence is None:

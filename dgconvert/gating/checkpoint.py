@@ -133,7 +133,7 @@ def from_object(obj: Any, path: str | Path) -> GatedNetwork:
             f"{path} has checkpoint version {obj.get('version')}; this dgconvert reads {VERSION}"
         )
     backbone = build_arch(obj["arch"])
-    _load_state(backbone, obj["backbone_state"], path)
+    load_state(backbone, obj["backbone_state"], path)
     backbone.eval()
     spec = obj["input"]
     if obj.get("multi_exit"):
@@ -157,7 +157,7 @@ def from_object(obj: Any, path: str | Path) -> GatedNetwork:
         arch=obj["arch"],
     )
     for g, s in zip(net.gates, obj["gates_state"], strict=True):
-        _load_state(g, s, path)
+        load_state(g, s, path)
     net.thresholds = [float(t) for t in obj["thresholds"]]
     if obj.get("fit"):
         net.meta["fit"] = obj["fit"]
@@ -184,7 +184,9 @@ def _save_multi_exit(net: GatedNetwork, model: nn.Module, arch: dict[str, Any],
     return atomic_write(path, lambda p: torch.save(state, p))
 
 
-def _load_state(module: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+def load_state(module: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``module.load_state_dict(state)``; a :class:`CheckpointError` naming ``path`` if the
+    weights do not fit."""
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
@@ -230,6 +232,6 @@ def load_backbone(
             )
         spec, state = {"factory": arch, "kwargs": arch_kwargs or {}}, obj
     model = build_arch(spec)
-    _load_state(model, state, path)
+    load_state(model, state, path)
     info["arch"] = spec
     return model.eval(), info

@@ -103,7 +103,7 @@ def trace_with_leaves(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule
     return fx.GraphModule(model, graph)
 
 
-def _crossing(nodes: list[fx.Node], pos: int, index: dict[fx.Node, int]) -> list[fx.Node]:
+def crossing_values(nodes: list[fx.Node], pos: int, index: dict[fx.Node, int]) -> list[fx.Node]:
     """Values defined at or before ``pos`` and used after it (parameters excluded)."""
     return [
         n
@@ -124,7 +124,7 @@ class CutPoint:
     share: float | None = None  # flops / the whole model's FLOPs
 
 
-def _module_spans(nodes: list[fx.Node]) -> dict[str, list[int]]:
+def module_spans(nodes: list[fx.Node]) -> dict[str, list[int]]:
     """Module qualified name -> indices of the traced nodes executed inside it."""
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
@@ -147,7 +147,7 @@ def _single_tensor_points(model: nn.Module) -> tuple[fx.GraphModule, list[CutPoi
     out_node = next(n for n in nodes if n.op == "output")
     result = out_node.args[0]
     order = {name: i for i, (name, _) in enumerate(model.named_modules()) if name}
-    spans = _module_spans(nodes)
+    spans = module_spans(nodes)
     by_node: dict[int, list[str]] = {}
     for name in sorted(spans, key=lambda n: order.get(n, len(order))):
         if name not in order:
@@ -160,7 +160,7 @@ def _single_tensor_points(model: nn.Module) -> tuple[fx.GraphModule, list[CutPoi
         end = nodes[last]
         if end is result or end.op in ("get_attr", "placeholder", "output") or not end.users:
             continue
-        if nodes[last + 1].op == "output" or _crossing(nodes, last, index) != [end]:
+        if nodes[last + 1].op == "output" or crossing_values(nodes, last, index) != [end]:
             continue
         by_node.setdefault(last, []).append(name)
     points = []
@@ -440,7 +440,7 @@ def cut_backbone(model: nn.Module, cuts: Sequence[str]) -> list[fx.GraphModule]:
         order = [c for _, c in sorted(zip(positions, cuts, strict=True))]
         raise CutError(f"cut points {list(cuts)} are out of execution order; expected {order}")
     for c, n in zip(cuts, cut_nodes, strict=True):
-        crossing = _crossing(nodes, index[n], index)
+        crossing = crossing_values(nodes, index[n], index)
         if crossing != [n]:
             names = [x.name for x in crossing]
             raise CutError(

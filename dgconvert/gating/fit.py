@@ -41,10 +41,11 @@ from torch import nn
 
 from dgconvert.core.errors import DGConvertError
 from dgconvert.core.exits import ExitRule
-from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, GATE_KINDS, GATE_TYPES, HINGES
-from dgconvert.gating.heads import SCORE_KINDS, GateHead
-from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, l2_penalty, ovr_hinge
+from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, HINGES, gate_kind
+from dgconvert.gating.heads import GateHead
+from dgconvert.gating.losses import crammer_singer_hinge, eenet_lv2, ovr_hinge
 from dgconvert.gating.network import GatedNetwork
+from dgconvert.gating.sgd import progress_bar, sgd
 from dgconvert.gating.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_GATE",
     "DEFAULT_HINGE",
-    "DEFAULT_SCORE",
     "HINGES",
     "PAPER_DGATE",
     "FitError",
@@ -65,20 +65,22 @@ __all__ = [
     "extract_features",
     "fit_gates",
     "gate_outputs",
+    "gate_reports",
+    "holdout_split",
     "check_backbone_accuracy",
     "initial_threshold",
+    "resolve_backbone",
+    "resolve_data",
     "train_heads",
 ]
 
-#: Defaults of :func:`fit_gates` and ``dgconvert gates fit`` (:mod:`dgconvert.core.gates`):
-#: a d-gate trained with the Crammer–Singer hinge on standardized features, scored by the
-#: margin between its two largest distances (why: benchmarks/results/gate_comparison.md).
-#: Default score kind per gate type.
-DEFAULT_SCORE = {name: kind.default_score for name, kind in GATE_KINDS.items()}
+#: Defaults of :func:`fit_gates` and ``dgconvert gates fit`` (per gate kind: its
+#: :class:`~dgconvert.core.gates.GateKind`): a d-gate trained with the Crammer–Singer hinge on
+#: standardized features, scored by the margin between its two largest distances (why:
+#: benchmarks/results/gate_comparison.md).
 #: The d-gate paper's exact formulation, as keyword arguments of :func:`fit_gates`.
 PAPER_DGATE: dict[str, Any] = {"gate": "dgate", "score": "max", "hinge": "ovr", "standardize": False}
 
-_DEFAULT_L2 = {"dgate": 1e-4, "softmax": 1e-4, "confidence": 1e-4}
 _DEFAULT_LR = 0.2
 _JOINT_LR = 1e-3
 
@@ -236,7 +238,7 @@ def extract_features(
         s.eval()
     pooled: list[list[torch.Tensor]] = [[] for _ in range(net.num_gates)]
     logits = []
-    bar = _bar(len(images), progress, "features", "img")
+    bar = progress_bar(len(images), progress, "features", "img")
     try:
         for start in range(0, len(images), batch_size):
             xb = images[start : start + batch_size]
@@ -302,36 +304,23 @@ def initial_threshold(scores: np.ndarray, gate_correct: np.ndarray, final_correc
     return float(s[ok[-1]]) if ok.size else float("inf")
 
 
-def _bar(total: int, progress: bool | str, desc: str, unit: str) -> Any:
-    from tqdm.auto import tqdm
-
-    label = progress if isinstance(progress, str) else desc
-    return tqdm(total=total, desc=label, unit=unit, disable=not progress, leave=False, dynamic_ncols=True)
-
-
 def _linears(head: nn.Module) -> list[nn.Linear]:
     return [m for m in head.modules() if isinstance(m, nn.Linear)]
 
 
 @torch.no_grad()
-def _fold_standardization(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+def _fold_standardization(head: GateHead, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Make a head trained on ``(x − mean) / std`` take raw ``x``: ``W' = W/σ``, ``b' = b − W'μ``."""
-    for lin in _linears(head):
+    for lin in head.input_linears():
         lin.weight.div_(std)
         lin.bias.sub_(lin.weight @ mean)
 
 
 def _data_loss(head: GateHead, x: torch.Tensor, y: torch.Tensor, hinge: str) -> torch.Tensor:
     _, _, logits = head(x)
-    if head.gate_type != "dgate":  # softmax gates, confidence gates' classifier branch
+    if gate_kind(head.gate_type).objective != "hinge":  # cross-entropy; L_v2's warm start
         return nn.functional.cross_entropy(logits, y)
     return ovr_hinge(logits, y) if hinge == "ovr" else crammer_singer_hinge(logits, y)
-
-
-def _schedule(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1), pct_start=0.1
-    )
 
 
 def train_heads(
@@ -369,19 +358,19 @@ def train_heads(
     n = len(y)
     steps = math.ceil(n / batch_size)
     with torch_threads(1):  # tiny matmuls: more threads only add synchronisation
-        if kind == "confidence":
+        if gate_kind(kind).objective == "lv2":
             if costs is None:
                 raise FitError("confidence gates need costs (K+1 cumulative cost fractions)")
-            bar = _bar((len(heads) + 1) * epochs * steps, progress, "fit confidence gates", "step")
+            bar = progress_bar((len(heads) + 1) * epochs * steps, progress, "fit confidence gates", "step")
             # Warm start: each classifier branch is first fitted with cross-entropy. With a
             # frozen, accurate final classifier, L_v2 alone drives h -> 0 at early exits and
             # then starves their classifier branches (their gradient scales with h).
             for head, x in zip(heads, xs, strict=True):
                 warm = lambda i, h=head, x=x: _data_loss(h, x[i], y[i], hinge)  # noqa: E731
-                _sgd(list(head.classifier.parameters()), warm, n, epochs, batch_size, lr, l2,
+                sgd(list(head.classifier.parameters()), warm, n, epochs, batch_size, lr, l2,
                      [head.classifier], seed, bar)  # fmt: skip
             final_p = torch.softmax(features.logits, 1)
-            last = _sgd(
+            last = sgd(
                 [p for h in heads for p in h.parameters()],
                 lambda i: _lv2_step(heads, [x[i] for x in xs], final_p[i], y[i], costs, cost_weight),
                 n, epochs, batch_size, lr, l2, [m for h in heads for m in _linears(h)], seed, bar,
@@ -390,10 +379,10 @@ def train_heads(
             losses = [last] * len(heads)
         else:
             losses = []
-            bar = _bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
+            bar = progress_bar(len(heads) * epochs * steps, progress, f"fit {kind} gates", "step")
             for head, x in zip(heads, xs, strict=True):
                 loss_fn = lambda i, h=head, x=x: _data_loss(h, x[i], y[i], hinge)  # noqa: E731
-                losses.append(_sgd(list(head.parameters()), loss_fn, n, epochs, batch_size, lr, l2,
+                losses.append(sgd(list(head.parameters()), loss_fn, n, epochs, batch_size, lr, l2,
                                    _linears(head), seed, bar))  # fmt: skip
             bar.close()
     for head, (mean, std) in zip(heads, stats, strict=True):
@@ -401,41 +390,6 @@ def train_heads(
         if standardize:
             _fold_standardization(head, mean, std)
     return losses
-
-
-def _sgd(
-    params: list[nn.Parameter],
-    loss_fn: Any,
-    n: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    l2: float,
-    decayed: Sequence[nn.Linear],
-    seed: int,
-    bar: Any,
-) -> float:
-    """Mini-batch (sub-)gradient descent, Nesterov momentum, one-cycle schedule; L2 on the
-    ``decayed`` layers' weights. Returns the mean data loss of the last epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    steps = math.ceil(n / batch_size)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    sched = _schedule(opt, epochs * steps)
-    last = 0.0
-    for _ in range(epochs):
-        perm, tot = torch.randperm(n, generator=gen), 0.0
-        for i in range(steps):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            data = loss_fn(idx)
-            loss = data + sum(l2_penalty(m.weight, l2) for m in decayed) if l2 else data
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += data.item() * len(idx)
-            bar.update(1)
-        last = tot / n
-    return last
 
 
 def _lv2_step(
@@ -496,7 +450,7 @@ def fit_gates(
     whole pickles). ``data``: a ``--data`` spec or a :class:`~dgconvert.data.Dataset` with
     labels (uint8 images are normalized with the backbone's normalization).
 
-    ``score`` defaults to :data:`DEFAULT_SCORE`; ``hinge`` (``"ovr"``, ``"crammer-singer"``),
+    ``score`` defaults to the gate kind's (:data:`~dgconvert.core.gates.GATE_KINDS`); ``hinge`` (``"ovr"``, ``"crammer-singer"``),
     ``l2`` and ``standardize`` shape the training (``PAPER_DGATE`` is the paper's exact
     setting). ``joint`` (confidence gates only) then fine-tunes backbone and exits together
     with ``L_v2`` for ``joint_epochs`` epochs at learning rate ``joint_lr``. Otherwise the
@@ -511,13 +465,13 @@ def fit_gates(
     t0 = time.perf_counter()
     opts = _check_options(gate, score, hinge, holdout, epochs, batch_size, joint, cost_weight)
     score = opts["score"]
-    l2 = _DEFAULT_L2[gate] if l2 is None else float(l2)
+    l2 = gate_kind(gate).l2 if l2 is None else float(l2)
     lr = _DEFAULT_LR if lr is None else float(lr)
-    model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
+    model, arch_spec, info = resolve_backbone(backbone, arch, trust_pickle)
     spec_in = info.get("input") or {}
     input_shape = list(input_shape or spec_in.get("shape") or [])
     normalization = normalization if normalization is not None else spec_in.get("normalization")
-    ds = _resolve_data(data)
+    ds = resolve_data(data)
     if not input_shape:
         input_shape = list(ds.sample_shape)
     if list(ds.sample_shape) != [int(s) for s in input_shape]:
@@ -553,7 +507,7 @@ def fit_gates(
         p.requires_grad_(False)
     costs = exit_costs(net)
     fractions = [c / costs[-1] for c in costs]
-    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
     if len(train_idx) < 2:
         raise FitError(f"only {len(train_idx)} training samples after the holdout; expected at least 2")
     feats = extract_features(net, ds.images, normalization, feature_batch_size, "backbone features" if progress else False)
@@ -578,7 +532,7 @@ def fit_gates(
         hold = extract_features(net, ds.images[hold_idx], normalization, feature_batch_size, "held-out features" if progress else False)
     else:
         hold = feats.subset(torch.from_numpy(hold_idx))
-    reports, final_acc = _reports(net, list(cuts), hold, y_all[hold_idx], losses)
+    reports, final_acc = gate_reports(net, list(cuts), hold, y_all[hold_idx], losses)
     net.thresholds = [r.threshold for r in reports]
     options = {
         **opts,
@@ -606,36 +560,32 @@ def _check_options(
     gate: str, score: str | None, hinge: str, holdout: float, epochs: int, batch_size: int,
     joint: bool, cost_weight: float,
 ) -> dict[str, Any]:  # fmt: skip
-    if gate not in GATE_TYPES:
-        raise FitError(f"gate {gate!r} is unknown; expected one of {', '.join(GATE_TYPES)}")
-    score = score or DEFAULT_SCORE[gate]
-    if score not in SCORE_KINDS[gate]:
-        raise FitError(
-            f"score {score!r} does not exist for {gate} gates; expected one of "
-            f"{', '.join(SCORE_KINDS[gate])}"
-        )
+    kind = gate_kind(gate, fittable=True)
+    score = kind.check_score(score)
     if hinge not in HINGES:
         raise FitError(f"hinge {hinge!r} is unknown; expected one of {', '.join(HINGES)}")
     if not 0.0 <= holdout < 1.0:
         raise FitError(f"holdout is {holdout}; expected a share in [0, 1), e.g. 0.1")
     if epochs < 1 or batch_size < 1:
         raise FitError(f"epochs={epochs}, batch_size={batch_size}; expected positive integers")
-    if joint and gate != "confidence":
+    if joint and "joint" not in kind.options:
         raise FitError(
             f"joint fine-tuning was asked for {gate} gates; it exists for confidence gates "
-            "(EENet's L_v2 trains backbone and exits together). d-gates and softmax gates "
+            "(EENet's L_v2 trains backbone and exits together). The other gates "
             "are fitted on a frozen backbone, as in the d-gate paper. Fix: drop --joint or "
             "use --gate confidence."
         )
     if cost_weight < 0:
         raise FitError(f"cost_weight is {cost_weight}; expected >= 0 (EENets use 1)")
-    return {"gate": gate, "score": score, "hinge": hinge if gate == "dgate" else None,
+    return {"gate": gate, "score": score, "hinge": hinge if "hinge" in kind.options else None,
             "holdout": float(holdout), "joint": bool(joint), "cost_weight": float(cost_weight)}  # fmt: skip
 
 
-def _resolve_backbone(
+def resolve_backbone(
     backbone: nn.Module | str | Path, arch: str | dict[str, Any] | None, trust_pickle: bool
 ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    """The backbone module, its architecture spec (for weights-only saving) and what its
+    checkpoint records (``{}`` for a module)."""
     from dgconvert.gating.checkpoint import load_backbone
 
     spec = {"factory": arch, "kwargs": {}} if isinstance(arch, str) else arch
@@ -651,7 +601,8 @@ def _resolve_backbone(
     return model, info.get("arch") or spec, info
 
 
-def _resolve_data(data: str | Dataset) -> Dataset:
+def resolve_data(data: str | Dataset) -> Dataset:
+    """``data`` as a :class:`~dgconvert.data.Dataset` (a ``--data`` spec is loaded)."""
     from dgconvert.data import Dataset, load_dataset
 
     if isinstance(data, str):
@@ -664,13 +615,14 @@ def _resolve_data(data: str | Dataset) -> Dataset:
     return data
 
 
-def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, held-out) indices of ``n`` samples, ``holdout`` of them held out."""
     perm = np.random.default_rng(seed).permutation(n)
     k = int(round(holdout * n))
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _reports(
+def gate_reports(
     net: GatedNetwork, cuts: list[str], hold: Features, y: np.ndarray, losses: list[float]
 ) -> tuple[list[GateReport], float | None]:
     """Per-gate held-out curves and initial thresholds (defaults when nothing is held out)."""
@@ -743,11 +695,11 @@ def _fine_tune_jointly(
         final_p = torch.softmax(net.stages[-1](x), 1)
         return _lv2_step(heads, xs, final_p, y[idx], costs, cost_weight)
 
-    bar = _bar(epochs * math.ceil(n / batch_size), "fine-tune jointly" if progress else False,
+    bar = progress_bar(epochs * math.ceil(n / batch_size), "fine-tune jointly" if progress else False,
                "joint", "step")
     net.eval()
     try:
-        last = _sgd(params + head_params, loss_fn, n, epochs, batch_size, lr, l2,
+        last = sgd(params + head_params, loss_fn, n, epochs, batch_size, lr, l2,
                     [lin for h in heads for lin in _linears(h)], seed, bar)
     finally:
         bar.close()

@@ -46,17 +46,16 @@ from dgconvert.core.gates import (
 )
 from dgconvert.core.io import atomic_write
 from dgconvert.gating.augment import random_crop_flip
-from dgconvert.gating.checkpoint import VERSION, _load_state, build_arch
+from dgconvert.gating.checkpoint import VERSION, build_arch, load_state
 from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.fit import (
     FitError,
-    _bar,
-    _resolve_backbone,
-    _resolve_data,
-    _sgd,
-    _split,
     check_backbone_accuracy,
+    holdout_split,
+    resolve_backbone,
+    resolve_data,
 )
+from dgconvert.gating.sgd import progress_bar, sgd
 from dgconvert.gating.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -64,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GATER",
-    "ChannelGate",
+    "FilterGate",
     "Gater",
     "GaterNet",
     "GaterNetFit",
@@ -74,8 +73,8 @@ __all__ = [
     "RATE_WEIGHTS",
     "default_gated_layers",
     "fit_gaternet",
+    "filter_gate_counts",
     "force_off",
-    "gate_counts",
     "gate_flops",
     "gate_layers",
     "prune_always_off",
@@ -122,13 +121,13 @@ class Gater(nn.Module):
     """``E``: ``extractor`` (images -> feature vectors ``[N, h]``); ``D``: ``FC(h→b)``,
     BatchNorm, ReLU, ``FC(b→c)``; then :class:`ImprovedSemHash`."""
 
-    def __init__(self, extractor: nn.Module, features: int, num_gates: int,
+    def __init__(self, extractor: nn.Module, features: int, num_filter_gates: int,
                  bottleneck: int = 8) -> None:
         super().__init__()
         self.extractor = extractor
         self.fc1 = nn.Linear(features, bottleneck)
         self.bn = nn.BatchNorm1d(bottleneck)
-        self.fc2 = nn.Linear(bottleneck, num_gates)
+        self.fc2 = nn.Linear(bottleneck, num_filter_gates)
         self.semhash = ImprovedSemHash()
         with torch.no_grad():
             self.fc2.weight.mul_(0.1)
@@ -143,8 +142,9 @@ class Gater(nn.Module):
         return self.semhash(self.logits(x))
 
 
-class ChannelGate(nn.Module):
-    """``y * gates[:, start:end]`` broadcast over the spatial axes of NCHW ``y``."""
+class FilterGate(nn.Module):
+    """A gated layer's filter gates (GaterNet's per-sample filter switches, not exit gates):
+    ``y * gates[:, start:end]`` broadcast over the spatial axes of NCHW ``y``."""
 
     def __init__(self, start: int, end: int) -> None:
         super().__init__()
@@ -223,7 +223,7 @@ def gate_layers(model: nn.Module, gated: Sequence[str]) -> tuple[fx.GraphModule,
     layers, start = [], 0
     for i, node in enumerate(calls):  # execution order = gate-vector order
         filters = _out_channels(modules[str(node.target)], str(node.target))
-        gm.add_submodule(f"gaternet_gate{i}", ChannelGate(start, start + filters))
+        gm.add_submodule(f"gaternet_gate{i}", FilterGate(start, start + filters))
         with graph.inserting_after(node):
             gated_node = graph.call_module(f"gaternet_gate{i}", (node, gates))
         node.replace_all_uses_with(gated_node, delete_user_cb=lambda u, g=gated_node: u is not g)
@@ -283,7 +283,7 @@ class GaterNet(nn.Module):
                    normalization=normalization, classes=classes, meta=meta)
 
     @property
-    def num_gates(self) -> int:
+    def num_filter_gates(self) -> int:
         return sum(lay.filters for lay in self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,15 +313,15 @@ def strip_classifier(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def gate_counts(net: GaterNet, images: np.ndarray, batch_size: int = 512,
+def filter_gate_counts(net: GaterNet, images: np.ndarray, batch_size: int = 512,
                 progress: bool | str = False) -> np.ndarray:
     """How many of ``images`` (uint8, normalized with the net's normalization, or float)
     switch each gate on: ``[c]`` int64."""
     from dgconvert.core.preprocess import normalize
 
     net.eval()
-    counts = np.zeros(net.num_gates, np.int64)
-    bar = _bar(len(images), progress, "gates", "img")
+    counts = np.zeros(net.num_filter_gates, np.int64)
+    bar = progress_bar(len(images), progress, "gates", "img")
     for start in range(0, len(images), batch_size):
         xb = images[start : start + batch_size]
         x = torch.from_numpy(normalize(xb, net.normalization) if xb.dtype == np.uint8 else xb)
@@ -361,8 +361,8 @@ def force_off(net: GaterNet, off: np.ndarray) -> GaterNet:
 
 def _check_mask(net: GaterNet, off: np.ndarray) -> np.ndarray:
     off = np.asarray(off, bool)
-    if off.shape != (net.num_gates,):
-        raise GaterNetError(f"got a gate mask of shape {off.shape}; expected ({net.num_gates},)")
+    if off.shape != (net.num_filter_gates,):
+        raise GaterNetError(f"got a gate mask of shape {off.shape}; expected ({net.num_filter_gates},)")
     return off
 
 
@@ -524,13 +524,13 @@ def prune_always_off(net: GaterNet, off: np.ndarray, multiple: int = 1) -> Prune
     for i, (lay, kr) in enumerate(zip(net.layers, keep_rows, strict=True)):
         kept = int(kr.sum())
         gate = gm.get_submodule(f"gaternet_gate{i}")
-        assert isinstance(gate, ChannelGate)
+        assert isinstance(gate, FilterGate)
         gate.start, gate.end = start, start + kept
         layers.append(GatedLayer(lay.name, kept))
         start += kept
     new.layers = layers
     gm.recompile()
-    new.meta["pruned"] = {"removed": int(removed.sum()), "gates": int(net.num_gates)}
+    new.meta["pruned"] = {"removed": int(removed.sum()), "gates": int(net.num_filter_gates)}
     return PruneResult(new, removed, notes)
 
 
@@ -545,9 +545,9 @@ def gate_flops(net: GaterNet) -> np.ndarray:
     net.eval()  # one image: batch norm in evaluation mode
     one = torch.zeros(1, *net.input_shape)
     full = count_flops(net, one)
-    out, start = np.zeros(net.num_gates), 0
+    out, start = np.zeros(net.num_filter_gates), 0
     for lay in net.layers:
-        off = np.zeros(net.num_gates, bool)
+        off = np.zeros(net.num_filter_gates, bool)
         off[start] = True
         pruned = prune_always_off(net, off)
         if pruned.removed.any():
@@ -601,7 +601,7 @@ def load_gaternet(obj: dict[str, Any], path: str | Path) -> GaterNet:
                          input_shape=spec["shape"], num_classes=obj["num_classes"],
                          arch=obj["arch"], normalization=spec.get("normalization"),
                          classes=obj.get("classes"))
-    _load_state(net, obj["state"], path)
+    load_state(net, obj["state"], path)
     if obj.get("fit"):
         net.meta["fit"] = obj["fit"]
     return net.eval()
@@ -749,17 +749,17 @@ def fit_gaternet(
     if rate_weights not in RATE_WEIGHTS:
         raise GaterNetError(f"rate_weights={rate_weights!r}; expected one of {RATE_WEIGHTS}")
     gater_spec = {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
-    model, arch_spec, info = _resolve_backbone(backbone, arch, trust_pickle)
+    model, arch_spec, info = resolve_backbone(backbone, arch, trust_pickle)
     spec_in = info.get("input") or {}
     input_shape = list(input_shape or spec_in.get("shape") or [])
     normalization = normalization if normalization is not None else spec_in.get("normalization")
-    ds = _resolve_data(data)
+    ds = resolve_data(data)
     input_shape = input_shape or list(ds.sample_shape)
     if list(ds.sample_shape) != [int(s) for s in input_shape]:
         raise GaterNetError(f"{ds.source or 'the data'} has samples of shape "
                             f"{list(ds.sample_shape)}; the backbone expects {input_shape}")
     y_all = ds.require_labels("GaterNet fitting")
-    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
     with torch_threads(threads):
         model.eval()
         with torch.no_grad():
@@ -788,8 +788,8 @@ def fit_gaternet(
             clf = nn.Sequential(net.gater.extractor, nn.Flatten(1),
                                 nn.Linear(net.gater.fc1.in_features, num_classes))
             clf.train()
-            bar = _bar(gater_epochs * steps, "pre-train gater" if progress else False, "gater", "step")
-            losses["gater_pretrain"] = _sgd(
+            bar = progress_bar(gater_epochs * steps, "pre-train gater" if progress else False, "gater", "step")
+            losses["gater_pretrain"] = sgd(
                 list(clf.parameters()), lambda i: nn.functional.cross_entropy(
                     clf(batches(tr[i])), y[tr[i]]),
                 n, gater_epochs, batch_size, gater_lr, weight_decay, _decayed(clf), seed, bar)
@@ -798,7 +798,7 @@ def fit_gaternet(
         if target_rate is None:
             weights = None
         else:
-            w = gate_flops(net) if rate_weights == "flops" else np.ones(net.num_gates)
+            w = gate_flops(net) if rate_weights == "flops" else np.ones(net.num_filter_gates)
             w = w if w.sum() > 0 else np.ones_like(w)
             weights = torch.from_numpy(w / w.sum()).float()
         net.train()
@@ -815,16 +815,16 @@ def fit_gaternet(
             sparse_terms.append(float(reg.detach()))
             return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * term
 
-        bar = _bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
+        bar = progress_bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
         groups = [{"params": list(net.body.parameters())},
                   {"params": list(net.gater.parameters()), "lr": lr * gater_lr_scale}]
-        losses["joint"] = _sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
+        losses["joint"] = sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
                                weight_decay, _decayed(net), seed + 1, bar)
         bar.close()
         losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))  # usage with a target
-        train_counts = gate_counts(net, ds.images[train_idx])
+        train_counts = filter_gate_counts(net, ds.images[train_idx])
         fixed = train_counts <= off_below * n
-        net = force_off(net, fixed).train()  # gate_counts left it in eval mode
+        net = force_off(net, fixed).train()  # filter_gate_counts left it in eval mode
         losses["fixed_off"] = int(fixed.sum())
         if settle_epochs:
             net.gater.eval()
@@ -835,9 +835,9 @@ def fit_gaternet(
                 x = batches(tr[i])
                 return nn.functional.cross_entropy(net.body(x, net.hard_gates(x)), y[tr[i]])
 
-            bar = _bar(settle_epochs * steps, "settle backbone" if progress else False,
+            bar = progress_bar(settle_epochs * steps, "settle backbone" if progress else False,
                        "settle", "step")
-            losses["settle"] = _sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
+            losses["settle"] = sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
                                     batch_size, lr, weight_decay, _decayed(net.body), seed + 2,
                                     bar)
             bar.close()
@@ -847,7 +847,7 @@ def fit_gaternet(
         acc, _ = _accuracy(net, ds.images[hold_idx], y_all[hold_idx], normalization)
         layers: list[FilterGateLayer] = []
         if len(hold_idx):
-            counts = gate_counts(net, ds.images[hold_idx])
+            counts = filter_gate_counts(net, ds.images[hold_idx])
             layers = distribution(net, counts, len(hold_idx))
     options = {"gated": [lay.name for lay in net.layers], "gater": net.meta["gater"],
                "gater_epochs": gater_epochs, "epochs": epochs, "batch_size": batch_size,

@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE
-from dgconvert.gating.cut import CutError, _crossing, _module_spans
+from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, gate_kind
+from dgconvert.gating.cut import CutError, crossing_values, module_spans
 from dgconvert.gating.fit import (
-    DEFAULT_SCORE,
     FitResult,
-    _reports,
-    _resolve_data,
-    _split,
     exit_costs,
     extract_features,
+    gate_reports,
+    holdout_split,
+    resolve_data,
     train_heads,
 )
 from dgconvert.gating.gaternet import Gater, GaterNet, GaterNetError
@@ -66,6 +65,9 @@ class PackedGate(nn.Module):
         self.in_features, self.num_classes = head.in_features, head.num_classes
         self.layout = getattr(head, "layout", "nchw")
 
+    def input_linears(self) -> list[nn.Linear]:
+        return self.head.input_linears()
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[1] == self.in_features:
             return x
@@ -78,7 +80,7 @@ class PackedGate(nn.Module):
         return {**self.head.spec(), "packed": {"features": self.shape, "carries": "gaternet gates"}}
 
 
-class GaterNetStage(nn.Module):
+class GaterNetExitStage(nn.Module):
     """One stage: stage 0 runs the gater on the images; later stages unpack their input.
     Every stage but the last packs its output with the gates."""
 
@@ -104,7 +106,7 @@ def _parts(body: fx.GraphModule, cuts: Sequence[str]) -> list[fx.GraphModule]:
     ``(features, gates) -> features`` (the last: ``-> logits``)."""
     nodes = list(body.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    spans = _module_spans(nodes)
+    spans = module_spans(nodes)
     x_node, gates_node = (n for n in nodes if n.op == "placeholder")
     ends = []
     for cut in cuts:
@@ -112,7 +114,7 @@ def _parts(body: fx.GraphModule, cuts: Sequence[str]) -> list[fx.GraphModule]:
             raise CutError(f"cut {cut!r} is not a module the GaterNet's backbone runs; expected "
                            "names such as layer1, layer2")
         end = spans[cut][-1]
-        crossing = [n for n in _crossing(nodes, end, index) if n is not gates_node]
+        crossing = [n for n in crossing_values(nodes, end, index) if n is not gates_node]
         if crossing != [nodes[end]]:
             raise CutError(f"cut {cut!r}: {[n.name for n in crossing]} cross it; expected one "
                            "feature tensor (and the gates)")
@@ -167,13 +169,13 @@ def gaternet_exits(net: GaterNet, cuts: Sequence[str], gate: str = DEFAULT_GATE,
                 raise GaterNetError(f"features after a cut have shape {list(x.shape)}; packing "
                                     "expects NCHW feature maps")
             shapes.append(list(x.shape[1:]))
-    stages = [GaterNetStage(p, net.gater if k == 0 else None, shapes[k - 1] if k else None,
+    stages = [GaterNetExitStage(p, net.gater if k == 0 else None, shapes[k - 1] if k else None,
                             shapes[k] if k < len(shapes) else None)
               for k, p in enumerate(parts)]
-    spec = {"type": gate, "score": score or DEFAULT_SCORE[gate], "layout": "nchw"}
+    spec = {"type": gate, "score": gate_kind(gate).check_score(score), "layout": "nchw"}
     heads = [PackedGate(make_gate(spec, s[0], net.num_classes), s) for s in shapes]
     meta = {"cuts": list(cuts), "gaternet": {"gated": [lay.name for lay in net.layers],
-                                             "gates": net.num_gates}}
+                                             "gates": net.num_filter_gates}}
     return GatedNetwork(stages, heads, net.num_classes, input_shape=net.input_shape,  # type: ignore[arg-type]
                         normalization=net.normalization, classes=net.classes, meta=meta).eval()
 
@@ -199,15 +201,15 @@ def fit_gaternet_exits(
     features, initial thresholds from the held-out share)."""
     t0 = time.perf_counter()
     gnet = gaternet_exits(net, cuts, gate, score)
-    ds = _resolve_data(data)
+    ds = resolve_data(data)
     y_all = ds.require_labels("d-gate fitting")
-    train_idx, hold_idx = _split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
     feats = extract_features(gnet, ds.images, net.normalization, progress=progress)
     y = torch.from_numpy(y_all)
     tr = torch.from_numpy(train_idx)
     losses = train_heads(list(gnet.gates), feats.subset(tr), y[tr], hinge=hinge, l2=l2,  # type: ignore[arg-type]
                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    reports, final_acc = _reports(gnet, list(cuts), feats.subset(torch.from_numpy(hold_idx)),
+    reports, final_acc = gate_reports(gnet, list(cuts), feats.subset(torch.from_numpy(hold_idx)),
                                   y_all[hold_idx], losses)
     gnet.thresholds = [r.threshold for r in reports]
     options = {"gate": gate, "score": gnet.gates[0].score_kind, "hinge": hinge, "l2": l2,

@@ -25,9 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dgconvert.core.gates import GATE_KINDS, GATE_TYPES, LAYOUTS, POOLS  # noqa: F401
-
-SCORE_KINDS = {name: kind.scores for name, kind in GATE_KINDS.items()}
+from dgconvert.core.gates import LAYOUTS, POOLS, gate_kind
 
 
 def pool_features(features: torch.Tensor, layout: str = "nchw", pool: str = "mean") -> torch.Tensor:
@@ -69,9 +67,17 @@ def check_layout(layout: str, pool: str | None, shape: tuple[int, ...] | list[in
     return pool
 
 
-def _top2_gap(values: torch.Tensor) -> torch.Tensor:
+def top2_gap(values: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest value minus the second largest (``[N, C] -> [N]``)."""
     top2 = torch.topk(values, 2, dim=1).values
     return top2[:, 0] - top2[:, 1]
+
+
+def softmax_score(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """Score of a softmax-scored head: the largest probability (``max``) or the gap between
+    the two largest (``margin``)."""
+    p = torch.softmax(logits, dim=1)
+    return p.max(dim=1).values if score == "max" else top2_gap(p)
 
 
 class GateHead(nn.Module):
@@ -86,16 +92,16 @@ class GateHead(nn.Module):
         super().__init__()
         self.layout = layout
         self.pool_kind = check_layout(layout, pool)
-        allowed = SCORE_KINDS[self.gate_type]
-        if score not in allowed:
-            raise ValueError(
-                f"gate {self.gate_type!r} got score={score!r}; expected one of {allowed}"
-            )
+        gate_kind(self.gate_type).check_score(score)
         if num_classes < 2:
             raise ValueError(f"a gate needs num_classes >= 2, got {num_classes}")
         self.in_features = in_features
         self.num_classes = num_classes
         self.score_kind = score
+
+    def input_linears(self) -> list[nn.Linear]:
+        """The linear layers that read the pooled vector (standardization folds into them)."""
+        return [m for m in self.modules() if isinstance(m, nn.Linear)]
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """The pooled vector ``[N, in_features]`` the linear layers see."""
@@ -128,7 +134,7 @@ class DGate(GateHead):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self.linear(self.pool(features))
-        score = d.max(dim=1).values if self.score_kind == "max" else _top2_gap(d)
+        score = d.max(dim=1).values if self.score_kind == "max" else top2_gap(d)
         return score, d.argmax(dim=1), d
 
 
@@ -143,9 +149,7 @@ class SoftmaxGate(GateHead):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.linear(self.pool(features))
-        p = torch.softmax(logits, dim=1)
-        score = p.max(dim=1).values if self.score_kind == "max" else _top2_gap(p)
-        return score, logits.argmax(dim=1), logits
+        return softmax_score(logits, self.score_kind), logits.argmax(dim=1), logits
 
 
 class ConfidenceGate(GateHead):
@@ -165,22 +169,15 @@ class ConfidenceGate(GateHead):
         return score, logits.argmax(dim=1), logits
 
 
-_GATES: dict[str, type[GateHead]] = {
-    "dgate": DGate,
-    "softmax": SoftmaxGate,
-    "confidence": ConfidenceGate,
-}
-
-
 def make_gate(spec: str | dict[str, Any], in_features: int, num_classes: int) -> GateHead:
     """Build a gate head from a type name or a spec dict (``{"type", "score", "layout",
-    "pool"}``, all but the type optional)."""
+    "pool"}``, all but the type optional); the type's class comes from its
+    :class:`~dgconvert.core.gates.GateKind`."""
     spec = {"type": spec} if isinstance(spec, str) else dict(spec)
-    kind = spec.get("type")
-    if kind not in _GATES:
-        raise ValueError(f"unknown gate type {kind!r}; expected one of {GATE_TYPES}")
+    kind = gate_kind(spec.get("type"), fittable=True)  # type: ignore[arg-type]
     kwargs = {k: spec[k] for k in ("score", "layout", "pool") if spec.get(k) is not None}
-    return _GATES[kind](in_features, num_classes, **kwargs)
+    head: GateHead = kind.head_class()(in_features, num_classes, **kwargs)
+    return head
 
 
 class FinalHead(nn.Module):

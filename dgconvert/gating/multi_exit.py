@@ -21,17 +21,12 @@ import torch
 from torch import fx, nn
 
 from dgconvert.core.errors import CutError
-from dgconvert.core.gates import EXIT_HEAD, EXIT_SCORES
+from dgconvert.core.gates import EXIT_HEAD, EXIT_SCORES, GATE_KINDS
 from dgconvert.gating.cut import extract_subgraph, trace_with_leaves
-from dgconvert.gating.heads import GateHead
+from dgconvert.gating.heads import GateHead, top2_gap
 
 # (node, index into its tuple value or None): where an output entry's tensor comes from
 _Ref = tuple[fx.Node, int | None]
-
-
-def _top2_gap(values: torch.Tensor) -> torch.Tensor:
-    top2 = torch.topk(values, 2, dim=1).values
-    return top2[:, 0] - top2[:, 1]
 
 
 def exit_score(logits: torch.Tensor, confidence: torch.Tensor | None, score: str) -> torch.Tensor:
@@ -42,15 +37,16 @@ def exit_score(logits: torch.Tensor, confidence: torch.Tensor | None, score: str
         return confidence.float().flatten()
     z = logits.float()
     if score == "margin-logits":
-        return _top2_gap(z)
+        return top2_gap(z)
     p = torch.softmax(z, dim=1)
     if score == "max-softmax":
         return p.max(dim=1).values
     if score == "margin-softmax":
-        return _top2_gap(p)
+        return top2_gap(p)
     if score == "neg-entropy":
         return (p * torch.log_softmax(z, dim=1)).sum(dim=1)
-    raise ValueError(f"exit score {score!r} is unknown; expected one of {EXIT_SCORES}")
+    GATE_KINDS[EXIT_HEAD].check_score(score)  # an unknown score: GateKindError
+    raise AssertionError(f"exit score {score!r} has no torch rule")
 
 
 class ExitHeadGate(GateHead):
@@ -218,8 +214,7 @@ def split_multi_exit(
     saying what was found, what was expected and the fix.
     """
     name = type(model).__name__
-    if score not in EXIT_SCORES:
-        raise ValueError(f"exit score {score!r} is unknown; expected one of {EXIT_SCORES}")
+    GATE_KINDS[EXIT_HEAD].check_score(score)
     exits = list(exits)
     if not exits or not all(isinstance(e, str) and e for e in exits):
         raise CutError(f"exits={exits!r}; expected the names of the exit-head sub-modules, "

@@ -126,7 +126,7 @@ def test_brute_force_matches_independent_enumeration() -> None:
     rec, y, costs = make_instance(rng, 14, 2, levels=5)
     target = full_accuracy(rec, y) - 0.1
     ref = simulate_brute_force(rec, y, costs, target)
-    assert brute_force_search(rec, y, costs, target_acc=target).outcome.cost == pytest.approx(ref)
+    assert brute_force_search(rec, y, costs, target_accuracy=target).outcome.cost == pytest.approx(ref)
 
 
 EXACT_CASES = [(seed, gates) for seed in range(14) for gates in (1, 2, 3)]
@@ -140,12 +140,12 @@ def test_exact_search_equals_brute_force(seed: int, gates: int) -> None:
     full = full_accuracy(rec, y)
     target = float(np.clip(full + rng.uniform(-0.2, 0.06), 0.0, 1.0))
     try:
-        ref = brute_force_search(rec, y, costs, target_acc=target)
+        ref = brute_force_search(rec, y, costs, target_accuracy=target)
     except CalibrationError:
         with pytest.raises(CalibrationError):
-            search(rec, y, costs, target_acc=target)
+            search(rec, y, costs, target_accuracy=target)
         return
-    res = search(rec, y, costs, target_acc=target)
+    res = search(rec, y, costs, target_accuracy=target)
     assert res.exact
     assert res.best.feasible and res.best.outcome.accuracy >= target - 1e-12
     assert res.best.outcome.cost == ref.outcome.cost  # integer costs: exact equality
@@ -175,8 +175,8 @@ def test_exact_branch_and_bound_with_four_gates(seed: int) -> None:
     rng = np.random.default_rng(50 + seed)
     rec, y, costs = make_instance(rng, 11, 4, levels=None if seed else 3)
     target = full_accuracy(rec, y) - 0.1
-    ref = brute_force_search(rec, y, costs, target_acc=target)
-    res = search(rec, y, costs, target_acc=target, method="exact")
+    ref = brute_force_search(rec, y, costs, target_accuracy=target)
+    res = search(rec, y, costs, target_accuracy=target, method="exact")
     assert res.exact and res.best.outcome.cost == ref.outcome.cost
 
 
@@ -189,8 +189,8 @@ def test_exact_search_reaches_above_full_model_when_gates_are_better() -> None:
     final = np.where(rng.random(150) < 0.5, y, (y + 1) % 4)
     rec = GateRecords(rec.scores, labels, final)
     target = full_accuracy(rec, y) + 0.1
-    res = search(rec, y, costs, target_acc=target)
-    ref = brute_force_search(rec, y, costs, target_acc=target)
+    res = search(rec, y, costs, target_accuracy=target)
+    ref = brute_force_search(rec, y, costs, target_accuracy=target)
     assert res.best.outcome.accuracy >= target > res.full.outcome.accuracy
     assert res.best.outcome.cost == ref.outcome.cost
 
@@ -199,8 +199,8 @@ def test_exact_search_three_gates_two_thousand_samples() -> None:
     rng = np.random.default_rng(11)
     rec, y, costs = make_instance(rng, 2000, 3)
     target = full_accuracy(rec, y) - 0.03
-    exact = search(rec, y, costs, target_acc=target)
-    heuristic = search(rec, y, costs, target_acc=target, method="heuristic")
+    exact = search(rec, y, costs, target_accuracy=target)
+    heuristic = search(rec, y, costs, target_accuracy=target, method="heuristic")
     assert exact.exact and not heuristic.exact
     assert exact.best.feasible and heuristic.best.feasible
     assert exact.best.outcome.cost <= heuristic.best.outcome.cost
@@ -222,7 +222,7 @@ def test_sequential_follows_the_paper_rule() -> None:
             if simulate(rec, y, expected[:k] + [t] + expected[k + 1 :], costs).correct >= need
         ]
         expected[k] = min(ok) if ok else math.inf
-    got = sequential_search(rec, y, costs, target_acc=target)
+    got = sequential_search(rec, y, costs, target_accuracy=target)
     assert list(got.thresholds) == expected
 
 
@@ -233,7 +233,7 @@ def test_shared_is_the_cheapest_single_threshold() -> None:
     values = sorted(set(rec.scores.ravel().astype(float).tolist())) + [math.inf]
     outs = [simulate(rec, y, [t] * 3, costs) for t in values]
     ok = [o.cost for o in outs if o.accuracy >= target - 1e-12]
-    got = shared_search(rec, y, costs, target_acc=target)
+    got = shared_search(rec, y, costs, target_accuracy=target)
     assert got.feasible and got.outcome.cost == pytest.approx(min(ok))
     assert len(set(got.thresholds)) == 1
 
@@ -254,7 +254,7 @@ def test_ours_never_worse_than_sequential_or_shared(
     rec, y, costs = make_instance(rng, n, gates, levels=None if seed % 2 else 30)
     for drop in (0.0, 0.02, 0.08):
         target = full_accuracy(rec, y) - drop
-        res = search(rec, y, costs, target_acc=target, method=method)
+        res = search(rec, y, costs, target_accuracy=target, method=method)
         assert res.best.feasible
         for ref in (res.sequential, res.shared, res.full):
             if ref.feasible:
@@ -267,8 +267,8 @@ def test_heuristic_matches_exact_on_small_problems() -> None:
     for _ in range(6):
         rec, y, costs = make_instance(rng, 600, 3)
         target = full_accuracy(rec, y) - 0.04
-        exact = search(rec, y, costs, target_acc=target).best.outcome.cost
-        heur = search(rec, y, costs, target_acc=target, method="heuristic").best.outcome.cost
+        exact = search(rec, y, costs, target_accuracy=target).best.outcome.cost
+        heur = search(rec, y, costs, target_accuracy=target, method="heuristic").best.outcome.cost
         gaps.append(heur / exact - 1)
     assert min(gaps) >= 0.0
     assert max(gaps) < 0.01
@@ -289,7 +289,7 @@ def test_unreachable_target_states_full_and_best_accuracy() -> None:
     if target <= best:  # pragma: no cover - the instance is perfect
         pytest.skip("instance reaches 100 %")
     with pytest.raises(CalibrationError) as err:
-        search(rec, y, costs, target_acc=target)
+        search(rec, y, costs, target_accuracy=target)
     msg = str(err.value)
     assert f"{full_accuracy(rec, y):.4%}" in msg
     assert f"{best:.4%}" in msg
@@ -314,37 +314,39 @@ def test_record_shape_errors() -> None:
 def test_inputs_that_do_not_fit_together() -> None:
     rec, y, costs = make_instance(np.random.default_rng(1), 50, 2)
     with pytest.raises(CalibrationError, match="y has 49 labels"):
-        calibrate(rec, y[:-1], costs, target_acc=0.5)
+        calibrate(rec, y[:-1], costs, target_accuracy=0.5)
     with pytest.raises(CalibrationError, match=r"exit_costs has shape \(2,\)"):
-        calibrate(rec, y, costs[:2], target_acc=0.5)
+        calibrate(rec, y, costs[:2], target_accuracy=0.5)
     with pytest.raises(CalibrationError, match="non-decreasing"):
-        calibrate(rec, y, costs[::-1], target_acc=0.5)
+        calibrate(rec, y, costs[::-1], target_accuracy=0.5)
     with pytest.raises(CalibrationError, match="3 thresholds for 2 gates"):
         simulate(rec, y, [1.0, 1.0, 1.0], costs)
     with pytest.raises(CalibrationError, match="exactly one"):
-        calibrate(rec, y, costs, target_acc=0.5, max_drop=0.01)
-    with pytest.raises(CalibrationError, match="fraction"):
-        calibrate(rec, y, costs, target_acc=94.7)
+        calibrate(rec, y, costs, target_accuracy=0.5, max_drop=0.01)
+    with pytest.raises(CalibrationError, match=r"target_accuracy=94.7; expected a fraction.*--target-acc percent"):
+        calibrate(rec, y, costs, target_accuracy=94.7)
+    with pytest.raises(CalibrationError, match=r"max_drop=30; expected a fraction.*--max-drop points"):
+        calibrate(rec, y, costs, max_drop=30)
 
 
 def test_bad_method_and_empty_records() -> None:
     rec, y, costs = make_instance(np.random.default_rng(4), 20, 2)
     with pytest.raises(CalibrationError, match="method must be one of"):
-        search(rec, y, costs, target_acc=0.5, method="fast")
+        search(rec, y, costs, target_accuracy=0.5, method="fast")
     empty = rec.subset(np.zeros(0, np.int64))
     with pytest.raises(CalibrationError, match="empty"):
-        search(empty, y[:0], costs, target_acc=0.5)
+        search(empty, y[:0], costs, target_accuracy=0.5)
 
 
 def test_labels_outside_the_classes() -> None:
     rec, y, costs = make_instance(np.random.default_rng(2), 50, 2, classes=4)
     with pytest.raises(CalibrationError, match="outside the model's 3 classes"):
-        calibrate(rec, y, costs, target_acc=0.5, num_classes=3)
+        calibrate(rec, y, costs, target_accuracy=0.5, num_classes=3)
     bad = GateRecords(rec.scores, rec.labels, np.where(np.arange(50) == 3, 7, rec.final_labels))
     with pytest.raises(CalibrationError, match="final_labels holds class 7"):
-        calibrate(bad, y, costs, target_acc=0.5, num_classes=4)
+        calibrate(bad, y, costs, target_accuracy=0.5, num_classes=4)
     with pytest.raises(CalibrationError, match="negative"):
-        calibrate(rec, np.where(np.arange(50) == 0, -1, y), costs, target_acc=0.5)
+        calibrate(rec, np.where(np.arange(50) == 0, -1, y), costs, target_accuracy=0.5)
 
 
 # --- calibrate + reports -----------------------------------------------------------------
@@ -377,7 +379,7 @@ def test_calibrate_selects_and_reports_on_disjoint_samples(result_and_data: tupl
     assert res.target_accuracy == pytest.approx(full_cal - 0.02)
     # the search row is the search on the search part alone
     full_s = float(np.mean(rec.final_labels[search_idx] == y[search_idx]))
-    ref = search(rec.subset(search_idx), y[search_idx], costs, target_acc=full_s - 0.02)
+    ref = search(rec.subset(search_idx), y[search_idx], costs, target_accuracy=full_s - 0.02)
     assert res.search.thresholds == ref.best.thresholds
     # the chosen vector is the walk along the frontier on the selection part
     family = list(res.family)
@@ -484,11 +486,11 @@ def test_exact_search_equals_brute_force_on_random_problems(seed: int, gates: in
     rec, y, costs = make_instance(rng, n, gates, levels=levels)
     target = float(np.clip(full_accuracy(rec, y) + slack, 0.0, 1.0))
     try:
-        ref = brute_force_search(rec, y, costs, target_acc=target)
+        ref = brute_force_search(rec, y, costs, target_accuracy=target)
     except CalibrationError:
         with pytest.raises(CalibrationError):
-            search(rec, y, costs, target_acc=target, method="exact")
+            search(rec, y, costs, target_accuracy=target, method="exact")
         return
-    res = search(rec, y, costs, target_acc=target, method="exact")
+    res = search(rec, y, costs, target_accuracy=target, method="exact")
     assert res.best.outcome.cost == ref.outcome.cost
     assert res.best.outcome.accuracy >= target - 1e-12

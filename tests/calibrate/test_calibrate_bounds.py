@@ -177,7 +177,7 @@ def test_calibrate_with_confidence_covers_on_known_truth() -> None:
             rec,
             y,
             COSTS,
-            target_acc=target,
+            target_accuracy=target,
             confidence=confidence,
             holdout=0.5,
             seed=rep,
@@ -194,9 +194,9 @@ def test_calibrate_with_confidence_covers_on_known_truth() -> None:
 def test_confidence_needs_held_out_data() -> None:
     rec, y = analytic_sample(np.random.default_rng(1), 200)
     with pytest.raises(CalibrationError, match="holdout > 0"):
-        calibrate(rec, y, COSTS, target_acc=0.8, confidence=0.9, holdout=0.0)
+        calibrate(rec, y, COSTS, target_accuracy=0.8, confidence=0.9, holdout=0.0)
     with pytest.raises(CalibrationError, match="confidence must be in"):
-        calibrate(rec, y, COSTS, target_acc=0.8, confidence=95)
+        calibrate(rec, y, COSTS, target_accuracy=0.8, confidence=95)
 
 
 def test_max_drop_test_credits_fixes() -> None:

@@ -120,7 +120,7 @@ def test_fallback_to_the_full_model(caplog: pytest.LogCaptureFixture) -> None:
     cal = split_indices(n, 0.5, 1)[0]  # the search part (confidence mode's default holdout)
     full = float(np.mean(final[cal] == y[cal]))  # reachable there, not certifiable on 600
     with pytest.raises(CalibrationError, match="cannot certify"):
-        calibrate(rec, y, COSTS, target_acc=full - 0.003, confidence=0.9, seed=1)
+        calibrate(rec, y, COSTS, target_accuracy=full - 0.003, confidence=0.9, seed=1)
 
 
 def test_walk_stops_at_the_first_failure_and_falls_back() -> None:

@@ -107,10 +107,10 @@ def test_exact_search_with_nonfinite_scores_equals_enumeration(seed: int) -> Non
     rec, y, costs = nonfinite_instance(rng, 60, 2)
     target = float(np.mean(rec.final_labels == y)) - 0.05
     ref = enumerate_cost(rec, y, costs, target)
-    got = search(rec, y, costs, target_acc=target)
+    got = search(rec, y, costs, target_accuracy=target)
     assert got.exact and got.best.outcome.cost == ref
-    assert brute_force_search(rec, y, costs, target_acc=target).outcome.cost == ref
-    heuristic = search(rec, y, costs, target_acc=target, method="heuristic")
+    assert brute_force_search(rec, y, costs, target_accuracy=target).outcome.cost == ref
+    heuristic = search(rec, y, costs, target_accuracy=target, method="heuristic")
     assert heuristic.best.feasible and heuristic.best.outcome.cost >= ref
 
 

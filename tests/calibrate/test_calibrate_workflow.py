@@ -55,7 +55,7 @@ def _tree(path: Path) -> dict[str, bytes]:
 def test_calibrate_writes_thresholds_and_runtime_uses_them(bundle_path: Path, data: str) -> None:
     work = bundle_path
     before = Bundle.load(work).thresholds
-    out = calibrate_bundle(work, data, max_drop=2.0, backend="onnxruntime")
+    out = calibrate_bundle(work, data, max_drop=0.02, backend="onnxruntime")
     b = Bundle.load(work)
     assert isinstance(out, CalibrationResult)  # the one result type of calibrate()
     assert b.thresholds == pytest.approx(out.thresholds)
@@ -65,6 +65,7 @@ def test_calibrate_writes_thresholds_and_runtime_uses_them(bundle_path: Path, da
         out.full_accuracy - 0.02
     )
     assert out.accuracy >= out.target_accuracy
+    assert out.context["requested"]["max_drop"] == 2.0  # recorded in the CLI's points
     assert not out.context["records_cached"]
     assert cal["promise"] == out.promise and cal["mode"] == "expected"
     # the runtime's default thresholds are the calibrated ones
@@ -72,7 +73,7 @@ def test_calibrate_writes_thresholds_and_runtime_uses_them(bundle_path: Path, da
         np.float32(out.thresholds).tolist()
     )
     # re-calibrating for another target reuses the collected scores
-    again = calibrate_bundle(work, data, max_drop=5.0, backend="onnxruntime", write=False)
+    again = calibrate_bundle(work, data, max_drop=0.05, backend="onnxruntime", write=False)
     assert again.context["records_cached"]
     assert again.full == out.full  # the same records, hence the same full-model row
     assert Bundle.load(work).thresholds == b.thresholds  # write=False leaves it alone
@@ -100,21 +101,21 @@ def test_cli_json_plot_and_dry_run(tmp_path: Path, bundle_path: Path, data: str)
 
 def test_unreachable_target(bundle_path: Path, data: str) -> None:
     with pytest.raises(CalibrationError, match="full model"):
-        calibrate_bundle(bundle_path, data, target_acc=99.99, backend="onnxruntime", write=False)
+        calibrate_bundle(bundle_path, data, target_accuracy=0.9999, backend="onnxruntime", write=False)
 
 
 def test_labels_outside_the_classes(tmp_path: Path, bundle_path: Path) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, x=np.zeros((4, 1, 28, 28), np.uint8), y=np.array([0, 1, 12, 3]))
     with pytest.raises(DataError, match="12"):
-        calibrate_bundle(bundle_path, str(path), max_drop=1, backend="onnxruntime", write=False)
+        calibrate_bundle(bundle_path, str(path), max_drop=0.01, backend="onnxruntime", write=False)
 
 
 def test_data_that_does_not_fit_the_bundle(tmp_path: Path, bundle_path: Path) -> None:
     path = tmp_path / "rgb.npz"
     np.savez(path, x=np.zeros((4, 3, 32, 32), np.uint8), y=np.array([0, 1, 2, 3]))
     with pytest.raises(InputError, match=r"expected \[N, 1, 28, 28\]"):
-        calibrate_bundle(bundle_path, str(path), max_drop=1, backend="onnxruntime", write=False)
+        calibrate_bundle(bundle_path, str(path), max_drop=0.01, backend="onnxruntime", write=False)
 
 
 def test_cli_needs_exactly_one_target(bundle_path: Path, data: str) -> None:

@@ -14,7 +14,7 @@ from dgconvert.cli import main
 from dgconvert.convert.gaternet import verify_gaternet_bundle
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import ExportVerificationError
-from dgconvert.gating.gaternet import force_off, gate_counts
+from dgconvert.gating.gaternet import filter_gate_counts, force_off
 from tests.gating.test_gaternet import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,11 +38,11 @@ def test_manifest_records_kinds_pruning_and_flops(gaternet_bundle) -> None:  # t
     assert m.num_stages == 1 and m.num_gates == 0 and m.thresholds.values == []
     gn = m.gaternet
     assert gn is not None and gn.samples == len(calib) and gn.data == "calib"
-    counts = gate_counts(net, calib)
+    counts = filter_gate_counts(net, calib)
     assert gn.totals()["always_off"] == int((counts == 0).sum()) > 0
     assert gn.totals()["always_on"] == int((counts == len(calib)).sum())
-    assert sum(lay.filters for lay in gn.layers) == net.num_gates
-    assert 0 < gn.pruned_share <= gn.totals()["always_off"] / net.num_gates
+    assert sum(lay.filters for lay in gn.layers) == net.num_filter_gates
+    assert 0 < gn.pruned_share <= gn.totals()["always_off"] / net.num_filter_gates
     assert gn.flops_pruned < gn.flops_masked and m.stages[0].flops == gn.flops_pruned
     # schema compatible: re-read, unknown keys kept
     raw = json.loads((bundle.path / "manifest.json").read_text())
@@ -67,7 +67,7 @@ def test_runtime_matches_torch_at_every_batch_size(gaternet_bundle) -> None:  # 
 
 def test_pruned_bundle_equals_masked_model_on_new_inputs(gaternet_bundle) -> None:  # type: ignore[no-untyped-def]
     net, bundle, calib, _ = gaternet_bundle
-    off = gate_counts(net, calib) == 0
+    off = filter_gate_counts(net, calib) == 0
     masked = force_off(net, off)
     y = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(7)) * 1.5
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_gaternet_with_dgates_exports_verifies_and_exits(tmp_path) -> None:  # t
     rng = np.random.default_rng(2)
     imgs = (rng.random((200, 1, 28, 28)) * 255).astype(np.uint8)
     ds = Dataset(imgs, rng.integers(0, 10, 200).astype(np.int64), source="random")
-    pruned = prune_always_off(net, gate_counts(net, imgs) == 0).net
+    pruned = prune_always_off(net, filter_gate_counts(net, imgs) == 0).net
     res = fit_gaternet_exits(pruned, ds, ["layer1", "layer2"], epochs=1, holdout=0.3)
     g = res.net
     assert g.num_gates == 2 and all(isinstance(h, PackedGate) for h in g.gates)
@@ -137,8 +137,8 @@ def test_cli_gaternet_exits_prunes_fits_and_exports(tmp_path) -> None:  # type: 
             "--verify-data", str(data), "--verify-samples", "16", "--exporter", "torchscript"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    removed = int((gate_counts(net, imgs) == 0).sum())
-    assert f"pruned {removed} of {net.num_gates} gated filters ({removed} off" in res.output
+    removed = int((filter_gate_counts(net, imgs) == 0).sum())
+    assert f"pruned {removed} of {net.num_filter_gates} gated filters ({removed} off" in res.output
     assert removed > 0
     bundle = Bundle.load(out)
     assert bundle.num_stages == 3 and bundle.num_gates == 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgconvert.convert.verify import Float64Noise, VerificationReport, _compare
+from dgconvert.convert.verify import Float64Noise, VerificationReport, compare_outputs
 from dgconvert.core.bundle import Bundle
 from dgconvert.runtime import GatedRunner
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -47,7 +47,7 @@ def test_a_difference_within_twice_the_float_noise_passes_and_a_larger_one_fails
 
     def mismatches(got: np.ndarray, with_noise: bool) -> list[str]:
         report = VerificationReport()
-        _compare(report, "full.onnx", ["logits"], [got], [ref], 1e-4, 1e-3,
+        compare_outputs(report, "full.onnx", ["logits"], [got], [ref], 1e-4, 1e-3,
                  (lambda: [noise]) if with_noise else None)  # fmt: skip
         return report.mismatches
 
@@ -60,7 +60,7 @@ def test_a_difference_within_twice_the_float_noise_passes_and_a_larger_one_fails
 def test_labels_get_no_noise_allowance() -> None:
     logits = np.array([[0.0, 5.0], [5.0, 0.0]], np.float32)
     report = VerificationReport()
-    _compare(report, "stage 0", ["logits", "label"], [logits, np.array([1, 1])],
+    compare_outputs(report, "stage 0", ["logits", "label"], [logits, np.array([1, 1])],
              [logits, np.array([1, 0])], 1e-4, 1e-3, lambda: [1.0, 0.0])  # fmt: skip
     assert len(report.mismatches) == 1 and "label: 1/2 rows differ" in report.mismatches[0]
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import dgconvert as dg
-from dgconvert.core.errors import DGConvertError
+from dgconvert.core.errors import DGConvertError, GateKindError
+from dgconvert.core.gates import GATE_TYPES
 from dgconvert.data import load_dataset
 from dgconvert.gating.fit import (
     DEFAULT_GATE,
@@ -96,6 +97,27 @@ def test_standardization_is_folded_exactly() -> None:
     assert not torch.allclose(head.linear.weight, ref.linear.weight)  # it did train
 
 
+@pytest.mark.parametrize("gate", GATE_TYPES)
+def test_every_gate_type_folds_standardization_exactly(gate: str) -> None:
+    """A head fitted with ``standardize=True`` on raw features equals the same head fitted on
+    the standardized features: the fold reaches exactly the layers that read the input."""
+    import copy
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=gen) * torch.tensor([1, 10, 100, 0.1, 1, 5]) + 50
+    y = torch.randint(0, 3, (300,), generator=gen)
+    z = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    head = make_gate(gate, 6, 3)
+    twin = copy.deepcopy(head)
+    opts = {"epochs": 2, "costs": [0.4, 1.0], "seed": 3}
+    final = torch.randn(300, 3, generator=gen)  # the final classifier's logits (L_v2)
+    train_heads([head], Features([x], final), y, standardize=True, **opts)
+    train_heads([twin], Features([z], final), y, standardize=False, **opts)
+    with torch.no_grad():
+        for a, b in zip(head(x), twin(z), strict=True):
+            assert torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("hinge", ["ovr", "crammer-singer"])
 @pytest.mark.parametrize("standardize", [True, False])
 def test_hinge_gate_puts_separable_data_outside_the_margin(hinge: str, standardize: bool) -> None:
@@ -165,8 +187,9 @@ def _split_accuracy(net: dg.GatedNetwork, data: str) -> list[tuple[float, float]
         {"gate": "dgate", "hinge": "ovr"},
         dict(PAPER_DGATE),
         {"gate": "softmax"},
+        {"gate": "mlp"},
     ],
-    ids=["dgate", "dgate-ovr", "dgate-paper", "softmax"],
+    ids=["dgate", "dgate-ovr", "dgate-paper", "softmax", "mlp"],
 )
 def test_fitted_gate_ranks_samples_by_accuracy(backbone: Path, options: dict) -> None:
     result = fit_gates(backbone, TRAIN, epochs=8, holdout=0.25, progress=False, **options)
@@ -252,7 +275,7 @@ def test_errors_say_what_was_wrong(tmp_path: Path) -> None:
         fit_gates(model, ds, gate="dgate", joint=True, progress=False)
     with pytest.raises(FitError, match="holdout is 1.5"):
         fit_gates(model, ds, holdout=1.5, progress=False)
-    with pytest.raises(FitError, match="score 'sigmoid' does not exist for dgate"):
+    with pytest.raises(GateKindError, match="score 'sigmoid' does not exist for dgate"):
         fit_gates(model, ds, gate="dgate", score="sigmoid", progress=False)
     bad = Dataset(np.zeros((20, 1, 28, 28), np.uint8), np.arange(20, dtype=np.int64), [])
     with pytest.raises(FitError, match="labels .* span 0..19.*10 outputs"):

@@ -18,9 +18,9 @@ from dgconvert.gating.gaternet import (
     GaterNetError,
     ImprovedSemHash,
     default_gated_layers,
+    filter_gate_counts,
     fit_gaternet,
     force_off,
-    gate_counts,
     gate_flops,
     prune_always_off,
     saturating_sigmoid,
@@ -73,7 +73,7 @@ def test_gated_layers_multiply_channels_per_sample() -> None:
         f"layer{i}.0.conv1" for i in range(1, 5)]
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
-        ones = net.body(x, torch.ones(3, net.num_gates))
+        ones = net.body(x, torch.ones(3, net.num_filter_gates))
         plain = resnet(**ARCH["kwargs"])
         plain.load_state_dict({k: v for k, v in net.body.state_dict().items()}, strict=False)
         assert torch.allclose(ones, plain.eval()(x), atol=1e-5)  # all on == the backbone
@@ -97,9 +97,9 @@ def test_gate_kinds() -> None:
 def test_pruned_equals_masked_and_removes_flops() -> None:
     net = tiny()
     x = torch.randn(64, 1, 28, 28)
-    counts = gate_counts(net, x.numpy())
+    counts = filter_gate_counts(net, x.numpy())
     off = counts == 0
-    assert 0 < off.sum() < net.num_gates
+    assert 0 < off.sum() < net.num_filter_gates
     masked, pruned = force_off(net, off), prune_always_off(net, off)
     with torch.no_grad():
         assert torch.equal(masked(x), net(x))  # on the calibration samples: the GaterNet
@@ -120,7 +120,7 @@ def test_pruning_keeps_channel_multiples() -> None:
     the off filters that stay are still off for every input: outputs equal the masked model."""
     net = tiny()
     x = torch.randn(64, 1, 28, 28)
-    off = gate_counts(net, x.numpy()) == 0
+    off = filter_gate_counts(net, x.numpy()) == 0
     exact, rounded = prune_always_off(net, off), prune_always_off(net, off, 4)
     assert not (rounded.removed & ~off).any() and rounded.removed.sum() < exact.removed.sum()
     start = 0
@@ -140,9 +140,9 @@ def test_pruning_keeps_channel_multiples() -> None:
 def test_gate_flops_are_what_pruning_saves() -> None:
     net = tiny()
     w = gate_flops(net)
-    assert w.shape == (net.num_gates,) and (w > 0).all()
+    assert w.shape == (net.num_filter_gates,) and (w > 0).all()
     assert w[0] > w[-1]  # a layer-1 filter (28x28 maps) costs more than a layer-4 one
-    off = np.zeros(net.num_gates, bool)
+    off = np.zeros(net.num_filter_gates, bool)
     off[[0, 3, 9, 30, 40, 41]] = True  # some filters of every layer, none emptied
     one = torch.zeros(1, 1, 28, 28)
     saved = count_flops(net, one) - count_flops(prune_always_off(net, off).net, one)
@@ -156,7 +156,7 @@ def test_checkpoint_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(back(x), net(x))
-    pruned = prune_always_off(net, np.ones(net.num_gates, bool)).net
+    pruned = prune_always_off(net, np.ones(net.num_filter_gates, bool)).net
     with pytest.raises(CheckpointError, match="pruned"):
         dg.save(pruned, tmp_path / "p.pt")
 
@@ -179,7 +179,7 @@ def test_fit_runs_and_reports() -> None:
     res = _fit(ds, gater_epochs=1, settle_epochs=1, batch_size=100, sparsity=1.0,
                target_rate=None, holdout=0.2)
     assert res.accuracy is not None and res.backbone_accuracy is not None
-    assert sum(lay.filters for lay in res.layers) == res.net.num_gates
+    assert sum(lay.filters for lay in res.layers) == res.net.num_filter_gates
     assert res.net.meta["fit"]["options"]["sparsity"] == 1.0
     assert "always on" in res.table()
     with pytest.raises(GaterNetError, match="epochs"):
@@ -191,7 +191,7 @@ def test_fit_with_target_rate_fixes_rare_gates_off() -> None:
     res = _fit(ds, gater_epochs=0, settle_epochs=0, batch_size=50, lr=0.5, sparsity=50.0,
                target_rate=0.3, rate_weights="flops", off_below=0.5, holdout=0.25)
     fixed = res.losses["fixed_off"]
-    assert 0 < fixed < res.net.num_gates
+    assert 0 < fixed < res.net.num_filter_gates
     assert sum(lay.always_off for lay in res.layers) >= fixed  # forced off: off for every input
     assert res.net.meta["fit"]["options"]["target_rate"] == 0.3
     for bad in ({"target_rate": 0.0}, {"target_rate": 1.5}, {"off_below": 1.0},

@@ -199,7 +199,7 @@ def test_composed_graph_saves_and_reloads(tiny: dict[str, Any], tmp_path: Path) 
     assert onnx.load(str(tmp_path / "chain.onnx")).graph.node
 
 
-@pytest.mark.parametrize("gate", ["confidence", "softmax"])
+@pytest.mark.parametrize("gate", ["confidence", "softmax", "mlp"])
 def test_chain_with_every_gate_type(exported_bundle: Callable[..., Any], gate: str) -> None:
     """The composed graph is generic over gate heads: EENet confidence and softmax gates
     give the same results as the stage sessions, with rows leaving at every exit."""
