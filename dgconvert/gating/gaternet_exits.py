@@ -188,7 +188,7 @@ def fit_gaternet_exits(
     *,
     score: str | None = None,
     hinge: str = DEFAULT_HINGE,
-    l2: float = 1e-4,
+    l2: float | None = None,
     epochs: int = 20,
     batch_size: int = 256,
     lr: float = 0.2,
@@ -198,9 +198,10 @@ def fit_gaternet_exits(
 ) -> FitResult:
     """Attach ``gate`` heads after ``cuts`` of a trained (possibly pruned) GaterNet and fit
     them on its frozen features, as ``dgconvert gates fit`` does on a backbone (standardized
-    features, initial thresholds from the held-out share)."""
+    features, initial thresholds from the held-out share; ``l2`` defaults to the gate kind's)."""
     t0 = time.perf_counter()
     gnet = gaternet_exits(net, cuts, gate, score)
+    l2 = gate_kind(gate).l2 if l2 is None else float(l2)
     ds = resolve_data(data)
     y_all = ds.require_labels("d-gate fitting")
     train_idx, hold_idx = holdout_split(len(ds), holdout, seed)

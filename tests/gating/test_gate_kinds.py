@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,19 @@ def test_unknown_kinds_and_scores_raise_one_error_type() -> None:
     with pytest.raises(GateKindError, match="objective 'mse'"):
         GateKind("bad", ("max",), "max", 0.5, "loss", "summary", objective="mse")
     assert issubclass(GateKindError, ValueError)
+
+
+@pytest.mark.parametrize("name", GATE_TYPES)
+def test_every_fittable_kind_round_trips_through_a_checkpoint(name: str, tmp_path: Path) -> None:
+    import torch
+
+    import dgconvert as dg
+    from tests.models import build
+
+    net = build("resnet", name)
+    back = dg.load(dg.save(net, tmp_path / "g.pt"))
+    assert [type(g) for g in back.gates] == [GATE_KINDS[name].head_class()] * net.num_gates
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        a, b = net.all_exits(x), back.all_exits(x)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.final_logits, b.final_logits)
