@@ -10,7 +10,9 @@ stage outputs: the runner's own Python, the exit walk, alone), ``stages``
 (``compose=False``: ONNX Runtime stage by stage, batch 1 and batch N) and ``chain`` (the
 one-session chain at batch >= 2; batch 1 walks stage by stage there too). Both sides must
 give identical results. Timed as process CPU time (robust to other load on the cores) and
-wall time.
+wall time. Then the exit walk once more with both runners in one process (the baseline's
+package copied under another name), alternating 1,000-call blocks: no process or memory
+layout differs between the two sides there.
 
     python benchmarks/exit_rule_ab.py --baseline /tmp/main-src [--rounds 15]
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +96,60 @@ for line in sys.stdin:
 """
 
 
+SAME_PROCESS = r"""
+import json, sys, time
+import numpy as np
+import dgbaseline.core.bundle, dgbaseline.runtime, dgbaseline.runtime.base
+import dgconvert.core.bundle, dgconvert.runtime, dgconvert.runtime.base
+cfg = json.loads(sys.argv[1])
+def runner(pkg):
+    Backend, StageOutput = pkg.runtime.base.Backend, pkg.runtime.base.StageOutput
+    ns: dict = {}
+    exec(cfg["replay"], globals() | {"Backend": Backend, "StageOutput": StageOutput}, ns)
+    b = pkg.core.bundle.Bundle.load(cfg["bundle"])
+    return pkg.runtime.GatedRunner(b, backend=ns["Replay"](b), thresholds=[0.0] * b.num_gates)
+sides = {"baseline": runner(dgbaseline), "this": runner(dgconvert)}
+out = {}
+for batch in (1, 8, 64):
+    x = sides["this"].prepare(np.zeros((batch, 1, 28, 28), np.uint8))
+    t = {"baseline": [], "this": []}
+    for rep in range(cfg["blocks"]):
+        for name in (list(sides) if rep % 2 == 0 else list(sides)[::-1]):
+            r = sides[name]
+            r.backend.at = 0
+            c0 = time.process_time()
+            for _ in range(1000):
+                r.predict(x)
+            t[name].append((time.process_time() - c0) * 1e3)  # us per call
+    out[batch] = t
+print(json.dumps(out))
+"""
+
+
+#: the package name where it names a module (``dgconvert.x``, ``import dgconvert``), not in
+#: strings such as the manifest's format name
+_MODULE = re.compile(r"\bdgconvert(?=\.[a-z_])|(?<=import )dgconvert\b|(?<=from )dgconvert(?= import)")
+
+
+def same_process_walk(baseline: Path, bundle: str, blocks: int) -> dict[str, Any]:
+    """Both runners' exit walk in one process (the baseline as package ``dgbaseline``)."""
+    replay = WORKER[WORKER.index("class Replay"):WORKER.index("runners = {}")]
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "dgbaseline"
+        shutil.copytree(baseline / "dgconvert", dst)
+        for f in dst.rglob("*.py"):
+            text = f.read_text(encoding="utf-8")
+            f.write_text(_MODULE.sub("dgbaseline", text), encoding="utf-8")
+        env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{ROOT}"}
+        cfg = {"bundle": bundle, "replay": replay, "blocks": blocks}
+        out = subprocess.run([sys.executable, "-c", SAME_PROCESS, json.dumps(cfg)], env=env,
+                             check=False, capture_output=True, text=True,
+                             cwd=tempfile.gettempdir())
+    if out.returncode:
+        raise SystemExit(f"the same-process walk failed:\n{out.stderr}")
+    return json.loads(out.stdout)
+
+
 def make_bundle(folder: Path) -> tuple[str, list[float]]:
     """The tests' small ResNet exported, and each gate's median score as thresholds."""
     sys.path.insert(0, str(ROOT))
@@ -155,6 +213,7 @@ def main() -> None:
         finally:
             for w in sides.values():
                 w.close()
+        same = same_process_walk(args.baseline, bundle, max(2 * args.rounds, 20))
     rows, data = [], {}
     for key, clocks in times.items():
         cells, data[key] = [], {}
@@ -180,6 +239,25 @@ def main() -> None:
         "| wall ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
+    ])
+    same_rows = []
+    for batch, d in same.items():
+        a, b = np.asarray(d["baseline"]), np.asarray(d["this"])
+        q1, med, q3 = np.percentile(b / a, [25, 50, 75])
+        data[f"same-process walk b{batch}"] = {"cpu": {
+            "baseline_us": d["baseline"], "this_us": d["this"], "ratio_median": float(med),
+            "ratio_q1": float(q1), "ratio_q3": float(q3), "ratio_of_minima": float(b.min() / a.min())}}
+        same_rows.append(f"| walk b{batch} | {a.min():.2f} | {b.min():.2f} | {b.min() / a.min():.3f} "
+                         f"| **{med:.3f}** ({q1:.3f}–{q3:.3f}) |")
+    md += "\n".join([
+        "", "", "## The exit walk, both runners in one process",
+        "",
+        "CPU µs per `predict` call (replayed stage outputs), best 1,000-call block of each side, "
+        "and the ratio this / baseline of alternating blocks.",
+        "",
+        "| path, batch | baseline best | this best | ratio of bests | ratio, median (IQR) |",
+        "|---|---:|---:|---:|---:|",
+        *same_rows,
     ])
     print(md)
     write_results("exit_rule_ab", md, {"thresholds": t, "rounds": args.rounds, "results": data})
