@@ -10,7 +10,8 @@ leaving at exit point ``k``; ``k = K`` is the final stage.
 
 :class:`ExitRule` is the one place that rule is written: every path that decides exits
 (the runner's, the pool's, the serve split's, the torch reference, :func:`simulate`) asks it.
-A sample leaving at the final stage has the final stage's score (max softmax).
+A sample leaving at the final stage has the final stage's score (max softmax), except in
+:func:`simulate`, whose records hold no final score (NaN there).
 """
 
 from __future__ import annotations
