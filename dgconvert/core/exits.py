@@ -10,7 +10,8 @@ leaving at exit point ``k``; ``k = K`` is the final stage.
 
 :class:`ExitRule` is the one place that rule is written: every path that decides exits
 (the runner's, the pool's, the serve split's, the torch reference, :func:`simulate`) asks it.
-A sample leaving at the final stage has the final stage's score (max softmax).
+A sample leaving at the final stage has the final stage's score (max softmax), except in
+:func:`simulate`, whose records hold no final score (NaN there).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class ExitRule:
     exit_at: np.ndarray  # [K] as compared; NaN where the gate is off (read-only)
     off: frozenset[int]  # the gates that are off
     tests: tuple[Callable[[Any], Any], ...]  # tests[k](score) == (score >= exit_at[k])
+    never_exits: bool  # every gate is off: every sample runs to the final stage
 
     @classmethod
     def from_thresholds(cls, thresholds: Sequence[float] | np.ndarray,
@@ -79,7 +81,8 @@ class ExitRule:
         exit_at.flags.writeable = False
         return cls(tuple(float(v) for v in t), exit_at,
                    frozenset(np.flatnonzero(~on).tolist()),
-                   tuple(v.__le__ for v in exit_at))  # exit_at[k] <= score
+                   tuple(v.__le__ for v in exit_at),  # exit_at[k] <= score
+                   not on.any())
 
     @classmethod
     def of(cls, rule: ExitRule | Sequence[float] | np.ndarray) -> ExitRule:
@@ -89,11 +92,6 @@ class ExitRule:
     @property
     def num_gates(self) -> int:
         return len(self.thresholds)
-
-    @property
-    def never_exits(self) -> bool:
-        """Every gate is off: every sample runs to the final stage."""
-        return len(self.off) == len(self.thresholds)
 
     def exits(self, k: int, score: Any) -> Any:
         """Which of gate ``k``'s ``score`` values exit there (bool, or a mask)."""

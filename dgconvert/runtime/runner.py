@@ -151,12 +151,12 @@ class GatedRunner:
         n = len(x)
         counts = [n] + [0] * last
         out = run(0, x, None)
+        tests = rule.tests  # tests[k](score): gate k's exit decisions, one C call each
         if n == 1:  # batch 1: scalar decisions, no index arithmetic
-            exits = rule.tests
             try:
                 for k in range(1, last + 1):
                     score = out.score[0]
-                    if exits[k - 1](score):
+                    if tests[k - 1](score):
                         res.labels[offset], res.scores[offset] = out.label[0], score
                         res.exit_stage[offset] = k - 1
                         return
@@ -170,13 +170,16 @@ class GatedRunner:
         rows = np.arange(offset, offset + n)  # caller rows of the current stage rows
         try:
             for k in range(1, last + 1):
-                exits, keep = rule.split(k - 1, out.score)
+                exits = tests[k - 1](out.score)  # inlined ExitRule.split
+                keep = (~exits).nonzero()[0]
                 if keep.size < n:
                     res.fill(rows[exits], out.label[exits], out.score[exits], k - 1)
                     if keep.size == 0:
                         return
                     rows = rows[keep]
                     n = keep.size
+                if keep.dtype != np.int64:  # pragma: no cover - 32-bit platforms
+                    keep = keep.astype(np.int64)
                 out = run(k, out.features, keep)
                 counts[k] = n
             res.fill(rows, out.label, out.score, last)
@@ -194,7 +197,7 @@ class GatedRunner:
             res.labels[sl], res.scores[sl], res.exit_stage[sl] = label, score, last
             self._add_counts([len(x)] * len(outs))
             return
-        rows = np.arange(offset, offset + len(x))
+        rows, tests = np.arange(offset, offset + len(x)), rule.tests
         counts = [0] * len(outs)
         for k, out in enumerate(outs):
             counts[k] = len(rows)
@@ -204,7 +207,7 @@ class GatedRunner:
             if k == last:
                 res.fill(rows, label, score, k)
                 break
-            exits = rule.exits(k, score)
+            exits = tests[k](score)
             res.fill(rows[exits], label[exits], score[exits], k)
             rows = rows[~exits]
         self._add_counts(counts)
