@@ -1,7 +1,8 @@
 """Torch modules whose inputs and outputs are, in order, those of the stage-graph contract
 (:data:`dgconvert.core.contract.CONTRACT`): stage 0 maps the images to
 ``(features, score, label, gate_logits)``; stage k >= 1 gathers its input rows by ``keep``
-first; the last stage returns ``(logits, label, score)``."""
+first; the last stage returns ``(logits, label, score)``; a one-stage bundle's only stage
+(:class:`SingleStage`) maps the images to ``(logits, label, score)``."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def stage_modules(net: GatedNetwork) -> list[nn.Module]:
     # eval: a wrapper left in training mode would have the TorchScript exporter, which puts
     # back the mode it found, switch every layer inside to training mode after export
     return [m.eval() for m in mods]
+
+
+class SingleStage(nn.Module):
+    """The one stage of a bundle without exits: ``images -> (logits, label, score)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.head = net, FinalHead()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.net(images)
+        score, label, _ = self.head(logits)
+        return logits, label, score
