@@ -25,35 +25,13 @@ from dgconvert.core.manifest import (
     ThresholdInfo,
     now_iso,
 )
-from dgconvert.gating.families import Prune, References, family_of
-from dgconvert.gating.network import GatedNetwork
+from dgconvert.gating.families import Family, Prune, References, family_of
 
 
 def _keep_example(n: int) -> torch.Tensor:
     """An unordered example ``keep`` whose size ``M`` is neither 0, 1 nor ``n``."""
     m = n - 1 if n - 1 >= 3 else n + 2
     return torch.arange(m - 1, -1, -1) % n
-
-
-def describe_stage(net: Any, k: int, num_stages: int | None = None) -> str:
-    """``stage k (backbone from after 'a' to 'b'; modules …)`` for errors and logs."""
-    if not isinstance(net, GatedNetwork):
-        return f"the {net.family} stage"
-    cuts = net.cuts
-    last = net.num_gates
-    start = "the input" if k == 0 else f"after {cuts[k - 1]!r}" if cuts else f"stage {k - 1}"
-    end = "the logits" if k == last else f"{cuts[k]!r}" if cuts else "its gate"
-    body = net.stages[k]
-    mods: list[str] = []
-    graph = getattr(body, "graph", None)
-    if graph is not None:
-        for node in graph.nodes:
-            if node.op == "call_module" and str(node.target).split(".")[0] not in mods:
-                mods.append(str(node.target))
-    shown = ", ".join(mods[:8]) + (f", … ({len(mods) - 8} more)" if len(mods) > 8 else "")
-    spec = net.gates[k].spec() if k < last else {}
-    gate = f" + {spec['type']} gate ({spec.get('layout', 'own head')})" if k < last else ""
-    return f"stage {k} (backbone from {start} to {end}{gate}; modules: {shown or type(body).__name__})"
 
 
 def export(
@@ -112,7 +90,7 @@ def export(
     record = fam.manifest_record(net, refs)
     bar = progress_bar(len(refs.stages) + 2 + int(verify), progress)
     with atomic_directory(out, force=force) as tmp, torch.no_grad():
-        stages = _export_stages(refs, example, tmp, exporter, atol, rtol, bar)
+        stages = _export_stages(fam, refs, example, tmp, exporter, atol, rtol, bar)
         export_onnx(refs.full, (example,), tmp / "full.onnx", CONTRACT.full_inputs,
                     CONTRACT.full_outputs, exporter=exporter,
                     what=f"full.onnx (the whole {fam.name} model)")  # fmt: skip
@@ -155,8 +133,8 @@ def near_chance_check(net: Any, x: torch.Tensor, labels: np.ndarray, data_name: 
                                    flag="`dgconvert gates fit --normalization`")
 
 
-def _export_stages(refs: References, example: torch.Tensor, tmp: Path, exporter: str,
-                   atol: float, rtol: float, bar: Any) -> list[StageInfo]:
+def _export_stages(fam: Family, refs: References, example: torch.Tensor, tmp: Path,
+                   exporter: str, atol: float, rtol: float, bar: Any) -> list[StageInfo]:
     """Export each stage module (checked against torch as it is written)."""
     mods, last = refs.stages, len(refs.stages) - 1
     infos, x = [], example
@@ -175,7 +153,7 @@ def _export_stages(refs: References, example: torch.Tensor, tmp: Path, exporter:
                                                 rtol=rtol)  # fmt: skip
 
         used = export_onnx(mod, args, tmp / fname, inputs, outputs, exporter=exporter,
-                           check=check, what=describe_stage(refs.net, k, len(mods)))
+                           check=check, what=fam.describe_stage(refs.net, k))
         infos.append(StageInfo(
             k, fname, tensor_specs(inputs, list(args), "N"),
             tensor_specs(outputs, outs, "M" if k else "N"), refs.stage_flops[k], gate,

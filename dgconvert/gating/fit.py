@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_SCORE",
     "HINGES",
     "PAPER_DGATE",
+    "BackboneFitConfig",
     "FitConfig",
     "FitError",
     "FitResult",
@@ -458,7 +459,28 @@ def _lv2_step(
 
 
 @dataclass(kw_only=True)
-class FitConfig:
+class BackboneFitConfig:
+    """What every fit that starts from a trained backbone takes: the ``backbone`` and how to
+    read it (``arch``, ``trust_pickle``; ``input_shape``, ``normalization``, ``classes``
+    when the checkpoint does not record them), the labelled ``data`` and the share of it
+    held out (``holdout``), ``seed``, ``progress`` bars, and ``check_accuracy`` (stop when
+    the backbone scores near chance on ``data``)."""
+
+    backbone: nn.Module | str | Path
+    data: str | Dataset
+    arch: str | dict[str, Any] | None = None
+    trust_pickle: bool = False
+    input_shape: Sequence[int] | None = None
+    normalization: dict[str, Any] | None = None
+    classes: Sequence[str] | None = None
+    holdout: float = 0.1
+    seed: int = 0
+    progress: bool = True
+    check_accuracy: bool = True
+
+
+@dataclass(kw_only=True)
+class FitConfig(BackboneFitConfig):
     """Options of :func:`fit_gates` (the ``cut-backbone`` family's ``fit``).
 
     ``backbone``: a module (pass ``arch`` — ``"module:callable"`` or ``{"factory", "kwargs"}``
@@ -481,8 +503,6 @@ class FitConfig:
     on ``data`` is near chance (usually a wrong input normalization).
     """
 
-    backbone: nn.Module | str | Path
-    data: str | Dataset
     cuts: Sequence[str] | int = ("layer1", "layer2", "layer3")
     gate: str = DEFAULT_GATE
     score: str | None = None
@@ -492,23 +512,14 @@ class FitConfig:
     epochs: int = 20
     batch_size: int = 256
     lr: float | None = None
-    holdout: float = 0.1
     joint: bool = False
     joint_epochs: int = 1
     joint_lr: float = _JOINT_LR
     cost_weight: float = 1.0
-    arch: str | dict[str, Any] | None = None
-    trust_pickle: bool = False
-    input_shape: Sequence[int] | None = None
-    normalization: dict[str, Any] | None = None
-    classes: Sequence[str] | None = None
-    seed: int = 0
     feature_batch_size: int = 512
-    progress: bool = True
     shares: Sequence[float] | None = None
     layout: str | None = None
     token_pool: str | None = None
-    check_accuracy: bool = True
 
 
 def fit_gates(

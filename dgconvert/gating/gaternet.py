@@ -48,6 +48,7 @@ from dgconvert.gating.checkpoint import build_arch
 from dgconvert.gating.configs import GaterNetConfig
 from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.fit import (
+    BackboneFitConfig,
     FitError,
     _bar,
     _resolve_backbone,
@@ -652,11 +653,9 @@ def _decayed(*modules: nn.Module) -> list[nn.Module]:
 
 
 @dataclass(kw_only=True)
-class GaterNetFitConfig:
+class GaterNetFitConfig(BackboneFitConfig):
     """Options of :func:`fit_gaternet` (the ``gaternet`` family's ``fit``)."""
 
-    backbone: nn.Module | str | Path
-    data: str | Dataset
     gated: Sequence[str] | None = None
     gater: dict[str, Any] | str | None = None
     bottleneck: int = 8
@@ -672,17 +671,8 @@ class GaterNetFitConfig:
     off_below: float = 0.5
     settle_epochs: int = 5
     weight_decay: float = 5e-4
-    holdout: float = 0.1
     augment: bool = True
-    arch: str | dict[str, Any] | None = None
-    trust_pickle: bool = False
-    input_shape: Sequence[int] | None = None
-    normalization: dict[str, Any] | None = None
-    classes: Sequence[str] | None = None
-    seed: int = 0
     threads: int | None = None
-    progress: bool = True
-    check_accuracy: bool = True
 
     def check(self) -> None:
         """Raise :class:`GaterNetError` naming the options out of range."""

@@ -57,6 +57,25 @@ def stage_modules(net: GatedNetwork) -> list[nn.Module]:
     return [m.eval() for m in mods]
 
 
+def describe_stage(net: GatedNetwork, k: int) -> str:
+    """``stage k (backbone from after 'a' to 'b'; modules …)`` for errors and logs."""
+    cuts = net.cuts
+    last = net.num_gates
+    start = "the input" if k == 0 else f"after {cuts[k - 1]!r}" if cuts else f"stage {k - 1}"
+    end = "the logits" if k == last else f"{cuts[k]!r}" if cuts else "its gate"
+    body = net.stages[k]
+    mods: list[str] = []
+    graph = getattr(body, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module" and str(node.target).split(".")[0] not in mods:
+                mods.append(str(node.target))
+    shown = ", ".join(mods[:8]) + (f", … ({len(mods) - 8} more)" if len(mods) > 8 else "")
+    spec = net.gates[k].spec() if k < last else {}
+    gate = f" + {spec['type']} gate ({spec.get('layout', 'own head')})" if k < last else ""
+    return f"stage {k} (backbone from {start} to {end}{gate}; modules: {shown or type(body).__name__})"
+
+
 class SingleStage(nn.Module):
     """The one stage of a bundle without exits: ``images -> (logits, label, score)``."""
 

@@ -174,6 +174,10 @@ class Family(abc.ABC):
     def stage_modules(self, net: Any) -> list[nn.Module]:
         """One contract-shaped module per bundle stage (:mod:`dgconvert.gating.stages`)."""
 
+    def describe_stage(self, net: Any, k: int) -> str:
+        """Stage ``k`` of ``net`` in words, for export errors and logs."""
+        return f"stage {k} of the {self.name} network"
+
     @abc.abstractmethod
     def references(self, net: Any, prune: Prune | None = None) -> References:
         """What to export and verify (``prune``: only for families that prune)."""
@@ -208,6 +212,35 @@ class Family(abc.ABC):
             raise ValueError(
                 f"prune_images applies to a GaterNet; this is a {self.name} network (early "
                 "exits only). Fix: drop prune_images (CLI --prune-data).")
+
+
+class EarlyExitFamily(Family):
+    """A family of :class:`~dgconvert.gating.network.GatedNetwork` s (stages with an exit
+    after each but the last): exported stage by stage as they are and verified against
+    their own ``gated_forward``."""
+
+    def stage_modules(self, net: Any) -> list[nn.Module]:
+        from dgconvert.gating.stages import stage_modules
+
+        return stage_modules(net)
+
+    def describe_stage(self, net: Any, k: int) -> str:
+        from dgconvert.gating.stages import describe_stage
+
+        return describe_stage(net, k)
+
+    def references(self, net: Any, prune: Prune | None = None) -> References:
+        import torch
+
+        from dgconvert.gating.flops import count_flops, stage_flops
+
+        self.no_prune(prune)
+        net.eval()
+        bodies, gates = stage_flops(net)
+        return References(
+            net, self.stage_modules(net), net, [g.spec() for g in net.gates] + [None], bodies,
+            gates, count_flops(net, torch.zeros(1, *net.input_shape)), list(net.thresholds),
+            gated=net)
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -10,27 +10,14 @@ from torch import nn
 
 from dgconvert.gating.checkpoint import GATED_FORMAT, build_arch, load_state
 from dgconvert.gating.configs import CutBackboneConfig
-from dgconvert.gating.families.base import Checkpoint, Family, Prune, References
+from dgconvert.gating.families.base import Checkpoint, EarlyExitFamily
 from dgconvert.gating.fit import FitConfig, FitResult, fit_gates
-from dgconvert.gating.flops import count_flops, stage_flops
 from dgconvert.gating.network import GatedNetwork
-from dgconvert.gating.stages import stage_modules
 
 Config = CutBackboneConfig
 
 
-def gated_references(net: GatedNetwork, stages: list[nn.Module]) -> References:
-    """An early-exit network exported as it is, verified against its own ``gated_forward``."""
-    import torch
-
-    net.eval()
-    bodies, gates = stage_flops(net)
-    return References(
-        net, stages, net, [g.spec() for g in net.gates] + [None], bodies, gates,
-        count_flops(net, torch.zeros(1, *net.input_shape)), list(net.thresholds), gated=net)
-
-
-class CutBackbone(Family):
+class CutBackbone(EarlyExitFamily):
     name = "cut-backbone"
     Config = CutBackboneConfig
     format = GATED_FORMAT
@@ -76,13 +63,6 @@ class CutBackbone(Family):
         net.thresholds = list(ckpt.thresholds)
         net.fit_record = ckpt.fit
         return net
-
-    def stage_modules(self, net: GatedNetwork) -> list[nn.Module]:
-        return stage_modules(net)
-
-    def references(self, net: GatedNetwork, prune: Prune | None = None) -> References:
-        self.no_prune(prune)
-        return gated_references(net, self.stage_modules(net))
 
     def fit(self, cfg: FitConfig) -> FitResult:
         return fit_gates(cfg)

@@ -88,6 +88,9 @@ class GaterNetFamily(Family):
     def stage_modules(self, net: GaterNet) -> list[nn.Module]:
         return [SingleStage(net).eval()]
 
+    def describe_stage(self, net: GaterNet, k: int) -> str:
+        return "the GaterNet stage"
+
     def references(self, net: GaterNet, prune: Prune | None = None) -> References:
         exported, masked, info = self.prepare(net, prune)
         return References(exported, self.stage_modules(exported), exported, [None],
@@ -120,4 +123,3 @@ class GaterNetFamily(Family):
 
     def fit(self, cfg: GaterNetFitConfig) -> GaterNetFit:
         return fit_gaternet(cfg)
-

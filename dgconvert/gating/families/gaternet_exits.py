@@ -14,14 +14,12 @@ from torch import nn
 
 from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, PRUNE_MULTIPLE
 from dgconvert.gating.configs import GaterNetConfig, GaterNetExitsConfig
-from dgconvert.gating.families.base import Checkpoint, Family, Prune, References, load_network
-from dgconvert.gating.families.cut_backbone import gated_references
+from dgconvert.gating.families.base import Checkpoint, EarlyExitFamily, load_network
 from dgconvert.gating.families.gaternet import build_gaternet
 from dgconvert.gating.fit import FitError, FitResult
 from dgconvert.gating.gaternet import GaterNet, gate_counts, prune_always_off
 from dgconvert.gating.gaternet_exits import fit_gaternet_exits, gaternet_exits
 from dgconvert.gating.network import GatedNetwork
-from dgconvert.gating.stages import stage_modules
 
 if TYPE_CHECKING:
     from dgconvert.data import Dataset
@@ -55,7 +53,7 @@ class GaterNetExitsFitConfig:
     progress: bool = False
 
 
-class GaterNetExits(Family):
+class GaterNetExits(EarlyExitFamily):
     name = "gaternet-exits"
     Config = GaterNetExitsConfig
     format = GATERNET_EXITS_FORMAT
@@ -102,13 +100,6 @@ class GaterNetExits(Family):
         net.thresholds = list(ckpt.thresholds)
         net.fit_record = ckpt.fit
         return net.eval()
-
-    def stage_modules(self, net: GatedNetwork) -> list[nn.Module]:
-        return stage_modules(net)
-
-    def references(self, net: GatedNetwork, prune: Prune | None = None) -> References:
-        self.no_prune(prune)
-        return gated_references(net, self.stage_modules(net))
 
     def fit(self, cfg: GaterNetExitsFitConfig) -> FitResult:
         from dgconvert.data import load_dataset

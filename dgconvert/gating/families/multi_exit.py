@@ -11,16 +11,14 @@ from torch import nn
 
 from dgconvert.gating.checkpoint import GATED_FORMAT, build_arch, load_state
 from dgconvert.gating.configs import MultiExitConfig
-from dgconvert.gating.families.base import Checkpoint, Family, ManifestRecord, Prune, References
-from dgconvert.gating.families.cut_backbone import gated_references
+from dgconvert.gating.families.base import Checkpoint, EarlyExitFamily, ManifestRecord, References
 from dgconvert.gating.fit import FitError
 from dgconvert.gating.network import GatedNetwork
-from dgconvert.gating.stages import stage_modules
 
 Config = MultiExitConfig
 
 
-class MultiExit(Family):
+class MultiExit(EarlyExitFamily):
     name = "multi-exit"
     Config = MultiExitConfig
     format = GATED_FORMAT
@@ -61,13 +59,6 @@ class MultiExit(Family):
         net.thresholds = list(ckpt.thresholds)
         net.fit_record = ckpt.fit
         return net
-
-    def stage_modules(self, net: GatedNetwork) -> list[nn.Module]:
-        return stage_modules(net)
-
-    def references(self, net: GatedNetwork, prune: Prune | None = None) -> References:
-        self.no_prune(prune)
-        return gated_references(net, self.stage_modules(net))
 
     def manifest_record(self, net: GatedNetwork, refs: References) -> ManifestRecord:
         cfg: MultiExitConfig = net.config  # type: ignore[assignment]
