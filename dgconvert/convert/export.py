@@ -168,10 +168,10 @@ def _export_stages(fam: Family, refs: References, example: torch.Tensor, tmp: Pa
 def verify_references(refs: References, bundle: Bundle, x: torch.Tensor, *,
                       atol: float = 1e-4, rtol: float = 1e-3) -> VerificationReport:
     """Verify a bundle against what its family said: the early-exit reference
-    (``refs.gated``) or, for a one-stage filter-gated model, the masked one."""
+    (``refs.gated``) or, for a one-stage model, the ``masked`` one (default: itself)."""
     if refs.gated is not None:
         return verify_bundle(refs.gated, bundle, x, atol=atol, rtol=rtol)
-    from dgconvert.convert.gaternet import verify_gaternet_bundle
+    from dgconvert.convert.gaternet import verify_one_stage
 
-    return verify_gaternet_bundle(refs.net, refs.masked, bundle, x,  # type: ignore[arg-type]
-                                  atol=atol, rtol=rtol)
+    return verify_one_stage(refs.net, refs.masked or refs.net, bundle, x, atol=atol, rtol=rtol,
+                            near=refs.near, what=f"the {type(refs.net).__name__}")

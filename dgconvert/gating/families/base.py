@@ -11,6 +11,7 @@ testing types. Adding a family is one module with a :class:`Family` subclass and
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,6 +95,11 @@ class Prune:
     multiple: int = PRUNE_MULTIPLE
 
 
+#: ``near(net, x, tol) -> bool [N]``: rows whose prediction float noise may change (not
+#: judged when a one-stage export is verified), beyond label ties
+NearRows = Callable[[nn.Module, Any, float], np.ndarray]
+
+
 @dataclass
 class References:
     """What an export writes and what it is verified against.
@@ -104,7 +110,8 @@ class References:
     ``stage_flops`` / ``gate_flops`` / ``full_flops``: per-sample FLOPs; ``thresholds``: the
     initial thresholds. Verification: ``gated`` — the early-exit reference (``gated_forward``,
     stage by stage, the chain) — or, for a one-stage filter-gated model, ``masked`` — the
-    model the (pruned) export must equal. ``record``: what the family found while preparing
+    model the (pruned) export must equal, ``near`` the rows float noise may flip there.
+    ``record``: what the family found while preparing
     (read back by its :meth:`Family.manifest_record`)."""
 
     net: nn.Module
@@ -117,6 +124,7 @@ class References:
     thresholds: list[float]
     gated: Any = None  # GatedNetwork
     masked: nn.Module | None = None
+    near: NearRows | None = None
     record: Any = None  # what the family found preparing the export (manifest_record)
 
 

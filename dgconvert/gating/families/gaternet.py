@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +45,12 @@ def build_gaternet(cfg: GaterNetConfig, backbone: nn.Module | None = None) -> Ga
     return GaterNet.build(backbone, cfg.gated, cfg.gater, bottleneck=cfg.bottleneck,
                           input_shape=cfg.input_shape, num_classes=int(cfg.num_classes or 0),
                           arch=cfg.arch, normalization=cfg.normalization, classes=cfg.classes)
+
+
+@torch.no_grad()
+def gate_flip_rows(net: nn.Module, x: torch.Tensor, tol: float) -> np.ndarray:
+    """Rows with a gate logit within ``tol`` of 0: float noise may flip that filter."""
+    return (torch.abs(net.gater.logits(x)) <= tol).any(dim=1).numpy()  # type: ignore[union-attr,operator]
 
 
 class GaterNetFamily(Family):
@@ -95,7 +102,7 @@ class GaterNetFamily(Family):
         exported, masked, info = self.prepare(net, prune)
         return References(exported, self.stage_modules(exported), exported, [None],
                           [info.flops_pruned], [], info.flops_pruned, [], masked=masked,
-                          record=info)
+                          near=gate_flip_rows, record=info)
 
     def prepare(self, net: GaterNet, prune: Prune | None
                 ) -> tuple[GaterNet, GaterNet, GaterNetInfo]:
