@@ -24,8 +24,9 @@ X = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(5))
 
 
 def test_registry_names_and_errors() -> None:
-    assert family_names() == FAMILIES
-    assert family_names(fittable=False) == ["multi-exit"]
+    assert family_names()[: len(FAMILIES)] == FAMILIES  # registration order; more may follow
+    assert "multi-exit" in family_names(fittable=False)
+    assert not set(family_names(fittable=True)) & set(family_names(fittable=False))
     for name in FAMILIES:
         fam = family(name)
         assert isinstance(fam, Family) and fam.name == name
