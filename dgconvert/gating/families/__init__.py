@@ -20,11 +20,13 @@ from dgconvert.gating.families.cut_backbone import CutBackbone
 from dgconvert.gating.families.gaternet import GaterNetFamily
 from dgconvert.gating.families.gaternet_exits import GaterNetExits
 from dgconvert.gating.families.multi_exit import MultiExit
+from dgconvert.gating.families.plain import Plain
 
 register_family(CutBackbone())
 register_family(MultiExit())
 register_family(GaterNetFamily())
 register_family(GaterNetExits())
+register_family(Plain())
 
 __all__ = [
     "Checkpoint",
