@@ -12,7 +12,12 @@ from torch import nn
 
 from dgconvert.core.exits import GatedResult, exit_points
 from dgconvert.core.gates import DEFAULT_EXIT_SCORE, gate_kind
-from dgconvert.gating.configs import CutBackboneConfig, MultiExitConfig, NetworkConfig
+from dgconvert.gating.configs import (
+    CutBackboneConfig,
+    GaterNetExitsConfig,
+    MultiExitConfig,
+    NetworkConfig,
+)
 from dgconvert.gating.cut import auto_cuts, cut_backbone
 from dgconvert.gating.heads import FinalHead, GateHead, check_layout, feature_size, make_gate
 from dgconvert.gating.multi_exit import split_multi_exit
@@ -89,13 +94,15 @@ class GatedNetwork(nn.Module):
     @property
     def meta(self) -> dict[str, Any]:
         """Read-only view in the shape of the old free-form ``meta`` dict (``cuts``,
-        ``arch``, ``multi_exit``, ``fit``), for callers written before ``family`` /
+        ``arch``, ``multi_exit``, ``gaternet``, ``fit``), for callers written before ``family`` /
         ``config`` / ``fit_record``; dgconvert itself reads the typed attributes."""
         cfg = self.config
         out: dict[str, Any] = {"cuts": self.cuts} if self.cuts else {}
         if isinstance(cfg, MultiExitConfig):
             out["multi_exit"] = {"exits": list(cfg.exits), "score": cfg.score,
                                  "outputs": list(cfg.outputs)}
+        if isinstance(cfg, GaterNetExitsConfig):
+            out["gaternet"] = {"gated": list(cfg.gated), "gates": cfg.num_filter_gates}
         if cfg is not None and cfg.arch:
             out["arch"] = cfg.arch
         if self.fit_record is not None:
