@@ -11,8 +11,8 @@ testing types. Adding a family is one module with a :class:`Family` subclass and
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -201,6 +201,15 @@ class Family(abc.ABC):
         returns its fit result (``.net``, ``.table()``, ``.as_dict()``)."""
 
     # -- helpers for subclasses --------------------------------------------------------
+    def checkpoint(self, net: Any, record: dict[str, Any], weights: dict[str, Any],
+                   thresholds: Sequence[float] = ()) -> Checkpoint:
+        """``net``'s checkpoint: its config with the net's input spec and classes as they
+        are now, the family's ``record`` keys, ``weights``, ``thresholds``, fit record."""
+        cfg = replace(net.config, input_shape=list(net.input_shape), num_classes=net.num_classes,
+                      normalization=net.normalization, classes=list(net.classes))
+        return Checkpoint(self.format, self.name, cfg, record, weights,
+                          [float(t) for t in thresholds], net.fit_record)
+
     def require_arch(self, net: Any, how: str, rebuildable: bool = True) -> dict[str, Any]:
         """The network's importable architecture, or a :class:`CheckpointError` saying
         how to record one (also when ``rebuildable`` is false: the network was not built

@@ -48,11 +48,10 @@ class CutBackbone(EarlyExitFamily):
 
     def to_checkpoint(self, net: GatedNetwork) -> Checkpoint:
         self.require_arch(net, "GatedNetwork.from_backbone", net.backbone is not None)
-        return Checkpoint(self.format, self.name, net.config,
-                          {"cuts": list(net.cuts), "gates": [g.spec() for g in net.gates]},
-                          {"backbone_state": net.backbone.state_dict(),  # type: ignore[union-attr]
-                           "gates_state": [g.state_dict() for g in net.gates]},
-                          list(net.thresholds), net.fit_record)
+        return self.checkpoint(
+            net, {"cuts": list(net.cuts), "gates": [g.spec() for g in net.gates]},
+            {"backbone_state": net.backbone.state_dict(),  # type: ignore[union-attr]
+             "gates_state": [g.state_dict() for g in net.gates]}, net.thresholds)
 
     def from_checkpoint(self, ckpt: Checkpoint, path: str | Path) -> GatedNetwork:
         backbone = build_arch(self.arch_of(ckpt.config))

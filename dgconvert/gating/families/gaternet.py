@@ -81,10 +81,9 @@ class GaterNetFamily(Family):
             raise CheckpointError("a pruned GaterNet is saved in its bundle only; save the "
                                   "unpruned network (pruning happens at export)")
         cfg = net.config
-        return Checkpoint(self.format, self.name, cfg,
-                          {"gated": [lay.name for lay in net.layers],
-                           "gater": {**(cfg.gater or {}), "bottleneck": cfg.bottleneck}},
-                          {"state": net.state_dict()}, [], net.fit_record)
+        return self.checkpoint(net, {"gated": [lay.name for lay in net.layers],
+                                     "gater": {**(cfg.gater or {}), "bottleneck": cfg.bottleneck}},
+                               {"state": net.state_dict()})
 
     def from_checkpoint(self, ckpt: Checkpoint, path: str | Path) -> GaterNet:
         net = self.build(ckpt.config)  # type: ignore[arg-type]

@@ -81,13 +81,12 @@ class GaterNetExits(EarlyExitFamily):
         cfg: GaterNetExitsConfig = net.config  # type: ignore[assignment]
         if cfg.arch is None or net.backbone is None:
             self.require_arch(net, "gaternet_exits on a GaterNet fitted", False)
-        return Checkpoint(
-            self.format, self.name, cfg,
-            {"gaternet": cfg.gaternet.to_dict() if cfg.gaternet else None,
-             "pruned": cfg.pruned, "cuts": list(cfg.cuts), "gate": cfg.gate, "score": cfg.score},
+        return self.checkpoint(
+            net, {"gaternet": cfg.gaternet.to_dict() if cfg.gaternet else None,
+                  "pruned": cfg.pruned, "cuts": list(cfg.cuts), "gate": cfg.gate,
+                  "score": cfg.score},
             {"gaternet_state": net.backbone.state_dict(),  # type: ignore[union-attr]
-             "gates_state": [g.state_dict() for g in net.gates]},
-            list(net.thresholds), net.fit_record)
+             "gates_state": [g.state_dict() for g in net.gates]}, net.thresholds)
 
     def from_checkpoint(self, ckpt: Checkpoint, path: str | Path) -> GatedNetwork:
         from dgconvert.gating.checkpoint import load_state

@@ -47,10 +47,9 @@ class MultiExit(EarlyExitFamily):
     def to_checkpoint(self, net: GatedNetwork) -> Checkpoint:
         self.require_arch(net, "GatedNetwork.from_multi_exit", net.backbone is not None)
         cfg: MultiExitConfig = net.config  # type: ignore[assignment]
-        return Checkpoint(self.format, self.name, cfg,
-                          {"multi_exit": {"exits": list(cfg.exits), "score": cfg.score}},
-                          {"backbone_state": net.backbone.state_dict()},  # type: ignore[union-attr]
-                          list(net.thresholds), net.fit_record)
+        return self.checkpoint(
+            net, {"multi_exit": {"exits": list(cfg.exits), "score": cfg.score}},
+            {"backbone_state": net.backbone.state_dict()}, net.thresholds)  # type: ignore[union-attr]
 
     def from_checkpoint(self, ckpt: Checkpoint, path: str | Path) -> GatedNetwork:
         model = build_arch(ckpt.config.arch or {})

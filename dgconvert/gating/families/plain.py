@@ -57,8 +57,7 @@ class Plain(Family):
 
     def to_checkpoint(self, net: PlainNetwork) -> Checkpoint:
         self.require_arch(net, "family('plain').build")
-        return Checkpoint(self.format, self.name, net.config, {},
-                          {"state": net.model.state_dict()}, [], net.fit_record)
+        return self.checkpoint(net, {}, {"state": net.model.state_dict()})
 
     def from_checkpoint(self, ckpt: Checkpoint, path: str | Path) -> PlainNetwork:
         net = self.build(ckpt.config)  # type: ignore[arg-type]
