@@ -91,6 +91,14 @@ class GatedNetwork(nn.Module):
         self.fit_record: dict[str, Any] | None = None
         self._backbone = backbone
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a whole pickle written before families (a ``meta`` dict instead of
+        ``family`` / ``config``) gets its typed record from that dict."""
+        meta = state.pop("meta", None)
+        super().__setstate__(state)
+        if meta is not None and "family" not in state:
+            self.family, self.config, self.fit_record = _from_meta(self, meta)
+
     @property
     def meta(self) -> dict[str, Any]:
         """Read-only view in the shape of the old free-form ``meta`` dict (``cuts``,
@@ -290,6 +298,20 @@ class GatedNetwork(nn.Module):
         rows = np.arange(len(stage))
         return GatedResult(labels[rows, stage].astype(np.int64), stage,
                            all_scores[rows, stage].astype(np.float32))
+
+
+def _from_meta(net: GatedNetwork, meta: dict[str, Any]) -> tuple[str, NetworkConfig, Any]:
+    """``(family, config, fit record)`` of a network pickled with the old ``meta`` dict."""
+    common = {"input_shape": net.input_shape, "num_classes": net.num_classes,
+              "normalization": net.normalization, "classes": net.classes,
+              "arch": meta.get("arch")}
+    if meta.get("multi_exit"):
+        me = meta["multi_exit"]
+        return "multi-exit", MultiExitConfig(exits=list(me["exits"]), score=me["score"],
+                                             outputs=list(me["outputs"]), **common), None
+    gates = [_rebuild_spec(g.spec()) for g in net.gates]
+    return ("cut-backbone", CutBackboneConfig(cuts=list(meta.get("cuts", [])), gates=gates,
+                                              **common), meta.get("fit"))
 
 
 def _rebuild_spec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # tests.multi_exit_models is the multi-exit model's --arch
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # tests.multi_exit_models (the multi-exit model's --arch) when
+    sys.path.append(str(ROOT))  # PYTHONPATH lacks it; last, so dgconvert is PYTHONPATH's
 
 import dgconvert as dg  # noqa: E402
+
+print(f"writing fixtures with dgconvert from {Path(dg.__file__).parent}")
 from dgconvert.core.preprocess import normalize  # noqa: E402
 from dgconvert.gating.gaternet import GaterNet  # noqa: E402
 from dgconvert.gating.gaternet_exits import gaternet_exits  # noqa: E402
@@ -116,6 +118,7 @@ def main() -> None:
 
     cb = cut_backbone(x)
     dg.save(cb, out_dir / "cut_backbone.pt")
+    dg.save(cb, out_dir / "cut_backbone_pickle.pt", pickle=True)  # trusted whole pickle
     _gated("cut_backbone", cb, x, expected)
 
     me = multi_exit(x)

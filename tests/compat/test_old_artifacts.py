@@ -47,6 +47,20 @@ def test_gated_checkpoints_load_and_predict_identically(
     _same_gated(name, net, _x(net, expected), expected)
 
 
+def test_old_whole_pickle_loads_with_trust_and_gets_its_family(
+    expected: dict[str, np.ndarray]
+) -> None:
+    from dgconvert.core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        dg.load(DATA / "cut_backbone_pickle.pt")
+    net = dg.load(DATA / "cut_backbone_pickle.pt", trust_pickle=True)
+    assert net.family == "cut-backbone" and net.cuts == ["layer1", "layer2", "layer3"]
+    assert net.fit_record == {"options": {"gate": "mixed", "train_samples": 7},
+                              "final_accuracy": 0.5}
+    _same_gated("cut_backbone", net, _x(net, expected), expected)
+
+
 def test_cut_backbone_checkpoint_keeps_its_record(expected: dict[str, np.ndarray]) -> None:
     net = dg.load(DATA / "cut_backbone.pt")
     assert net.config.cuts == ["layer1", "layer2", "layer3"]
