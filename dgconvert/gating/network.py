@@ -236,7 +236,6 @@ class GatedNetwork(nn.Module):
             exits=list(parts.exits), score=score, outputs=list(parts.outputs),
             input_shape=net.input_shape, num_classes=net.num_classes,
             normalization=net.normalization, classes=net.classes, arch=arch)
-        net._backbone = model
         return net
 
     @property
