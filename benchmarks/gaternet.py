@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_s = None
     if args.gaternet.exists() and not args.refit:
         net = dg.load(args.gaternet)
-        fit_report = net.meta.get("fit", {})
+        fit_report = net.fit_record or {}
         fit_s = fit_report.get("seconds")
     else:
         res = fit_gaternet(args.backbone, TRAIN, threads=args.threads, progress=True,

@@ -166,7 +166,7 @@ def load_torch_model(path: str | Path) -> Any:
             f"--model {path} needs PyTorch, which is not installed; expected torch for the "
             "torch-full and torch-masked systems. Fix: pip install 'dgconvert[export]', or drop --model."
         ) from exc
-    from dgconvert.gating.checkpoint import load
+    from dgconvert.gating.persist import load
 
     return load(path).eval()
 

@@ -92,38 +92,36 @@ def export_cmd(
     out = output or model.with_suffix(".dg")
     prune_images = None
     if prune_data is not None:
-        from dgconvert.gating.network import GatedNetwork
+        from dgconvert.gating.families import family, family_names, family_of
 
-        if isinstance(net, GatedNetwork):
+        if not family_of(net).prunes:
+            pruning = ", ".join(n for n in family_names() if family(n).prunes)
             raise click.UsageError(
-                "--prune-data applies to a GaterNet checkpoint (`dgconvert gates gaternet`); "
-                f"{model.name} is an early-exit gated network. Fix: drop --prune-data."
+                f"--prune-data applies to a checkpoint of a family that prunes ({pruning}: "
+                f"`dgconvert gates gaternet`); {model.name} is a {net.family} network (early "
+                "exits only). Fix: drop --prune-data."
             )
         prune_images = dg.load_dataset(prune_data).images
-    verify_input = None
+    verify_input, labels = None, None
     if data:
         ds = dg.load_dataset(data, num_classes=net.num_classes)
         imgs = ds.images[:verify_samples]
         x = normalize(imgs, net.normalization) if imgs.dtype.kind == "u" else imgs
         verify_input = torch.from_numpy(x.astype("float32"))
         if ds.labels is not None and not allow_near_chance:
-            from dgconvert.gating.fit import check_backbone_accuracy
+            labels = ds.labels[:verify_samples]
 
-            with torch.no_grad():
-                logits = net.eval()(verify_input)
-            acc = check_backbone_accuracy(
-                logits.numpy(), ds.labels[:verify_samples], normalization=net.normalization,
-                source=f"{data} (first {len(verify_input)})",
-                flag="`dgconvert gates fit --normalization`",
-            )  # fmt: skip
-            click.echo(f"backbone accuracy on {data}: {100 * acc:.2f} % ({len(verify_input)} samples)")
+    def accuracy(acc: float) -> None:
+        click.echo(f"backbone accuracy on {data}: {100 * acc:.2f} % ({len(verify_input)} samples)")  # type: ignore[arg-type]
 
     def show(report: object) -> None:
         worst = ", ".join(f"{k} {v:.2g}" for k, v in report.max_abs.items())  # type: ignore[attr-defined]
         click.echo(f"verified {report.checks} outputs against PyTorch; max abs diff: {worst}")  # type: ignore[attr-defined]
 
     bundle = dg.export(
-        net, out, verify_input=verify_input, force=force, verify=not no_verify,
+        net, out, verify_input=verify_input, verify_labels=labels, on_accuracy=accuracy,
+        data_name=f"{data} (first {0 if verify_input is None else len(verify_input)})",
+        force=force, verify=not no_verify,
         atol=atol, rtol=rtol, progress=True, on_report=show, exporter=exporter,
         prune_images=prune_images, prune_source=portable(prune_data) if prune_data else "",
         prune_multiple=prune_multiple,
@@ -144,7 +142,7 @@ def _multi_exit_net(
 ) -> Any:
     """Load a multi-exit model (whole pickle or state_dict + --arch) and convert it."""
     import dgconvert as dg
-    from dgconvert.gating.network import GatedNetwork
+    from dgconvert.gating.families import family
 
     names = [e.strip() for e in exits.split(",") if e.strip()]
     if not names:
@@ -169,7 +167,7 @@ def _multi_exit_net(
             "1,28,28) or --data with real inputs."
         )
     norm = parse_json_object(normalization, "--normalization") or recorded.get("normalization")
-    return GatedNetwork.from_multi_exit(
-        module, names, score, input_shape=shape, normalization=norm,
-        classes=info.get("classes"), arch=info.get("arch"),
-    )
+    fam = family("multi-exit")
+    cfg = fam.Config(exits=names, score=score, input_shape=shape, normalization=norm,
+                     classes=info.get("classes"), arch=info.get("arch"))
+    return fam.build(cfg, model=module)

@@ -125,7 +125,8 @@ def fit_cmd(
 ) -> None:  # fmt: skip
     """Fit a gate after each --cut of BACKBONE (frozen) on --data and write the gated model."""
     import dgconvert as dg
-    from dgconvert.gating.fit import PAPER_DGATE
+    from dgconvert.gating.families import family
+    from dgconvert.gating.fit import PAPER_DGATE, FitConfig
 
     if output.exists() and not force:
         raise click.ClickException(
@@ -142,14 +143,14 @@ def fit_cmd(
         arch_spec = {"factory": arch, "kwargs": kwargs}
     elif kwargs is not None:
         raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
-    result = dg.fit_gates(
-        backbone, data, cut_list, **options, shares=shares,
+    result = family("cut-backbone").fit(FitConfig(
+        backbone=backbone, data=data, cuts=cut_list, **options, shares=shares,
         layout=None if layout == "auto" else layout, token_pool=token_pool,
         check_accuracy=not allow_near_chance, l2=l2, epochs=epochs, batch_size=batch_size,
         lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
         cost_weight=cost_weight, arch=arch_spec, trust_pickle=trust_pickle, seed=seed,
         normalization=parse_json_object(normalization, "--normalization"), progress=True,
-    )  # fmt: skip
+    ))  # fmt: skip
     click.echo(result.table())
     dg.save(result.net, output)
     if json_path is not None:
@@ -262,7 +263,8 @@ def gaternet_cmd(
     """Attach a GaterNet gater to BACKBONE, gate its filters per sample and train gater and
     backbone jointly (Improved SemHash) on --data; write the GaterNet checkpoint."""
     import dgconvert as dg
-    from dgconvert.gating.gaternet import fit_gaternet
+    from dgconvert.gating.families import family
+    from dgconvert.gating.gaternet import GaterNetFitConfig
 
     if output.exists() and not force:
         raise click.ClickException(
@@ -278,15 +280,15 @@ def gaternet_cmd(
         raise click.BadParameter("--arch-kwargs needs --arch", param_hint="--arch-kwargs")
     arch_spec: str | dict[str, Any] | None = {"factory": arch, "kwargs": ak} if arch and ak else arch
     layers = [g.strip() for g in gated.split(",") if g.strip()] if gated else None
-    result = fit_gaternet(
-        backbone, data, layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
+    result = family("gaternet").fit(GaterNetFitConfig(
+        backbone=backbone, data=data, gated=layers, gater=gater, bottleneck=bottleneck, gater_epochs=gater_epochs,
         epochs=epochs, settle_epochs=settle_epochs, batch_size=batch_size, lr=lr,
         sparsity=sparsity, target_rate=target_rate or None, rate_weights=rate_weights,
         off_below=off_below, holdout=holdout,
         augment=not no_augment, arch=arch_spec, trust_pickle=trust_pickle,
         normalization=parse_json_object(normalization, "--normalization"), seed=seed,
         threads=threads, progress=True, check_accuracy=not allow_near_chance,
-    )  # fmt: skip
+    ))  # fmt: skip
     click.echo(result.table())
     dg.save(result.net, output)
     if json_path is not None:
@@ -333,8 +335,8 @@ def gaternet_exits_cmd(
 
     import dgconvert as dg
     from dgconvert.core.preprocess import normalize
-    from dgconvert.gating.gaternet import GaterNet, filter_gate_counts, prune_always_off
-    from dgconvert.gating.gaternet_exits import fit_gaternet_exits
+    from dgconvert.gating.families import family
+    from dgconvert.gating.families.gaternet_exits import GaterNetExitsFitConfig
 
     if epochs < 1 or not 0.0 <= holdout < 1.0:
         raise click.BadParameter(f"--epochs {epochs}, --holdout {holdout}; expected epochs >= 1 "
@@ -343,20 +345,20 @@ def gaternet_exits_cmd(
         raise click.ClickException(f"{output} exists; expected a new bundle. Fix: pass --force "
                                    "to replace it, or choose another -o.")
     net = dg.load(gaternet)
-    if not isinstance(net, GaterNet):
+    if net.family != "gaternet":
         raise click.UsageError(f"{gaternet.name} is not a GaterNet checkpoint (`dgconvert gates "
                                "gaternet` writes one); for a backbone use `dgconvert gates fit`.")
-    if prune_data is not None:
-        off = filter_gate_counts(net, dg.load_dataset(prune_data).images) == 0
-        pruned = prune_always_off(net, off, prune_multiple)
-        net = pruned.net
-        click.echo(f"pruned {int(pruned.removed.sum())} of {len(off)} gated filters ({int(off.sum())} "
-                   f"off for all of {prune_data}; layers keep multiples of {prune_multiple})")
     names, _ = parse_cuts(cuts)
     if not isinstance(names, list):
         raise click.BadParameter("expected module names, e.g. layer1,layer2", param_hint="--cut")
-    result = fit_gaternet_exits(net, data, names, gate, epochs=epochs, holdout=holdout,
-                                seed=seed, progress=True)
+    result = family("gaternet-exits").fit(GaterNetExitsFitConfig(
+        gaternet=net, data=data, cuts=names, gate=gate, epochs=epochs, holdout=holdout,
+        seed=seed, prune_data=prune_data, prune_multiple=prune_multiple, progress=True))
+    pruned = result.options["pruned"]
+    if pruned is not None:
+        click.echo(f"pruned {pruned['removed']} of {pruned['gates']} gated filters "
+                   f"({pruned['off']} off for all of {prune_data}; layers keep multiples of "
+                   f"{pruned['multiple']})")
     click.echo(result.table())
     verify = None
     if verify_data is not None:

@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgconvert.convert.stages import stage_modules
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import ExportVerificationError
 from dgconvert.core.exits import ExitRule
 from dgconvert.core.gates import exit_head_score
-from dgconvert.gating.multi_exit import MultiExitInfo, own_exit_outputs
+from dgconvert.gating.configs import MultiExitConfig
+from dgconvert.gating.families import family_of
+from dgconvert.gating.multi_exit import own_exit_outputs
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.runner import GatedRunner
@@ -259,7 +260,7 @@ def verify_bundle(
     rng = np.random.default_rng(seed)
     report = VerificationReport()
     backend = OnnxRuntimeBackend(bundle)
-    mods = stage_modules(net)
+    mods = family_of(net).stage_modules(net)
     n = bundle.num_stages
     x = inputs.float()
     x_np = x.numpy()
@@ -294,7 +295,7 @@ def verify_bundle(
     near = (np.abs(all_scores - np.asarray(t, np.float32)) <= atol + rtol).any(axis=1)
     check_runner(report, bundle, backend, x_np, t, ref_out.labels, ref_out.exit_stage, near,
                  "chain", "gated_forward")
-    if MultiExitInfo.of(net.meta) is not None and net.backbone is not None:
+    if own_exits(net) is not None:
         verify_own_exits(net, bundle, backend, x, report)
     backend.close()
     if report.mismatches and raise_on_mismatch:
@@ -302,12 +303,19 @@ def verify_bundle(
     return report
 
 
+def own_exits(net: GatedNetwork) -> MultiExitConfig | None:
+    """The config of a network converted from a multi-exit model (whose own exit rule the
+    export is checked against too), else None."""
+    cfg = net.config
+    return cfg if isinstance(cfg, MultiExitConfig) and net.backbone is not None else None
+
+
 def own_exit_rule(net: GatedNetwork, x: torch.Tensor, thresholds: list[float], tol: float = 0.0
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The exit rule applied to the original multi-exit model's own outputs (numpy, float64
     scores): ``(labels, exit_stage, near)`` where ``near`` marks samples within ``tol`` of a
     threshold or of a tie between the two best logits of the exit taken."""
-    info = MultiExitInfo.of(net.meta)
+    info = own_exits(net)
     if info is None or net.backbone is None:
         raise ValueError("own_exit_rule needs a network built by GatedNetwork.from_multi_exit")
     outs = own_exit_outputs(net.backbone, x, info.outputs)
@@ -334,7 +342,7 @@ def verify_own_exits(
     Samples within float noise of a threshold or of a label tie are not judged: ten times
     the largest difference the stage checks saw (at least 1e-6), so that the clustered
     scores of an untrained model still leave most samples judged."""
-    info = MultiExitInfo.of(net.meta)
+    info = own_exits(net)
     if info is None or net.backbone is None:
         raise ValueError("verify_own_exits needs a network built by GatedNetwork.from_multi_exit")
     seen = [report.max_abs.get(k, 0.0) for k in (CONTRACT.score, CONTRACT.gate_logits, CONTRACT.logits)]

@@ -22,7 +22,7 @@ of samples with ``score ≥ t`` and the gate's accuracy on them) and its initial
 the lowest ``t`` at which exiting costs no held-out accuracy — on the samples with
 ``score ≥ t`` the gate is right at least as often as the final classifier (``inf``, gate
 disabled, if no ``t`` qualifies); ``dgconvert calibrate`` then trades accuracy for speed.
-All of it is returned in a :class:`FitResult` and recorded in ``net.meta["fit"]``, which
+All of it is returned in a :class:`FitResult` and recorded in ``net.fit_record``, which
 :func:`dgconvert.save` keeps. :data:`PAPER_DGATE` is the paper's exact setting.
 """
 
@@ -56,6 +56,8 @@ __all__ = [
     "DEFAULT_HINGE",
     "HINGES",
     "PAPER_DGATE",
+    "BackboneFitConfig",
+    "FitConfig",
     "FitError",
     "FitResult",
     "Features",
@@ -177,7 +179,7 @@ class FitResult:
         return [g.threshold for g in self.gates]
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able record (what ``net.meta["fit"]`` holds)."""
+        """Plain JSON-able record (what ``net.fit_record`` holds)."""
         return {
             "options": self.options,
             "final_accuracy": self.final_accuracy,
@@ -411,38 +413,30 @@ def _lv2_step(
 # --------------------------------------------------------------------------- the entry point
 
 
-def fit_gates(
-    backbone: nn.Module | str | Path,
-    data: str | Dataset,
-    cuts: Sequence[str] | int = ("layer1", "layer2", "layer3"),
-    gate: str = DEFAULT_GATE,
-    *,
-    score: str | None = None,
-    hinge: str = DEFAULT_HINGE,
-    l2: float | None = None,
-    standardize: bool = True,
-    epochs: int = 20,
-    batch_size: int = 256,
-    lr: float | None = None,
-    holdout: float = 0.1,
-    joint: bool = False,
-    joint_epochs: int = 1,
-    joint_lr: float = _JOINT_LR,
-    cost_weight: float = 1.0,
-    arch: str | dict[str, Any] | None = None,
-    trust_pickle: bool = False,
-    input_shape: Sequence[int] | None = None,
-    normalization: dict[str, Any] | None = None,
-    classes: Sequence[str] | None = None,
-    seed: int = 0,
-    feature_batch_size: int = 512,
-    progress: bool = True,
-    shares: Sequence[float] | None = None,
-    layout: str | None = None,
-    token_pool: str | None = None,
-    check_accuracy: bool = True,
-) -> FitResult:
-    """Cut ``backbone`` at ``cuts``, attach a ``gate`` head after each and fit the heads.
+@dataclass(kw_only=True)
+class BackboneFitConfig:
+    """What every fit that starts from a trained backbone takes: the ``backbone`` and how to
+    read it (``arch``, ``trust_pickle``; ``input_shape``, ``normalization``, ``classes``
+    when the checkpoint does not record them), the labelled ``data`` and the share of it
+    held out (``holdout``), ``seed``, ``progress`` bars, and ``check_accuracy`` (stop when
+    the backbone scores near chance on ``data``)."""
+
+    backbone: nn.Module | str | Path
+    data: str | Dataset
+    arch: str | dict[str, Any] | None = None
+    trust_pickle: bool = False
+    input_shape: Sequence[int] | None = None
+    normalization: dict[str, Any] | None = None
+    classes: Sequence[str] | None = None
+    holdout: float = 0.1
+    seed: int = 0
+    progress: bool = True
+    check_accuracy: bool = True
+
+
+@dataclass(kw_only=True)
+class FitConfig(BackboneFitConfig):
+    """Options of :func:`fit_gates` (the ``cut-backbone`` family's ``fit``).
 
     ``backbone``: a module (pass ``arch`` — ``"module:callable"`` or ``{"factory", "kwargs"}``
     — so :func:`dgconvert.save` can write it weights-only) or a checkpoint path (read with
@@ -454,24 +448,77 @@ def fit_gates(
     ``l2`` and ``standardize`` shape the training (``PAPER_DGATE`` is the paper's exact
     setting). ``joint`` (confidence gates only) then fine-tunes backbone and exits together
     with ``L_v2`` for ``joint_epochs`` epochs at learning rate ``joint_lr``. Otherwise the
-    backbone is frozen (``requires_grad`` off, eval mode) and shared with the returned network. ``holdout`` is the share of ``data``
-    kept out of training for the coverage/accuracy report and the initial thresholds.
+    backbone is frozen (``requires_grad`` off, eval mode) and shared with the returned
+    network. ``holdout`` is the share of ``data`` kept out of training for the
+    coverage/accuracy report and the initial thresholds.
 
     ``cuts`` may be an int K (K automatic cut points at about equal FLOPs shares, or at
     ``shares``); ``layout`` / ``token_pool`` as in :meth:`GatedNetwork.from_backbone`.
     ``check_accuracy``: stop with :class:`NearChanceError` when the backbone's own accuracy
     on ``data`` is near chance (usually a wrong input normalization).
     """
-    t0 = time.perf_counter()
-    opts = _check_options(gate, score, hinge, holdout, epochs, batch_size, joint, cost_weight)
-    score = opts["score"]
-    l2 = gate_kind(gate).l2 if l2 is None else float(l2)
-    lr = _DEFAULT_LR if lr is None else float(lr)
-    model, arch_spec, info = resolve_backbone(backbone, arch, trust_pickle)
+
+    cuts: Sequence[str] | int = ("layer1", "layer2", "layer3")
+    gate: str = DEFAULT_GATE
+    score: str | None = None
+    hinge: str = DEFAULT_HINGE
+    l2: float | None = None
+    standardize: bool = True
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float | None = None
+    joint: bool = False
+    joint_epochs: int = 1
+    joint_lr: float = _JOINT_LR
+    cost_weight: float = 1.0
+    feature_batch_size: int = 512
+    shares: Sequence[float] | None = None
+    layout: str | None = None
+    token_pool: str | None = None
+
+
+def fit_gates(
+    backbone: nn.Module | str | Path | FitConfig,
+    data: str | Dataset | None = None,
+    cuts: Sequence[str] | int = ("layer1", "layer2", "layer3"),
+    gate: str = DEFAULT_GATE,
+    **options: Any,
+) -> FitResult:
+    """Cut ``backbone`` at ``cuts``, attach a ``gate`` head after each and fit the heads.
+
+    Called with a :class:`FitConfig` (``fit_gates(FitConfig(...))``), or with its fields as
+    arguments (``fit_gates(backbone, data, cuts, gate, epochs=..., ...)``).
+    """
+    if isinstance(backbone, FitConfig):
+        if data is not None or options:
+            raise TypeError("fit_gates(FitConfig(...)) takes no other arguments")
+        cfg = backbone
+    else:
+        if data is None:
+            raise TypeError("fit_gates needs data (a --data spec or a Dataset)")
+        cfg = FitConfig(backbone=backbone, data=data, cuts=cuts, gate=gate, **options)
+    return _fit(cfg)
+
+
+@dataclass
+class _Prepared:
+    """A fit's inputs resolved: the gated network built, the data and its labels."""
+
+    net: GatedNetwork
+    model: nn.Module
+    ds: Dataset
+    y: np.ndarray
+    normalization: dict[str, Any] | None
+
+
+def _prepare(cfg: FitConfig, score: str) -> _Prepared:
+    """Load the backbone and the data, check they fit each other, build the network."""
+    model, arch_spec, info = resolve_backbone(cfg.backbone, cfg.arch, cfg.trust_pickle)
     spec_in = info.get("input") or {}
-    input_shape = list(input_shape or spec_in.get("shape") or [])
-    normalization = normalization if normalization is not None else spec_in.get("normalization")
-    ds = resolve_data(data)
+    input_shape = list(cfg.input_shape or spec_in.get("shape") or [])
+    normalization = (cfg.normalization if cfg.normalization is not None
+                     else spec_in.get("normalization"))
+    ds = resolve_data(cfg.data)
     if not input_shape:
         input_shape = list(ds.sample_shape)
     if list(ds.sample_shape) != [int(s) for s in input_shape]:
@@ -481,23 +528,16 @@ def fit_gates(
             "shape (or input_shape=... if the checkpoint does not record it)."
         )
     y_all = ds.require_labels("gate fitting")
-    classes = list(classes or info.get("classes") or ds.classes or [])
+    classes = list(cfg.classes or info.get("classes") or ds.classes or [])
     model.eval()
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(cfg.seed)
         net = GatedNetwork.from_backbone(
-            model,
-            cuts if isinstance(cuts, int) else list(cuts),
-            gate={"type": gate, "score": score},
-            input_shape=input_shape,
-            normalization=normalization,
-            classes=classes or None,
-            arch=arch_spec,
-            shares=shares,
-            layout=layout,
-            token_pool=token_pool,
-        )
-    cuts = net.cuts
+            model, cfg.cuts if isinstance(cfg.cuts, int) else list(cfg.cuts),
+            gate={"type": cfg.gate, "score": score}, input_shape=input_shape,
+            normalization=normalization, classes=classes or None, arch=arch_spec,
+            shares=cfg.shares, layout=cfg.layout, token_pool=cfg.token_pool,
+        )  # fmt: skip
     if int(y_all.min()) < 0 or int(y_all.max()) >= net.num_classes:
         raise FitError(
             f"labels of {ds.source or 'the data'} span {int(y_all.min())}..{int(y_all.max())}; "
@@ -505,54 +545,59 @@ def fit_gates(
         )
     for p in model.parameters():
         p.requires_grad_(False)
+    return _Prepared(net, model, ds, y_all, normalization)
+
+
+def _fit(cfg: FitConfig) -> FitResult:
+    t0 = time.perf_counter()
+    opts = _check_options(cfg.gate, cfg.score, cfg.hinge, cfg.holdout, cfg.epochs,
+                          cfg.batch_size, cfg.joint, cfg.cost_weight)
+    l2 = gate_kind(cfg.gate).l2 if cfg.l2 is None else float(cfg.l2)
+    lr = _DEFAULT_LR if cfg.lr is None else float(cfg.lr)
+    prep = _prepare(cfg, opts["score"])
+    net, ds, y_all, norm = prep.net, prep.ds, prep.y, prep.normalization
     costs = exit_costs(net)
     fractions = [c / costs[-1] for c in costs]
-    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
+    train_idx, hold_idx = holdout_split(len(ds), cfg.holdout, cfg.seed)
     if len(train_idx) < 2:
         raise FitError(f"only {len(train_idx)} training samples after the holdout; expected at least 2")
-    feats = extract_features(net, ds.images, normalization, feature_batch_size, "backbone features" if progress else False)
+    progress = cfg.progress
+    feats = extract_features(net, ds.images, norm, cfg.feature_batch_size,
+                             "backbone features" if progress else False)
     backbone_acc = None
-    if check_accuracy:
+    if cfg.check_accuracy:
         backbone_acc = check_backbone_accuracy(
-            feats.logits.numpy(), y_all, normalization=normalization, source=ds.source or "the data"
+            feats.logits.numpy(), y_all, normalization=norm, source=ds.source or "the data"
         )
     y = torch.from_numpy(y_all)
-    tr = feats.subset(torch.from_numpy(train_idx))
     losses = train_heads(
-        list(net.gates), tr, y[train_idx], hinge=hinge, l2=l2, standardize=standardize,
-        epochs=epochs, batch_size=batch_size, lr=lr, costs=fractions,
-        cost_weight=cost_weight, seed=seed, progress=progress,
+        list(net.gates), feats.subset(torch.from_numpy(train_idx)), y[train_idx], hinge=cfg.hinge,
+        l2=l2, standardize=cfg.standardize, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr,
+        costs=fractions, cost_weight=cfg.cost_weight, seed=cfg.seed, progress=progress,
     )  # fmt: skip
-    if joint:
+    if cfg.joint:
         losses = _fine_tune_jointly(
-            net, ds.images[train_idx], y[train_idx], normalization, fractions, l2=l2,
-            epochs=joint_epochs, batch_size=batch_size, lr=joint_lr, cost_weight=cost_weight,
-            seed=seed, progress=progress,
+            net, ds.images[train_idx], y[train_idx], norm, fractions, l2=l2,
+            epochs=cfg.joint_epochs, batch_size=cfg.batch_size, lr=cfg.joint_lr,
+            cost_weight=cfg.cost_weight, seed=cfg.seed, progress=progress,
         )  # fmt: skip
-        hold = extract_features(net, ds.images[hold_idx], normalization, feature_batch_size, "held-out features" if progress else False)
+        hold = extract_features(net, ds.images[hold_idx], norm, cfg.feature_batch_size,
+                                "held-out features" if progress else False)
     else:
         hold = feats.subset(torch.from_numpy(hold_idx))
-    reports, final_acc = gate_reports(net, list(cuts), hold, y_all[hold_idx], losses)
+    reports, final_acc = gate_reports(net, net.cuts, hold, y_all[hold_idx], losses)
     net.thresholds = [r.threshold for r in reports]
     options = {
-        **opts,
-        "l2": l2,
-        "standardize": bool(standardize),
-        "epochs": int(epochs),
-        "batch_size": int(batch_size),
-        "lr": lr,
-        "joint_epochs": int(joint_epochs) if joint else 0,
-        "joint_lr": float(joint_lr) if joint else None,
-        "seed": int(seed),
-        "data": ds.source,
-        "train_samples": len(train_idx),
-        "holdout_samples": len(hold_idx),
-        "cuts": list(cuts),
-        "layouts": [g.layout for g in net.gates],
+        **opts, "l2": l2, "standardize": bool(cfg.standardize), "epochs": int(cfg.epochs),
+        "batch_size": int(cfg.batch_size), "lr": lr,
+        "joint_epochs": int(cfg.joint_epochs) if cfg.joint else 0,
+        "joint_lr": float(cfg.joint_lr) if cfg.joint else None, "seed": int(cfg.seed),
+        "data": ds.source, "train_samples": len(train_idx), "holdout_samples": len(hold_idx),
+        "cuts": list(net.cuts), "layouts": [g.layout for g in net.gates],
         "backbone_accuracy": backbone_acc,
-    }
+    }  # fmt: skip
     result = FitResult(net, reports, final_acc, costs, options, time.perf_counter() - t0)
-    net.meta["fit"] = result.as_dict()
+    net.fit_record = result.as_dict()
     return result
 
 

@@ -37,18 +37,18 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from dgconvert.core.errors import CheckpointError
 from dgconvert.core.gates import (
     PRUNE_MULTIPLE,
     RATE_WEIGHTS,
     FilterGateLayer,
     format_filter_gates,
 )
-from dgconvert.core.io import atomic_write
 from dgconvert.gating.augment import random_crop_flip
-from dgconvert.gating.checkpoint import VERSION, build_arch, load_state
+from dgconvert.gating.checkpoint import build_arch
+from dgconvert.gating.configs import GaterNetConfig
 from dgconvert.gating.cut import trace_with_leaves
 from dgconvert.gating.fit import (
+    BackboneFitConfig,
     FitError,
     check_backbone_accuracy,
     holdout_split,
@@ -67,6 +67,7 @@ __all__ = [
     "Gater",
     "GaterNet",
     "GaterNetFit",
+    "GaterNetFitConfig",
     "GaterNetError",
     "ImprovedSemHash",
     "PRUNE_MULTIPLE",
@@ -237,15 +238,18 @@ def gate_layers(model: nn.Module, gated: Sequence[str]) -> tuple[fx.GraphModule,
 class GaterNet(nn.Module):
     """A gater and a gated backbone: ``forward(x) = body(x, gater(x))`` -> logits.
 
-    ``meta`` records how to rebuild it (backbone ``arch``, ``gater`` spec, gated layers) and
-    what fitting and pruning found (``fit``, ``pruned``).
+    ``family`` / ``config`` (a :class:`~dgconvert.gating.configs.GaterNetConfig`) record how
+    to rebuild it (backbone ``arch``, ``gater`` spec, gated layers); ``fit_record`` and
+    ``pruned`` what fitting and pruning found.
     """
+
+    family = "gaternet"
 
     def __init__(self, gater: Gater, body: fx.GraphModule, layers: Sequence[GatedLayer], *,
                  num_classes: int, input_shape: Sequence[int],
                  normalization: dict[str, Any] | None = None,
                  classes: Sequence[str] | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+                 config: GaterNetConfig | None = None) -> None:
         super().__init__()
         self.gater, self.body = gater, body
         self.layers = list(layers)
@@ -253,7 +257,25 @@ class GaterNet(nn.Module):
         self.input_shape = [int(s) for s in input_shape]
         self.normalization = dict(normalization) if normalization else None
         self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
-        self.meta: dict[str, Any] = dict(meta or {})
+        self.config = config or GaterNetConfig(
+            gated=[lay.name for lay in self.layers], input_shape=self.input_shape,
+            num_classes=self.num_classes, normalization=self.normalization,
+            classes=self.classes)
+        #: what fitting found (GaterNetFit.as_dict()), saved with the checkpoint
+        self.fit_record: dict[str, Any] | None = None
+        #: after prune_always_off: {"removed": filters removed, "gates": gates before,
+        #: "off": the gates asked off, "multiple": the channel multiple} (rebuilds it)
+        self.pruned: dict[str, Any] | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Read-only view in the shape of the old free-form ``meta`` dict (``gated``,
+        ``gater``, ``arch``, ``fit``, ``pruned``); dgconvert reads the typed attributes."""
+        cfg = self.config
+        out: dict[str, Any] = {"gated": list(cfg.gated or []),
+                               "gater": {**(cfg.gater or {}), "bottleneck": cfg.bottleneck}}
+        extra = {"arch": cfg.arch, "fit": self.fit_record, "pruned": self.pruned}
+        return {**out, **{k: v for k, v in extra.items() if v is not None}}
 
     @classmethod
     def build(cls, backbone: nn.Module, gated: Sequence[str] | None = None,
@@ -277,10 +299,13 @@ class GaterNet(nn.Module):
             extractor = build_arch(spec)
         features = strip_classifier(extractor)
         net_gater = Gater(extractor, features, sum(lay.filters for lay in layers), bottleneck)
-        meta = {"gated": gated, "gater": {**spec, "bottleneck": int(bottleneck)},
-                **({"arch": arch} if arch else {})}
-        return cls(net_gater, body, layers, num_classes=num_classes, input_shape=input_shape,
-                   normalization=normalization, classes=classes, meta=meta)
+        net = cls(net_gater, body, layers, num_classes=num_classes, input_shape=input_shape,
+                  normalization=normalization, classes=classes)
+        net.config = GaterNetConfig(
+            gated=gated, gater=spec, bottleneck=int(bottleneck), input_shape=net.input_shape,
+            num_classes=net.num_classes, normalization=net.normalization, classes=net.classes,
+            arch=arch)
+        return net
 
     @property
     def num_filter_gates(self) -> int:
@@ -530,7 +555,8 @@ def prune_always_off(net: GaterNet, off: np.ndarray, multiple: int = 1) -> Prune
         start += kept
     new.layers = layers
     gm.recompile()
-    new.meta["pruned"] = {"removed": int(removed.sum()), "gates": int(net.num_filter_gates)}
+    new.pruned = {"removed": int(removed.sum()), "gates": int(net.num_filter_gates),
+                  "off": [int(i) for i in np.flatnonzero(off)], "multiple": int(multiple)}
     return PruneResult(new, removed, notes)
 
 
@@ -555,56 +581,6 @@ def gate_flops(net: GaterNet) -> np.ndarray:
         start += lay.filters
     net.train(training)
     return out
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-GATERNET_FORMAT = "dgconvert-gaternet"
-
-
-def save_gaternet(net: GaterNet, path: str | Path) -> Path:
-    """A GaterNet: backbone arch, gated layers, gater spec, input spec and every weight."""
-    if "arch" not in net.meta:
-        raise CheckpointError(
-            "this GaterNet has no importable backbone architecture (meta['arch']); a "
-            "weights-only checkpoint could not rebuild it. Fix: fit it from a dgconvert "
-            "backbone checkpoint or pass arch=..., or save with pickle=True."
-        )
-    if net.meta.get("pruned"):
-        raise CheckpointError("a pruned GaterNet is saved in its bundle only; save the "
-                              "unpruned network (pruning happens at export)")
-    state = {
-        "format": GATERNET_FORMAT,
-        "version": VERSION,
-        "arch": net.meta["arch"],
-        "gated": [lay.name for lay in net.layers],
-        "gater": net.meta["gater"],
-        "num_classes": net.num_classes,
-        "input": {"shape": net.input_shape, "normalization": net.normalization},
-        "classes": net.classes,
-        "fit": net.meta.get("fit"),
-        "state": net.state_dict(),
-    }
-    return atomic_write(path, lambda p: torch.save(state, p))
-
-
-def load_gaternet(obj: dict[str, Any], path: str | Path) -> GaterNet:
-    """The GaterNet a loaded ``dgconvert-gaternet`` checkpoint object describes."""
-    if obj.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint version {obj.get('version')}; this dgconvert reads {VERSION}"
-        )
-    gater = dict(obj["gater"])
-    bottleneck = int(gater.pop("bottleneck", 8))
-    spec = obj["input"]
-    net = GaterNet.build(build_arch(obj["arch"]), obj["gated"], gater, bottleneck=bottleneck,
-                         input_shape=spec["shape"], num_classes=obj["num_classes"],
-                         arch=obj["arch"], normalization=spec.get("normalization"),
-                         classes=obj.get("classes"))
-    load_state(net, obj["state"], path)
-    if obj.get("fit"):
-        net.meta["fit"] = obj["fit"]
-    return net.eval()
 
 
 # --------------------------------------------------------------------------- fitting
@@ -676,36 +652,54 @@ def _decayed(*modules: nn.Module) -> list[nn.Module]:
     return [m for mod in modules for m in mod.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
+@dataclass(kw_only=True)
+class GaterNetFitConfig(BackboneFitConfig):
+    """Options of :func:`fit_gaternet` (the ``gaternet`` family's ``fit``)."""
+
+    gated: Sequence[str] | None = None
+    gater: dict[str, Any] | str | None = None
+    bottleneck: int = 8
+    gater_epochs: int = 1
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.02
+    gater_lr: float = 0.1
+    gater_lr_scale: float = 10.0
+    sparsity: float = 2.0
+    target_rate: float | None = 0.7
+    rate_weights: str = "filters"
+    off_below: float = 0.5
+    settle_epochs: int = 5
+    weight_decay: float = 5e-4
+    augment: bool = True
+    threads: int | None = None
+
+    def check(self) -> None:
+        """Raise :class:`GaterNetError` naming the options out of range."""
+        if (self.epochs < 1 or self.batch_size < 1 or self.gater_epochs < 0
+                or self.bottleneck < 1 or self.settle_epochs < 0):
+            raise GaterNetError(
+                f"epochs={self.epochs}, gater_epochs={self.gater_epochs}, batch_size="
+                f"{self.batch_size}, bottleneck={self.bottleneck}; expected epochs, batch_size, "
+                "bottleneck >= 1, gater_epochs >= 0"
+            )
+        if self.sparsity < 0 or self.lr <= 0 or not 0.0 <= self.holdout < 1.0:
+            raise GaterNetError(f"sparsity={self.sparsity}, lr={self.lr}, holdout={self.holdout}; "
+                                "expected sparsity >= 0, lr > 0 and a holdout share in [0, 1)")
+        rate = self.target_rate
+        if (rate is not None and not 0.0 < rate <= 1.0) or not 0.0 <= self.off_below < 1.0:
+            raise GaterNetError(f"target_rate={rate}, off_below={self.off_below}; expected a "
+                                "target gate usage in (0, 1] and off_below in [0, 1)")
+        if self.rate_weights not in RATE_WEIGHTS:
+            raise GaterNetError(f"rate_weights={self.rate_weights!r}; expected one of "
+                                f"{RATE_WEIGHTS}")
+
+
 def fit_gaternet(
-    backbone: nn.Module | str | Path,
-    data: str | Dataset,
+    backbone: nn.Module | str | Path | GaterNetFitConfig,
+    data: str | Dataset | None = None,
     gated: Sequence[str] | None = None,
-    *,
-    gater: dict[str, Any] | str | None = None,
-    bottleneck: int = 8,
-    gater_epochs: int = 1,
-    epochs: int = 1,
-    batch_size: int = 128,
-    lr: float = 0.02,
-    gater_lr: float = 0.1,
-    gater_lr_scale: float = 10.0,
-    sparsity: float = 2.0,
-    target_rate: float | None = 0.7,
-    rate_weights: str = "filters",
-    off_below: float = 0.5,
-    settle_epochs: int = 5,
-    weight_decay: float = 5e-4,
-    holdout: float = 0.1,
-    augment: bool = True,
-    arch: str | dict[str, Any] | None = None,
-    trust_pickle: bool = False,
-    input_shape: Sequence[int] | None = None,
-    normalization: dict[str, Any] | None = None,
-    classes: Sequence[str] | None = None,
-    seed: int = 0,
-    threads: int | None = None,
-    progress: bool = True,
-    check_accuracy: bool = True,
+    **options: Any,
 ) -> GaterNetFit:
     """Attach a gater to a trained ``backbone``, gate its ``gated`` layers and train both.
 
@@ -732,73 +726,116 @@ def fit_gaternet(
     ``holdout`` of ``data`` is kept out for the accuracies and the gate kinds reported.
     ``backbone``, ``arch``, ``trust_pickle``, ``normalization`` as in
     :func:`~dgconvert.gating.fit.fit_gates`.
+
+    Called with a :class:`GaterNetFitConfig`, or with its fields as arguments.
     """
-    t0 = time.perf_counter()
-    if epochs < 1 or batch_size < 1 or gater_epochs < 0 or bottleneck < 1 or settle_epochs < 0:
-        raise GaterNetError(
-            f"epochs={epochs}, gater_epochs={gater_epochs}, batch_size={batch_size}, "
-            f"bottleneck={bottleneck}; expected epochs, batch_size, bottleneck >= 1, "
-            "gater_epochs >= 0"
-        )
-    if sparsity < 0 or lr <= 0 or not 0.0 <= holdout < 1.0:
-        raise GaterNetError(f"sparsity={sparsity}, lr={lr}, holdout={holdout}; expected "
-                            "sparsity >= 0, lr > 0 and a holdout share in [0, 1)")
-    if (target_rate is not None and not 0.0 < target_rate <= 1.0) or not 0.0 <= off_below < 1.0:
-        raise GaterNetError(f"target_rate={target_rate}, off_below={off_below}; expected a "
-                            "target gate usage in (0, 1] and off_below in [0, 1)")
-    if rate_weights not in RATE_WEIGHTS:
-        raise GaterNetError(f"rate_weights={rate_weights!r}; expected one of {RATE_WEIGHTS}")
-    gater_spec = {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
-    model, arch_spec, info = resolve_backbone(backbone, arch, trust_pickle)
-    spec_in = info.get("input") or {}
-    input_shape = list(input_shape or spec_in.get("shape") or [])
-    normalization = normalization if normalization is not None else spec_in.get("normalization")
-    ds = resolve_data(data)
-    input_shape = input_shape or list(ds.sample_shape)
-    if list(ds.sample_shape) != [int(s) for s in input_shape]:
-        raise GaterNetError(f"{ds.source or 'the data'} has samples of shape "
-                            f"{list(ds.sample_shape)}; the backbone expects {input_shape}")
-    y_all = ds.require_labels("GaterNet fitting")
-    train_idx, hold_idx = holdout_split(len(ds), holdout, seed)
-    with torch_threads(threads):
-        model.eval()
-        with torch.no_grad():
-            num_classes = int(model(torch.zeros(2, *input_shape)).shape[1])
-        if int(y_all.max()) >= num_classes or int(y_all.min()) < 0:
-            raise GaterNetError(f"labels span {int(y_all.min())}..{int(y_all.max())}; the "
-                                f"backbone has {num_classes} outputs")
-        base_acc, base_logits = _accuracy(model, ds.images[hold_idx], y_all[hold_idx], normalization)
-        if check_accuracy and len(hold_idx):
-            check_backbone_accuracy(base_logits, y_all[hold_idx], normalization=normalization,
-                                    source=ds.source or "the data")
-        torch.manual_seed(seed)
-        net = GaterNet.build(copy.deepcopy(model), gated, gater_spec, bottleneck=bottleneck,
-                             input_shape=input_shape, num_classes=num_classes, arch=arch_spec,
-                             normalization=normalization,
-                             classes=classes or info.get("classes") or ds.classes)
+    if isinstance(backbone, GaterNetFitConfig):
+        if data is not None or gated is not None or options:
+            raise TypeError("fit_gaternet(GaterNetFitConfig(...)) takes no other arguments")
+        cfg = backbone
+    else:
+        if data is None:
+            raise TypeError("fit_gaternet needs data (a --data spec or a Dataset)")
+        cfg = GaterNetFitConfig(backbone=backbone, data=data, gated=gated, **options)
+    cfg.check()
+    with torch_threads(cfg.threads):
+        return _GaterNetFitting(cfg).run()
+
+
+class _GaterNetFitting:
+    """One :func:`fit_gaternet` run: the resolved inputs and the training phases."""
+
+    def __init__(self, cfg: GaterNetFitConfig) -> None:
+        self.cfg, self.t0 = cfg, time.perf_counter()
+        model, self.arch, self.info = resolve_backbone(cfg.backbone, cfg.arch, cfg.trust_pickle)
+        spec_in = self.info.get("input") or {}
+        shape = list(cfg.input_shape or spec_in.get("shape") or [])
+        self.normalization = (cfg.normalization if cfg.normalization is not None
+                              else spec_in.get("normalization"))
+        self.ds = ds = resolve_data(cfg.data)
+        self.input_shape = shape or list(ds.sample_shape)
+        if list(ds.sample_shape) != [int(s) for s in self.input_shape]:
+            raise GaterNetError(f"{ds.source or 'the data'} has samples of shape "
+                                f"{list(ds.sample_shape)}; the backbone expects {self.input_shape}")
+        self.y_all = ds.require_labels("GaterNet fitting")
+        self.train_idx, self.hold_idx = holdout_split(len(ds), cfg.holdout, cfg.seed)
+        self.model = model
+        self.losses: dict[str, float] = {}
+
+    def run(self) -> GaterNetFit:
+        cfg, ds, hold = self.cfg, self.ds, self.hold_idx
+        base_acc = self._check_backbone()
+        torch.manual_seed(cfg.seed)
+        net = GaterNet.build(copy.deepcopy(self.model), cfg.gated, self._gater_spec(),
+                             bottleneck=cfg.bottleneck, input_shape=self.input_shape,
+                             num_classes=self.num_classes, arch=self.arch,
+                             normalization=self.normalization,
+                             classes=cfg.classes or self.info.get("classes") or ds.classes)
         for p in net.parameters():
             p.requires_grad_(True)
-        batches = _Batches(ds.images, normalization, augment, seed)
-        y = torch.from_numpy(y_all)
-        tr = torch.from_numpy(train_idx)
-        n = len(train_idx)
-        steps = math.ceil(n / batch_size)
-        losses: dict[str, float] = {}
-        if gater_epochs:
-            clf = nn.Sequential(net.gater.extractor, nn.Flatten(1),
-                                nn.Linear(net.gater.fc1.in_features, num_classes))
-            clf.train()
-            bar = progress_bar(gater_epochs * steps, "pre-train gater" if progress else False, "gater", "step")
-            losses["gater_pretrain"] = sgd(
-                list(clf.parameters()), lambda i: nn.functional.cross_entropy(
-                    clf(batches(tr[i])), y[tr[i]]),
-                n, gater_epochs, batch_size, gater_lr, weight_decay, _decayed(clf), seed, bar)
-            bar.close()
-        target = target_rate or 0.0
-        if target_rate is None:
-            weights = None
-        else:
-            w = gate_flops(net) if rate_weights == "flops" else np.ones(net.num_filter_gates)
+        self.batches = _Batches(ds.images, self.normalization, cfg.augment, cfg.seed)
+        self.y, self.tr = torch.from_numpy(self.y_all), torch.from_numpy(self.train_idx)
+        self.steps = math.ceil(len(self.train_idx) / cfg.batch_size)
+        if cfg.gater_epochs:
+            self._pretrain_gater(net)
+        self._joint(net)
+        net = self._fix_rare_gates_off(net)
+        if cfg.settle_epochs:
+            self._settle(net)
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        acc, _ = _accuracy(net, ds.images[hold], self.y_all[hold], self.normalization)
+        layers = distribution(net, filter_gate_counts(net, ds.images[hold]), len(hold)) if len(hold) else []
+        result = GaterNetFit(net, base_acc if len(hold) else None, acc if len(hold) else None,
+                             layers, self._options(net), self.losses,
+                             time.perf_counter() - self.t0)
+        net.fit_record = result.as_dict()
+        return result
+
+    def _gater_spec(self) -> dict[str, Any] | None:
+        gater = self.cfg.gater
+        return {"factory": gater, "kwargs": {}} if isinstance(gater, str) else gater
+
+    def _check_backbone(self) -> float:
+        """The backbone's held-out accuracy (near chance: stop, unless told not to check)."""
+        model, hold, y_all = self.model, self.hold_idx, self.y_all
+        model.eval()
+        with torch.no_grad():
+            self.num_classes = int(model(torch.zeros(2, *self.input_shape)).shape[1])
+        if int(y_all.max()) >= self.num_classes or int(y_all.min()) < 0:
+            raise GaterNetError(f"labels span {int(y_all.min())}..{int(y_all.max())}; the "
+                                f"backbone has {self.num_classes} outputs")
+        acc, logits = _accuracy(model, self.ds.images[hold], y_all[hold], self.normalization)
+        if self.cfg.check_accuracy and len(hold):
+            check_backbone_accuracy(logits, y_all[hold], normalization=self.normalization,
+                                    source=self.ds.source or "the data")
+        return acc
+
+    def _phase(self, key: str, desc: str, epochs: int, params: Any, loss: Any, lr: float,
+               decayed: list[nn.Module], seed: int) -> None:
+        cfg = self.cfg
+        bar = progress_bar(epochs * self.steps, desc if cfg.progress else False, key, "step")
+        self.losses[key] = sgd(params, loss, len(self.train_idx), epochs, cfg.batch_size, lr,
+                                cfg.weight_decay, decayed, seed, bar)
+        bar.close()
+
+    def _pretrain_gater(self, net: GaterNet) -> None:
+        batches, y, tr = self.batches, self.y, self.tr
+        clf = nn.Sequential(net.gater.extractor, nn.Flatten(1),
+                            nn.Linear(net.gater.fc1.in_features, self.num_classes))
+        clf.train()
+        self._phase("gater_pretrain", "pre-train gater", self.cfg.gater_epochs,
+                    list(clf.parameters()),
+                    lambda i: nn.functional.cross_entropy(clf(batches(tr[i])), y[tr[i]]),
+                    self.cfg.gater_lr, _decayed(clf), self.cfg.seed)
+
+    def _joint(self, net: GaterNet) -> None:
+        cfg, batches, y, tr = self.cfg, self.batches, self.y, self.tr
+        target = cfg.target_rate or 0.0
+        weights = None
+        if cfg.target_rate is not None:
+            w = gate_flops(net) if cfg.rate_weights == "flops" else np.ones(net.num_filter_gates)
             w = w if w.sum() > 0 else np.ones_like(w)
             weights = torch.from_numpy(w / w.sum()).float()
         net.train()
@@ -813,52 +850,41 @@ def fit_gaternet(
                 reg = torch.sqrt(g.mean(0) + _USAGE_EPS) @ weights
                 term = torch.relu(reg - target)
             sparse_terms.append(float(reg.detach()))
-            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + sparsity * term
+            return nn.functional.cross_entropy(net.body(x, g), y[tr[i]]) + cfg.sparsity * term
 
-        bar = progress_bar(epochs * steps, "train GaterNet" if progress else False, "joint", "step")
         groups = [{"params": list(net.body.parameters())},
-                  {"params": list(net.gater.parameters()), "lr": lr * gater_lr_scale}]
-        losses["joint"] = sgd(groups, joint_loss, n, epochs, batch_size, lr,  # type: ignore[arg-type]
-                               weight_decay, _decayed(net), seed + 1, bar)
-        bar.close()
-        losses["final_gate_mean"] = float(np.mean(sparse_terms[-steps:]))  # usage with a target
-        train_counts = filter_gate_counts(net, ds.images[train_idx])
-        fixed = train_counts <= off_below * n
-        net = force_off(net, fixed).train()  # filter_gate_counts left it in eval mode
-        losses["fixed_off"] = int(fixed.sum())
-        if settle_epochs:
-            net.gater.eval()
-            for p in net.gater.parameters():
-                p.requires_grad_(False)
+                  {"params": list(net.gater.parameters()), "lr": cfg.lr * cfg.gater_lr_scale}]
+        self._phase("joint", "train GaterNet", cfg.epochs, groups, joint_loss, cfg.lr,
+                    _decayed(net), cfg.seed + 1)
+        self.losses["final_gate_mean"] = float(np.mean(sparse_terms[-self.steps:]))
 
-            def settle_loss(i: torch.Tensor) -> torch.Tensor:
-                x = batches(tr[i])
-                return nn.functional.cross_entropy(net.body(x, net.hard_gates(x)), y[tr[i]])
+    def _fix_rare_gates_off(self, net: GaterNet) -> GaterNet:
+        """Gates on for at most ``off_below`` of the training images: off for every input."""
+        counts = filter_gate_counts(net, self.ds.images[self.train_idx])
+        fixed = counts <= self.cfg.off_below * len(self.train_idx)
+        self.losses["fixed_off"] = int(fixed.sum())
+        return force_off(net, fixed).train()  # filter_gate_counts left it in eval mode
 
-            bar = progress_bar(settle_epochs * steps, "settle backbone" if progress else False,
-                       "settle", "step")
-            losses["settle"] = sgd(list(net.body.parameters()), settle_loss, n, settle_epochs,
-                                    batch_size, lr, weight_decay, _decayed(net.body), seed + 2,
-                                    bar)
-            bar.close()
-        net.eval()
-        for p in net.parameters():
+    def _settle(self, net: GaterNet) -> None:
+        batches, y, tr = self.batches, self.y, self.tr
+        net.gater.eval()
+        for p in net.gater.parameters():
             p.requires_grad_(False)
-        acc, _ = _accuracy(net, ds.images[hold_idx], y_all[hold_idx], normalization)
-        layers: list[FilterGateLayer] = []
-        if len(hold_idx):
-            counts = filter_gate_counts(net, ds.images[hold_idx])
-            layers = distribution(net, counts, len(hold_idx))
-    options = {"gated": [lay.name for lay in net.layers], "gater": net.meta["gater"],
-               "gater_epochs": gater_epochs, "epochs": epochs, "batch_size": batch_size,
-               "lr": lr, "gater_lr": gater_lr, "gater_lr_scale": gater_lr_scale,
-               "sparsity": sparsity, "target_rate": target_rate,
-               "rate_weights": rate_weights, "off_below": off_below,
-               "settle_epochs": settle_epochs,
-               "weight_decay": weight_decay, "augment": augment, "seed": seed,
-               "data": ds.source, "train_samples": n, "holdout_samples": len(hold_idx)}
-    result = GaterNetFit(net, base_acc if len(hold_idx) else None,
-                         acc if len(hold_idx) else None, layers, options, losses,
-                         time.perf_counter() - t0)
-    net.meta["fit"] = result.as_dict()
-    return result
+
+        def settle_loss(i: torch.Tensor) -> torch.Tensor:
+            x = batches(tr[i])
+            return nn.functional.cross_entropy(net.body(x, net.hard_gates(x)), y[tr[i]])
+
+        self._phase("settle", "settle backbone", self.cfg.settle_epochs,
+                    list(net.body.parameters()), settle_loss, self.cfg.lr,
+                    _decayed(net.body), self.cfg.seed + 2)
+
+    def _options(self, net: GaterNet) -> dict[str, Any]:
+        cfg = self.cfg
+        gater = {**(net.config.gater or {}), "bottleneck": net.config.bottleneck}
+        keys = ("gater_epochs", "epochs", "batch_size", "lr", "gater_lr", "gater_lr_scale",
+                "sparsity", "target_rate", "rate_weights", "off_below", "settle_epochs",
+                "weight_decay", "augment", "seed")
+        return {"gated": [lay.name for lay in net.layers], "gater": gater,
+                **{k: getattr(cfg, k) for k in keys}, "data": self.ds.source,
+                "train_samples": len(self.train_idx), "holdout_samples": len(self.hold_idx)}

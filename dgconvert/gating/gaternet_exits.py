@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from dgconvert.core.gates import DEFAULT_GATE, DEFAULT_HINGE, gate_kind
+from dgconvert.gating.configs import GaterNetExitsConfig
 from dgconvert.gating.cut import CutError, crossing_values, module_spans
 from dgconvert.gating.fit import (
     FitResult,
@@ -174,10 +175,15 @@ def gaternet_exits(net: GaterNet, cuts: Sequence[str], gate: str = DEFAULT_GATE,
               for k, p in enumerate(parts)]
     spec = {"type": gate, "score": gate_kind(gate).check_score(score), "layout": "nchw"}
     heads = [PackedGate(make_gate(spec, s[0], net.num_classes), s) for s in shapes]
-    meta = {"cuts": list(cuts), "gaternet": {"gated": [lay.name for lay in net.layers],
-                                             "gates": net.num_filter_gates}}
+    config = GaterNetExitsConfig(
+        cuts=list(cuts), gate=gate, score=spec["score"], gaternet=net.config,
+        pruned=net.pruned, gated=[lay.name for lay in net.layers],
+        num_filter_gates=net.num_filter_gates, input_shape=net.input_shape,
+        num_classes=net.num_classes, normalization=net.normalization, classes=net.classes,
+        arch=net.config.arch)
     return GatedNetwork(stages, heads, net.num_classes, input_shape=net.input_shape,  # type: ignore[arg-type]
-                        normalization=net.normalization, classes=net.classes, meta=meta).eval()
+                        normalization=net.normalization, classes=net.classes,
+                        family="gaternet-exits", config=config, backbone=net).eval()
 
 
 def fit_gaternet_exits(
@@ -218,5 +224,5 @@ def fit_gaternet_exits(
                "train_samples": len(train_idx), "holdout_samples": len(hold_idx)}
     result = FitResult(gnet, reports, final_acc, exit_costs(gnet), options,
                        time.perf_counter() - t0)
-    gnet.meta["fit"] = result.as_dict()
+    gnet.fit_record = result.as_dict()
     return result

@@ -73,29 +73,6 @@ class ExitHeadGate(GateHead):
         return {**super().spec(), "exit": self.exit_name, "confidence": self.has_confidence}
 
 
-@dataclass(frozen=True)
-class MultiExitInfo:
-    """What a network converted by ``from_multi_exit`` records in ``meta["multi_exit"]``:
-    the exit heads' names, the score rule, and the index of each exit's entry in the model's
-    output list (the final classifier's last)."""
-
-    exits: list[str]
-    score: str
-    outputs: list[int]
-
-    @classmethod
-    def of(cls, meta: dict[str, Any]) -> MultiExitInfo | None:
-        """The record in a GatedNetwork's ``meta``, or None for other networks."""
-        rec = meta.get("multi_exit")
-        return None if not rec else cls(list(rec["exits"]), str(rec["score"]),
-                                        [int(i) for i in rec["outputs"]])
-
-    def source(self, model: nn.Module | None) -> dict[str, Any]:
-        """The bundle manifest's ``source.multi_exit`` record."""
-        return {"model": None if model is None else type(model).__name__,
-                "exits": list(self.exits), "score": self.score}
-
-
 @dataclass
 class MultiExitParts:
     """What :func:`split_multi_exit` found: stage bodies, exit gates, where each exit's
@@ -204,6 +181,23 @@ def _run(model: nn.Module, x: torch.Tensor) -> Any:
         ) from exc
 
 
+@dataclass
+class _Traced:
+    """A multi-exit model traced with its exit heads as leaves, and what its output holds."""
+
+    name: str
+    gm: fx.GraphModule
+    nodes: list[fx.Node]
+    index: dict[fx.Node, int]
+    placeholder: fx.Node
+    result: Sequence[Any]
+    values: list[tuple[torch.Tensor, torch.Tensor | None]]
+    refs: list[tuple[_Ref, _Ref | None]]
+    final: _Ref
+    trunk: set[fx.Node]
+    entry_nodes: list[set[fx.Node]]
+
+
 def split_multi_exit(
     model: nn.Module, exits: Sequence[str], score: str, example_input: torch.Tensor
 ) -> MultiExitParts:
@@ -213,6 +207,25 @@ def split_multi_exit(
     may be named last too; it is the last stage, not a gate). Raises :class:`CutError`
     saying what was found, what was expected and the fix.
     """
+    exits = _check_names(model, exits, score)
+    t = _trace(model, exits, example_input)
+    exits, outputs = _exit_entries(t, exits)
+    regions, cuts = _exit_regions(t, exits, outputs)
+    trunk_nodes = [n for n in t.nodes if n in t.trunk]
+    _check_boundaries(t, exits, cuts, trunk_nodes)
+    bounds = [t.placeholder, *cuts]
+    ends: list[_Ref] = [(c, None) for c in cuts] + [t.final]
+    stages = []
+    for a, (b, i) in zip(bounds, ends, strict=True):
+        need = _ancestors([b])
+        keep = [n for n in trunk_nodes if n in need and t.index[n] > t.index[a]]
+        stages.append(_copy(t.gm, keep, a, [(b, i)], single=True))
+    gates = _exit_gates(t, exits, outputs, cuts, regions, stages, score, example_input)
+    return MultiExitParts(stages, gates, int(t.values[-1][0].shape[1]), exits,
+                          [*outputs, len(t.result) - 1])
+
+
+def _check_names(model: nn.Module, exits: Sequence[str], score: str) -> list[str]:
     name = type(model).__name__
     GATE_KINDS[EXIT_HEAD].check_score(score)
     exits = list(exits)
@@ -227,6 +240,11 @@ def split_multi_exit(
         children = [n for n, _ in model.named_children()]
         raise CutError(f"exit(s) {unknown} are not modules of {name}; expected names from "
                        f"model.named_modules(), e.g. {children[:10]}.")
+    return exits
+
+
+def _trace(model: nn.Module, exits: list[str], example_input: torch.Tensor) -> _Traced:
+    name = type(model).__name__
     was_training = model.training
     model.eval()  # run and trace the inference path (forward may branch on self.training)
     try:
@@ -254,6 +272,14 @@ def split_multi_exit(
     trunk = _ancestors([final[0]])
     entry_nodes = [_ancestors(_flat_nodes(a)) for a in result]
 
+    return _Traced(name, gm, nodes, index, placeholders[0], result, values, refs, final,
+                   trunk, entry_nodes)
+
+
+def _exit_entries(t: _Traced, exits: list[str]) -> tuple[list[str], list[int]]:
+    """The early exits (the final classifier dropped if named) and the output entry each
+    one feeds."""
+    name, nodes, result, trunk, entry_nodes = t.name, t.nodes, t.result, t.trunk, t.entry_nodes
     calls = {}
     for e in exits:
         found = [n for n in nodes if n.op == "call_module" and n.target == e]
@@ -288,6 +314,14 @@ def split_multi_exit(
         raise CutError(f"no early exit among {list(calls)}; expected at least one exit head "
                        "before the final classifier.")
 
+    return exits, outputs
+
+
+def _exit_regions(t: _Traced, exits: list[str], outputs: list[int]
+                  ) -> tuple[list[set[fx.Node]], list[fx.Node]]:
+    """Each exit head's own nodes and the trunk tensor it reads (checked independent and
+    in execution order)."""
+    index, trunk, entry_nodes = t.index, t.trunk, t.entry_nodes
     regions, cuts = [], []
     for e, i in zip(exits, outputs, strict=True):
         region = entry_nodes[i] - trunk
@@ -320,7 +354,13 @@ def split_multi_exit(
     if order != list(range(len(exits))):
         raise CutError(f"exits {exits} are out of execution order; expected "
                        f"{[exits[j] for j in order]} (thresholds follow this order).")
-    trunk_nodes = [n for n in nodes if n in trunk]
+    return regions, cuts
+
+
+def _check_boundaries(t: _Traced, exits: list[str], cuts: list[fx.Node],
+                      trunk_nodes: list[fx.Node]) -> None:
+    """Cutting the trunk at each exit carries exactly one tensor across."""
+    index, trunk, final = t.index, t.trunk, t.final
     for e, c in zip(exits, cuts, strict=True):
         pos = index[c]
         crossing = [n for n in trunk_nodes if index[n] <= pos and n.op != "get_attr"
@@ -337,13 +377,13 @@ def split_multi_exit(
             raise CutError(f"exit head {e!r} reads the final classifier's output; expected an "
                            "intermediate feature.")
 
-    bounds = [placeholders[0], *cuts]
-    ends: list[_Ref] = [(c, None) for c in cuts] + [final]
-    stages = []
-    for a, (b, i) in zip(bounds, ends, strict=True):
-        need = _ancestors([b])
-        keep = [n for n in trunk_nodes if n in need and index[n] > index[a]]
-        stages.append(_copy(gm, keep, a, [(b, i)], single=True))
+
+
+def _exit_gates(t: _Traced, exits: list[str], outputs: list[int], cuts: list[fx.Node],
+                regions: list[set[fx.Node]], stages: list[fx.GraphModule], score: str,
+                example_input: torch.Tensor) -> list[ExitHeadGate]:
+    """One :class:`ExitHeadGate` per exit: its head's nodes copied out of the trace."""
+    values, refs, nodes, gm = t.values, t.refs, t.nodes, t.gm
     num_classes = int(values[-1][0].shape[1])
     gates = []
     x = example_input
@@ -368,4 +408,4 @@ def split_multi_exit(
             x = stages[k](x)
             gates.append(ExitHeadGate(head, int(x.shape[1]), num_classes, score, e,
                                       conf_ref is not None))
-    return MultiExitParts(stages, gates, num_classes, exits, [*outputs, last])
+    return gates

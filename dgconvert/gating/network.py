@@ -12,6 +12,12 @@ from torch import nn
 
 from dgconvert.core.exits import ExitRule, GatedResult
 from dgconvert.core.gates import DEFAULT_EXIT_SCORE, gate_kind
+from dgconvert.gating.configs import (
+    CutBackboneConfig,
+    GaterNetExitsConfig,
+    MultiExitConfig,
+    NetworkConfig,
+)
 from dgconvert.gating.cut import auto_cuts, cut_backbone
 from dgconvert.gating.heads import FinalHead, GateHead, check_layout, feature_size, make_gate
 from dgconvert.gating.multi_exit import split_multi_exit
@@ -38,7 +44,10 @@ class GatedNetwork(nn.Module):
     """Stages ``S0 … SK`` and gates ``G0 … G(K-1)``; sample exits at the first gate with
     ``score >= threshold[k]`` and takes that gate's label, else the final stage's label.
 
-    Build it from explicit stages and gates, or with :meth:`from_backbone`.
+    Build it from explicit stages and gates, or with :meth:`from_backbone` /
+    :meth:`from_multi_exit` (or a family's ``build``, :mod:`dgconvert.gating.families`).
+    ``family`` names the family that built it, ``config`` is that family's typed config
+    (what rebuilds it), ``backbone`` the model the stages share their parameters with.
     """
 
     def __init__(
@@ -51,7 +60,9 @@ class GatedNetwork(nn.Module):
         normalization: dict[str, Any] | None = None,
         classes: Sequence[str] | None = None,
         thresholds: Sequence[float] | None = None,
-        meta: dict[str, Any] | None = None,
+        family: str = "cut-backbone",
+        config: NetworkConfig | None = None,
+        backbone: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(stages) != len(gates) + 1:
@@ -73,9 +84,38 @@ class GatedNetwork(nn.Module):
             if thresholds is not None
             else [self.default_threshold(g) for g in gates]
         )
-        # How to rebuild: {"arch": {"factory", "kwargs"}, "cuts": [...]} (see checkpoint.py)
-        self.meta: dict[str, Any] = dict(meta or {})
-        self._backbone: nn.Module | None = None
+        #: the family that built it (dgconvert.gating.families) and its typed config
+        self.family = family
+        self.config = config
+        #: what fitting found (FitResult.as_dict()), saved with the checkpoint
+        self.fit_record: dict[str, Any] | None = None
+        self._backbone = backbone
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a whole pickle written before families (a ``meta`` dict instead of
+        ``family`` / ``config``) gets its typed record from that dict."""
+        meta = state.pop("meta", None)
+        super().__setstate__(state)
+        if meta is not None and "family" not in state:
+            self.family, self.config, self.fit_record = _from_meta(self, meta)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Read-only view in the shape of the old free-form ``meta`` dict (``cuts``,
+        ``arch``, ``multi_exit``, ``gaternet``, ``fit``), for callers written before ``family`` /
+        ``config`` / ``fit_record``; dgconvert itself reads the typed attributes."""
+        cfg = self.config
+        out: dict[str, Any] = {"cuts": self.cuts} if self.cuts else {}
+        if isinstance(cfg, MultiExitConfig):
+            out["multi_exit"] = {"exits": list(cfg.exits), "score": cfg.score,
+                                 "outputs": list(cfg.outputs)}
+        if isinstance(cfg, GaterNetExitsConfig):
+            out["gaternet"] = {"gated": list(cfg.gated), "gates": cfg.num_filter_gates}
+        if cfg is not None and cfg.arch:
+            out["arch"] = cfg.arch
+        if self.fit_record is not None:
+            out["fit"] = self.fit_record
+        return out
 
     @staticmethod
     def default_threshold(gate: GateHead) -> float:
@@ -137,39 +177,11 @@ class GatedNetwork(nn.Module):
             cuts = [c.strip() for c in cuts.split(",") if c.strip()]
         cuts = list(cuts)
         stages = cut_backbone(model, cuts)
-        specs = [gate] * len(cuts) if isinstance(gate, str | dict) else list(gate)
-        if len(specs) != len(cuts):
-            raise ValueError(f"got {len(specs)} gate specs for {len(cuts)} cuts")
-        specs = [{"type": s} if isinstance(s, str) else dict(s) for s in specs]
-        layouts = [layout] * len(cuts) if layout is None or isinstance(layout, str) else list(layout)
-        if len(layouts) != len(cuts):
-            raise ValueError(f"got {len(layouts)} layouts for {len(cuts)} cuts {cuts}")
-        shapes: list[tuple[int, ...]] = []
-        with torch.no_grad():
-            x = example_input
-            for stage in stages[:-1]:
-                x = stage(x)
-                shapes.append(tuple(x.shape))
-            logits = stages[-1](x)
-        if logits.dim() != 2:
+        try:
+            specs, shapes, logits = _gate_specs(model, stages, cuts, gate, layout, token_pool,
+                                                example_input)
+        finally:
             model.train(was_training)
-            raise ValueError(
-                f"the backbone's output has shape {list(logits.shape)}; expected logits "
-                "[N, num_classes]. Fix: wrap the model so forward returns the class logits."
-            )
-        for k, spec in enumerate(specs):
-            given = spec.get("layout") or layouts[k]
-            spec["layout"] = given or detect_layout(
-                shapes[k], lambda kk=k: _probe_shape(stages, kk, example_input), cuts[k]
-            )
-            if spec["layout"] == "tokens" and not spec.get("pool"):
-                spec["pool"] = token_pool or default_token_pool(model)
-            try:
-                check_layout(spec["layout"], spec.get("pool"), shapes[k])
-            except ValueError as exc:
-                model.train(was_training)
-                raise ValueError(f"gate after {cuts[k]!r}: {exc}") from exc
-        model.train(was_training)
         if num_classes is None:
             num_classes = int(logits.shape[1])
         elif logits.shape[1] != num_classes:
@@ -180,16 +192,14 @@ class GatedNetwork(nn.Module):
             make_gate(s, feature_size(shp, s["layout"]), num_classes)
             for s, shp in zip(specs, shapes, strict=True)
         ]
-        net = cls(
-            stages,
-            heads,
-            num_classes,
-            input_shape=input_shape,
-            normalization=normalization,
-            classes=classes,
-            meta={"cuts": list(cuts), **({"arch": arch} if arch else {})},
-        )
-        net._backbone = model
+        net = cls(stages, heads, num_classes, input_shape=input_shape,
+                  normalization=normalization, classes=classes, family="cut-backbone",
+                  backbone=model)
+        net.config = CutBackboneConfig(
+            cuts=list(cuts), gates=[_rebuild_spec(g.spec()) for g in heads],
+            input_shape=net.input_shape,
+            num_classes=net.num_classes, normalization=net.normalization, classes=net.classes,
+            arch=arch)
         return net
 
     @classmethod
@@ -219,25 +229,20 @@ class GatedNetwork(nn.Module):
         if input_shape is None:
             input_shape = list(example_input.shape[1:])
         parts = split_multi_exit(model, exits, score, example_input)
-        meta: dict[str, Any] = {
-            "multi_exit": {"exits": parts.exits, "score": score, "outputs": parts.outputs}
-        }
-        net = cls(
-            parts.stages,
-            parts.gates,
-            parts.num_classes,
-            input_shape=input_shape,
-            normalization=normalization,
-            classes=classes,
-            meta={**meta, **({"arch": arch} if arch else {})},
-        )
-        net._backbone = model
+        net = cls(parts.stages, parts.gates, parts.num_classes, input_shape=input_shape,
+                  normalization=normalization, classes=classes, family="multi-exit",
+                  backbone=model)
+        net.config = MultiExitConfig(
+            exits=list(parts.exits), score=score, outputs=list(parts.outputs),
+            input_shape=net.input_shape, num_classes=net.num_classes,
+            normalization=net.normalization, classes=net.classes, arch=arch)
         return net
 
     @property
     def cuts(self) -> list[str]:
-        """The module names the backbone was cut at (empty if built from explicit stages)."""
-        return list(self.meta.get("cuts", []))
+        """The module names the backbone was cut at (empty if built from explicit stages or
+        from a multi-exit model)."""
+        return list(getattr(self.config, "cuts", None) or [])
 
     def all_exits(self, x: torch.Tensor) -> AllExits:
         """Run every sample through every stage and every gate."""
@@ -292,6 +297,66 @@ class GatedNetwork(nn.Module):
         rows = np.arange(len(stage))
         return GatedResult(labels[rows, stage].astype(np.int64), stage,
                            all_scores[rows, stage].astype(np.float32))
+
+
+def _from_meta(net: GatedNetwork, meta: dict[str, Any]) -> tuple[str, NetworkConfig, Any]:
+    """``(family, config, fit record)`` of a network pickled with the old ``meta`` dict."""
+    common = {"input_shape": net.input_shape, "num_classes": net.num_classes,
+              "normalization": net.normalization, "classes": net.classes,
+              "arch": meta.get("arch")}
+    if meta.get("multi_exit"):
+        me = meta["multi_exit"]
+        return "multi-exit", MultiExitConfig(exits=list(me["exits"]), score=me["score"],
+                                             outputs=list(me["outputs"]), **common), None
+    gates = [_rebuild_spec(g.spec()) for g in net.gates]
+    return ("cut-backbone", CutBackboneConfig(cuts=list(meta.get("cuts", [])), gates=gates,
+                                              **common), meta.get("fit"))
+
+
+def _rebuild_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a gate head's spec that rebuild it (the rest is derived)."""
+    return {k: v for k, v in spec.items() if k in ("type", "score", "layout", "pool")}
+
+
+def _gate_specs(
+    model: nn.Module, stages: Sequence[nn.Module], cuts: list[str],
+    gate: str | dict[str, Any] | Sequence[str | dict[str, Any]],
+    layout: str | Sequence[str | None] | None, token_pool: str | None,
+    example_input: torch.Tensor,
+) -> tuple[list[dict[str, Any]], list[tuple[int, ...]], torch.Tensor]:
+    """One full gate spec per cut (layout detected where not given, token pooling), the
+    feature shapes at the cuts and the backbone's logits on ``example_input``."""
+    specs = [gate] * len(cuts) if isinstance(gate, str | dict) else list(gate)
+    if len(specs) != len(cuts):
+        raise ValueError(f"got {len(specs)} gate specs for {len(cuts)} cuts")
+    specs = [{"type": s} if isinstance(s, str) else dict(s) for s in specs]
+    layouts = [layout] * len(cuts) if layout is None or isinstance(layout, str) else list(layout)
+    if len(layouts) != len(cuts):
+        raise ValueError(f"got {len(layouts)} layouts for {len(cuts)} cuts {cuts}")
+    shapes: list[tuple[int, ...]] = []
+    with torch.no_grad():
+        x = example_input
+        for stage in stages[:-1]:
+            x = stage(x)
+            shapes.append(tuple(x.shape))
+        logits = stages[-1](x)
+    if logits.dim() != 2:
+        raise ValueError(
+            f"the backbone's output has shape {list(logits.shape)}; expected logits "
+            "[N, num_classes]. Fix: wrap the model so forward returns the class logits."
+        )
+    for k, spec in enumerate(specs):
+        given = spec.get("layout") or layouts[k]
+        spec["layout"] = given or detect_layout(
+            shapes[k], lambda kk=k: _probe_shape(stages, kk, example_input), cuts[k]
+        )
+        if spec["layout"] == "tokens" and not spec.get("pool"):
+            spec["pool"] = token_pool or default_token_pool(model)
+        try:
+            check_layout(spec["layout"], spec.get("pool"), shapes[k])
+        except ValueError as exc:
+            raise ValueError(f"gate after {cuts[k]!r}: {exc}") from exc
+    return specs, shapes, logits
 
 
 def default_token_pool(model: nn.Module) -> str:

@@ -1,29 +1,26 @@
-"""``dg.save`` / ``dg.load``: one entry point for every checkpoint dgconvert writes — a
-:class:`~dgconvert.gating.network.GatedNetwork` (:mod:`~dgconvert.gating.checkpoint`) or a
-:class:`~dgconvert.gating.gaternet.GaterNet`; both weights-only."""
+"""``dg.save`` / ``dg.load``: one entry point for every checkpoint dgconvert writes, whatever
+the network's family (:mod:`dgconvert.gating.families`); all weights-only."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from dgconvert.gating import checkpoint
-from dgconvert.gating.gaternet import GATERNET_FORMAT, GaterNet, load_gaternet, save_gaternet
+import torch
+
+from dgconvert.core.io import atomic_write
+from dgconvert.gating.families import family_of
+from dgconvert.gating.families.base import load_network
 
 
 def save(net: Any, path: str | Path, *, pickle: bool = False) -> Path:
     """Write ``net`` as a weights-only checkpoint (or a whole pickle with ``pickle=True``)."""
-    if isinstance(net, GaterNet) and not pickle:
-        return save_gaternet(net, path)
-    return checkpoint.save(net, path, pickle=pickle)
+    if pickle:
+        return atomic_write(path, lambda p: torch.save(net, p))
+    state = family_of(net).to_checkpoint(net).to_dict()
+    return atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load(path: str | Path, *, trust_pickle: bool = False) -> Any:
-    """Load a gated network or a GaterNet saved by :func:`save` (safe), or a whole pickle
-    of either if trusted."""
-    obj = checkpoint._safe_load(path, trust_pickle)
-    if isinstance(obj, GaterNet):
-        return obj
-    if isinstance(obj, dict) and obj.get("format") == GATERNET_FORMAT:
-        return load_gaternet(obj, path)
-    return checkpoint.from_object(obj, path)
+    """Load a network saved by :func:`save` (safe), or a whole pickle of one if trusted."""
+    return load_network(path, trust_pickle=trust_pickle)

@@ -146,6 +146,24 @@ def test_export_is_atomic_and_never_clobbers(tmp_path: Path, exported: dict) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["m.dg"]
 
 
+def test_export_checks_near_chance_accuracy_as_the_cli_does(tmp_path: Path,
+                                                             exported: dict) -> None:
+    from dgconvert.gating.fit import NearChanceError
+
+    net, _ = exported["resnet"]
+    x = exported["x"][:100]
+    with torch.no_grad():
+        right = net(x).argmax(1).numpy()
+    wrong = (right + 1) % net.num_classes  # the model's own labels shifted: 0 % accuracy
+    out = tmp_path / "m.dg"
+    with pytest.raises(NearChanceError, match=r"scores 0\.0 % top-1 on shifted"):
+        dg.export(net, out, verify_input=x, verify_labels=wrong, data_name="shifted")
+    assert not out.exists()  # checked before anything is written
+    seen: list[float] = []
+    dg.export(net, out, verify_input=x, verify_labels=right, on_accuracy=seen.append)
+    assert seen == [1.0] and Bundle.load(out).num_stages == net.num_gates + 1
+
+
 # -- bad input ------------------------------------------------------------------------
 
 

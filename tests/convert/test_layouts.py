@@ -105,7 +105,7 @@ def test_layout_exports_verifies_and_runs_like_torch(tmp_path, kind: str) -> Non
 
 
 def _saved(net: GatedNetwork, tmp_path, kind: str):
-    net.meta["arch"] = {"factory": f"tests.models:{LAYOUT_MODELS[kind][0].__name__}", "kwargs": {}}
+    net.config.arch = {"factory": f"tests.models:{LAYOUT_MODELS[kind][0].__name__}", "kwargs": {}}
     return dg.save(net, tmp_path / "gated.pt")
 
 

@@ -112,7 +112,7 @@ def test_verification_catches_a_different_exit_rule(exported: dict) -> None:
     _, bundle, _ = exported["sdn"]
     make, _, exits, _ = MODELS["sdn"]
     net = GatedNetwork.from_multi_exit(make(), exits, "max-softmax", exported["x"][:4])
-    net.meta["multi_exit"]["score"] = "margin-logits"  # the model's rule is not what was fused
+    net.config.score = "margin-logits"  # the model's rule is not what was fused
     with pytest.raises(ExportVerificationError, match=r"own exits .*'margin-logits' rule"):
         verify_bundle(net, bundle, exported["x"][:64])
 

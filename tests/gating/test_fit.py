@@ -197,7 +197,7 @@ def test_fitted_gate_ranks_samples_by_accuracy(backbone: Path, options: dict) ->
     assert [g.gate_type for g in net.gates] == [options["gate"]] * 3
     assert net.thresholds == result.thresholds and len(result.gates) == 3
     assert result.final_accuracy is not None and result.final_accuracy > 0.5
-    fit = net.meta["fit"]
+    fit = net.fit_record
     assert fit["options"]["holdout_samples"] == 500 and fit["options"]["train_samples"] == 1500
     assert len(fit["gates"]) == 3 and len(fit["gates"][2]["curve"]) == 20
     # the deepest gates must rank held-out test samples: high score -> more accurate
@@ -242,7 +242,7 @@ def test_fit_gates_round_trips_through_save(backbone: Path, tmp_path: Path) -> N
     out = dg.save(result.net, tmp_path / "gated.pt")
     net = dg.load(out)
     assert net.thresholds == result.thresholds
-    assert net.meta["fit"]["options"]["gate"] == "dgate"
+    assert net.fit_record["options"]["gate"] == "dgate"
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         a, b = result.net.eval().all_exits(x), net.all_exits(x)

@@ -180,7 +180,7 @@ def test_fit_runs_and_reports() -> None:
                target_rate=None, holdout=0.2)
     assert res.accuracy is not None and res.backbone_accuracy is not None
     assert sum(lay.filters for lay in res.layers) == res.net.num_filter_gates
-    assert res.net.meta["fit"]["options"]["sparsity"] == 1.0
+    assert res.net.fit_record["options"]["sparsity"] == 1.0
     assert "always on" in res.table()
     with pytest.raises(GaterNetError, match="epochs"):
         fit_gaternet(resnet(), ds, epochs=0, progress=False)
@@ -193,7 +193,7 @@ def test_fit_with_target_rate_fixes_rare_gates_off() -> None:
     fixed = res.losses["fixed_off"]
     assert 0 < fixed < res.net.num_filter_gates
     assert sum(lay.always_off for lay in res.layers) >= fixed  # forced off: off for every input
-    assert res.net.meta["fit"]["options"]["target_rate"] == 0.3
+    assert res.net.fit_record["options"]["target_rate"] == 0.3
     for bad in ({"target_rate": 0.0}, {"target_rate": 1.5}, {"off_below": 1.0},
                 {"rate_weights": "bytes"}):
         with pytest.raises(GaterNetError, match=next(iter(bad))):

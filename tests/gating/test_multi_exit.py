@@ -93,7 +93,7 @@ def test_stages_and_gates_reproduce_the_models_own_exits(
     x = _x(64, seed=1)
     with torch.no_grad():
         out = net.all_exits(x)
-    own = own_exit_outputs(net.backbone, x, net.meta["multi_exit"]["outputs"])
+    own = own_exit_outputs(net.backbone, x, net.config.outputs)
     for k, (logits, conf) in enumerate(own[:-1]):
         np.testing.assert_allclose(out.scores[:, k].numpy(), exit_head_score(logits, conf, score),
                                    rtol=1e-5, atol=1e-6)
@@ -138,7 +138,7 @@ def test_ops_after_the_head_module_belong_to_the_exit(score: str) -> None:
     x = _x(64, seed=4)
     with torch.no_grad():
         out = net.all_exits(x)
-    own = own_exit_outputs(net.backbone, x, net.meta["multi_exit"]["outputs"])
+    own = own_exit_outputs(net.backbone, x, net.config.outputs)
     for k, (logits, _) in enumerate(own[:-1]):
         np.testing.assert_allclose(out.scores[:, k].numpy(), exit_head_score(logits, None, score),
                                    rtol=1e-5, atol=1e-6)
@@ -171,13 +171,13 @@ def test_the_inference_path_is_converted_whatever_the_mode() -> None:
 
 def test_final_classifier_may_be_named_too() -> None:
     net = _build(mm.eenet, [*EENET[1], "final"], "neg-entropy")
-    assert net.num_gates == 3 and net.meta["multi_exit"]["exits"] == EENET[1]
-    assert net.meta["multi_exit"]["outputs"] == [0, 1, 2, 3]
+    assert net.num_gates == 3 and net.config.exits == EENET[1]
+    assert net.config.outputs == [0, 1, 2, 3]
 
 
 def test_a_subset_of_the_exits() -> None:
     net = _build(mm.eenet, ["exit2"], "confidence")
-    assert net.num_gates == 1 and net.meta["multi_exit"]["outputs"] == [1, 3]
+    assert net.num_gates == 1 and net.config.outputs == [1, 3]
     x = _x(32)
     t = spread_thresholds(net, x)
     labels, stage, near = own_exit_rule(net, x, t, 1e-5)
@@ -234,7 +234,7 @@ def test_save_load_round_trip_without_pickles(
     raw = torch.load(path, weights_only=True)  # no pickled objects in it
     assert raw["multi_exit"] == {"exits": spec[1], "score": score}
     back = dg.load(path)
-    assert back.meta["multi_exit"] == net.meta["multi_exit"]
+    assert back.family == net.family == "multi-exit" and back.config == net.config
     assert back.thresholds == net.thresholds
     assert [g.spec() for g in back.gates] == [g.spec() for g in net.gates]
     a, b = net.gated_forward(x, return_scores=True), back.gated_forward(x, return_scores=True)
