@@ -61,9 +61,12 @@ def _json(status: int, obj: Any) -> Reply:
     return Reply(status, json.dumps(obj).encode())
 
 
-def error_reply(status: int, message: str) -> Reply:
-    """The OIP error body ``{"error": message}``."""
-    return _json(status, {"error": message})
+def error_reply(status: int, message: str, retry_after: int | None = None) -> Reply:
+    """The OIP error body ``{"error": message}`` (with ``Retry-After`` when given)."""
+    reply = _json(status, {"error": message})
+    if retry_after is not None:
+        reply.headers["retry-after"] = str(retry_after)
+    return reply
 
 
 def stage_rows(result: GatedResult, num_stages: int) -> list[int]:
@@ -101,7 +104,7 @@ class OIPServer:
         try:
             reply = await self._route(method.upper(), path, headers, body)
         except ProtocolError as exc:
-            reply = error_reply(exc.status, str(exc))
+            reply = error_reply(exc.status, str(exc), exc.retry_after)
         except (InputError, DGConvertError) as exc:
             reply = error_reply(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
