@@ -42,6 +42,7 @@ INPUT_NAME = "images"
 INPUT_DATATYPES = ("UINT8", "FP32")
 OUTPUTS = {"label": "INT64", "exit_stage": "INT64", "score": "FP32"}
 
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (capacity, a lost replica)
 MAX_DEPTH = 64  # JSON nesting (objects and lists) a request may use
 MAX_RANK = 16  # dimensions of one tensor
 MAX_DIM = 2**31 - 1  # one dimension
@@ -58,7 +59,7 @@ class ProtocolError(DGConvertError, ValueError):
         self.retry_after = retry_after
 
 
-def unavailable(message: str, retry_after: int = 1) -> ProtocolError:
+def unavailable(message: str, retry_after: int = RETRY_AFTER_S) -> ProtocolError:
     """A 503 with ``Retry-After``: capacity or a lost replica, worth retrying."""
     return ProtocolError(message, status=503, retry_after=retry_after)
 

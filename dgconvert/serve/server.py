@@ -69,6 +69,11 @@ def error_reply(status: int, message: str, retry_after: int | None = None) -> Re
     return reply
 
 
+def body_limit(input_shape: tuple[int, ...], max_rows: int) -> int:
+    """The default bytes per request body: ``max_rows`` float32 images and 1 MiB."""
+    return max_rows * int(np.prod(input_shape)) * 4 + (1 << 20)
+
+
 def stage_rows(result: GatedResult, num_stages: int) -> list[int]:
     """Rows each stage processed for a result: those that reached it."""
     exits = result.exit_histogram(num_stages)
@@ -88,8 +93,7 @@ class OIPServer:
         self.spec = spec
         self.infer = infer
         self.max_rows = max_rows
-        per_image = int(np.prod(spec.input_shape)) * 4
-        self.max_body = max_body or max_rows * per_image + (1 << 20)
+        self.max_body = max_body or body_limit(spec.input_shape, max_rows)
         self.full = full
         self.metrics = metrics
         self.rows_per_stage = [0] * spec.num_stages
