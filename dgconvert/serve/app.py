@@ -38,6 +38,7 @@ from dgconvert.serve.ingress import (
 from dgconvert.serve.lifecycle import (
     StopSignals,
     ray_init_keeping_signals,
+    raylets,
     reap_process_group,
     run_bounded,
 )
@@ -231,6 +232,7 @@ def shutdown(started_ray: bool, drain_timeout_s: float, echo: Any = print) -> No
     """Stop Serve (its replicas finish their requests within ``drain_timeout_s``), then
     the local Ray and what is left of its processes."""
     ray = require_ray()
+    raylet_pids = raylets(os.getpgrp()) if started_ray else set()
     if ray.is_initialized():
         from ray import serve
 
@@ -239,7 +241,7 @@ def shutdown(started_ray: bool, drain_timeout_s: float, echo: Any = print) -> No
     if started_ray:
         if ray.is_initialized():
             ray.shutdown()
-        killed = reap_process_group()
+        killed = reap_process_group(raylet_pids)
         if killed:
             echo(f"killed {len(killed)} Ray process(es) still running after shutdown: "
                  + ", ".join(cmd.split()[0] for _, cmd in killed[:5]))

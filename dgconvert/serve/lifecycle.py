@@ -6,9 +6,9 @@ between start-up steps and while serving; a second signal while stopping is note
 changes nothing (the drain is already bounded by ``--drain-timeout``). Ray's own SIGTERM
 handlers (``ray.init`` installs two: one exits with the signal number mid-start-up, one
 kills the node's processes and exits 1) are kept out while Ray starts
-(:func:`ray_init_keeping_signals`). After ``ray.shutdown`` the processes of the session's
-process group (Ray makes its driver a group leader so that its reaper can clean up) that
-are still alive are killed (:func:`reap_process_group`).
+(:func:`ray_init_keeping_signals`). After ``ray.shutdown`` the session's processes still
+alive — its process group (Ray makes its driver a group leader) and its raylets' workers
+(each in a group of its own) — are killed (:func:`reap_process_group`).
 """
 
 from __future__ import annotations
@@ -81,11 +81,14 @@ def ray_init_keeping_signals(stop: StopSignals) -> Iterator[None]:
         stop.reinstall()
 
 
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """``(pid, command)`` of the live processes of process group ``pgid`` but this one
-    (from ``/proc``; zombies left out)."""
+def session_processes(pgid: int, raylets: set[int] = frozenset()) -> list[tuple[int, str]]:
+    """``(pid, command)`` of the live processes but this one that belong to the Ray
+    session of process group ``pgid``: the group's members (GCS, raylet, agents) and the
+    workers of the ``raylets`` (each worker leads its own group, but its environment names
+    its raylet as ``RAY_RAYLET_PID``). From ``/proc``; zombies left out."""
     out = []
     me = os.getpid()
+    marks = {f"RAY_RAYLET_PID={r}".encode() for r in raylets}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
@@ -95,8 +98,14 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
             # the command is in parentheses and may hold spaces; fields follow it
             fields = stat[stat.rindex(")") + 2:].split()
             state, group = fields[0], int(fields[2])
-            if group != pgid or state == "Z":
+            if state == "Z":
                 continue
+            if group != pgid:
+                if not marks:
+                    continue
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if not marks & set(f.read().split(b"\0")):
+                        continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, ValueError, IndexError):
@@ -105,18 +114,25 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
     return out
 
 
-def reap_process_group(grace_s: float = 5.0) -> list[tuple[int, str]]:
+def raylets(pgid: int) -> set[int]:
+    """The raylet processes of process group ``pgid`` (taken before Ray shuts down)."""
+    return {pid for pid, cmd in session_processes(pgid) if "raylet" in cmd.split(" ")[0]}
+
+
+def reap_process_group(raylet_pids: set[int], grace_s: float = 5.0
+                       ) -> list[tuple[int, str]]:
     """After ``ray.shutdown``: wait up to ``grace_s`` for the rest of this process's
-    group to exit, then SIGKILL what is left; the processes killed. Does nothing unless
-    this process leads its group (Ray's driver does; never a shell's or test runner's)."""
+    group and the workers of ``raylet_pids`` to exit, then SIGKILL what is left; the
+    processes killed. Does nothing unless this process leads its group (Ray's driver
+    does; never a shell's or test runner's)."""
     pgid = os.getpgrp()
     if pgid != os.getpid():
         return []
     deadline = time.monotonic() + grace_s
-    left = group_members(pgid)
+    left = session_processes(pgid, raylet_pids)
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = group_members(pgid)
+        left = session_processes(pgid, raylet_pids)
     for pid, _ in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
