@@ -46,7 +46,7 @@ from _util import DEFAULT_BUNDLE, ROOT, header
 
 from dgconvert.core.bundle import Bundle
 from dgconvert.runtime import GatedRunner
-from dgconvert.serve.lifecycle import raylets, session_processes
+from dgconvert.serve.lifecycle import is_ready, raylets, session_processes
 from dgconvert.serve.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
 REPO = ROOT.parent
@@ -72,14 +72,7 @@ class Server:
         self.raylets: set[int] = set()
 
     def ready(self) -> bool:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            c.request("GET", "/v2/health/ready")
-            ok = c.getresponse().status == 200
-            c.close()
-            return ok
-        except OSError:
-            return False
+        return is_ready(self.port)
 
     def wait_ready(self, timeout: float = 180) -> float:
         deadline = time.monotonic() + timeout
@@ -160,12 +153,16 @@ class Tally:
         self.sent = self.correct = self.wrong = self.non_json = self.hangs = 0
         self.status: Counter[str] = Counter()
         self.latency_ms: list[float] = []
-        self.retry_after_missing = 0
+        self.retry_after_missing = self.retried = 0
+        self.events: list[tuple[float, str]] = []  # (when sent, status)
 
     def add(self, status: str, latency_ms: float | None = None, correct: bool | None = None,
-            json_ok: bool = True, retry_after: bool = True) -> None:
+            json_ok: bool = True, retry_after: bool = True, sent_at: float = 0.0,
+            retried: bool = False) -> None:
         with self.lock:
             self.sent += 1
+            self.retried += retried
+            self.events.append((sent_at, status))
             self.status[status] += 1
             if latency_ms is not None:
                 self.latency_ms.append(latency_ms)
@@ -185,6 +182,7 @@ class Tally:
         return {"sent": self.sent, "correct": self.correct, "wrong": self.wrong,
                 "by_status": dict(sorted(self.status.items())), "non_json": self.non_json,
                 "hangs": self.hangs, "503_without_retry_after": self.retry_after_missing,
+                "retried_by_the_guard": self.retried,
                 "p50_ms": round(statistics.median(lat), 1) if lat else None,
                 "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None}
 
@@ -192,7 +190,7 @@ class Tally:
 def post(port: int, path: str, body: bytes, headers: dict[str, str], tally: Tally,
          check: Any = None, timeout: float = 30) -> None:
     """One request on a fresh connection, recorded in ``tally``."""
-    t = time.perf_counter()
+    t, at = time.perf_counter(), time.monotonic()
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         c.request("POST", path, body, headers)
@@ -200,22 +198,25 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str], tally: Tall
         data = r.read()
         c.close()
     except TimeoutError:
-        tally.add("timeout")
+        tally.add("timeout", sent_at=at)
         return
-    except OSError as exc:
-        tally.add(type(exc).__name__)
+    except (OSError, http.client.HTTPException) as exc:
+        tally.add(type(exc).__name__, sent_at=at)
+        time.sleep(0.05)
         return
     ms = 1e3 * (time.perf_counter() - t)
     ctype = r.getheader("content-type", "")
+    retried = r.getheader("x-dgconvert-retried") == "1"
     if r.status == 200:
-        tally.add("200", ms, correct=check(data, r.headers) if check else None)
+        tally.add("200", ms, correct=check(data, r.headers) if check else None, sent_at=at,
+                  retried=retried)
         return
     try:
         json_ok = isinstance(json.loads(data).get("error"), str)
     except (ValueError, AttributeError):
         json_ok = False
     tally.add(str(r.status), ms, json_ok=json_ok and ctype.startswith("application/json"),
-              retry_after=bool(r.getheader("retry-after")))
+              retry_after=bool(r.getheader("retry-after")), sent_at=at, retried=retried)
 
 
 def clients(n: int, seconds: float, work: Any) -> None:
@@ -261,11 +262,11 @@ def malformed_bodies(name: str) -> list[tuple[bytes, dict[str, str]]]:
     for depth in (65, 1000, 50_000, 100_000):
         out.append((b'{"inputs": ' + b"[" * depth + b"]" * depth + b"}", {}))
     ok = t(shape=[1, 1, 28, 28], data=[0] * 784)
-    for value in ("-1", "9" * 5000, "1e3", "\u0661", str(len(ok) + 1)):
+    for value in ("-1", "9" * 5000, "1e3", "\u0661".encode(), str(len(ok) + 1)):
         out.append((ok, {HEADER_LENGTH: value}))
     out += [(ok + b"\x00\x01", {}), (b"\xff\xfe", {}), (b"[]", {}), (b"", {}),
             (t(shape=[1, 1, 28, 28], data=[10**30] * 784), {}),
-            (t(shape=[1, 1, 28, 28], data=[[0] * 784]), {}), (ok, {"content-encoding": "gzip"}),
+            (ok, {"content-encoding": "gzip"}),
             (t(shape=[2000, 1, 28, 28], data=[]), {})]
     return out
 
@@ -421,6 +422,7 @@ def trial_sigterm(bundle: Path, chk: Checker, when: str) -> dict[str, Any]:
         for th in threads:
             th.start()
         time.sleep(3)
+        signalled = time.monotonic()
         res = server.stop()
         end.set()
         for th in threads:
@@ -431,6 +433,8 @@ def trial_sigterm(bundle: Path, chk: Checker, when: str) -> dict[str, Any]:
     row = {"when": when, "ready_after_s": ready_at, **res}
     if serving:
         row["requests"] = tally.row()
+        row["before_signal"] = dict(Counter(s for t, s in tally.events if t < signalled))
+        row["after_signal"] = dict(Counter(s for t, s in tally.events if t >= signalled))
     return row
 
 
@@ -528,7 +532,8 @@ def write(r: dict[str, Any], bundle_note: str, args: argparse.Namespace) -> None
              f"proxy RSS {s['proxy_rss_mb_before']} -> {s['proxy_rss_mb_during']} MB"],
             ["replica kill (1 of 2, 6 clients)", k["sent"], k["correct"],
              status_text(k["by_status"]), k["non_json"], k["hangs"], k.get("recovery_s"),
-             f"wrong answers: {k['wrong']}"],
+             f"wrong answers: {k['wrong']}; answers retried by the guard: "
+             f"{k['retried_by_the_guard']}"],
         ], ["trial", "requests", "answered correctly", "by status", "non-JSON errors", "hangs",
             "recovery s", "notes"]), "",
         f"Slow uploads: answers on the {s['slow_connections']} slow connections "
@@ -536,11 +541,13 @@ def write(r: dict[str, Any], bundle_note: str, args: argparse.Namespace) -> None
         f"{s['slow_still_open_at_end']} still open at the end).", "",
         "## SIGTERM", "",
         table([[t["when"], t["ready_after_s"], t["rc"], t["exit_s"], t["left"],
-                t["port_free"], status_text(t["requests"]["by_status"]) if "requests" in t
-                else "-", t["requests"]["correct"] if "requests" in t else "-"]
+                t["port_free"], status_text(t.get("before_signal", {})),
+                status_text(t.get("after_signal", {})),
+                t["requests"]["correct"] if "requests" in t else "-"]
                for t in r["sigterm"]],
               ["signal", "ready after s", "rc", "exit after signal s", "Ray processes left",
-               "port free", "requests (while serving)", "answered correctly"]), "",
+               "port free", "requests sent before the signal", "sent after it",
+               "answered correctly"]), "",
         "Errors are all JSON `{\"error\": ...}`; `non-JSON errors` counts any that were not. "
         "`hangs`: requests with no answer within 30 s (60 s under overload).",
     ]

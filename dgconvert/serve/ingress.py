@@ -41,6 +41,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 CALLBACK_VAR = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "dgconvert.serve.ingress.proxy_middlewares"
 ENV_PREFIX = "DGCONVERT_SERVE_"
+RETRIED_HEADER = b"x-dgconvert-retried"
 DEFAULT_MAX_BODY = 64 << 20  # bytes, when no application's limit is known
 
 
@@ -162,7 +163,7 @@ class IngressGuard:
         except _Disconnected:
             return
         for attempt in (1, 2):
-            outcome = await self._forward(scope, body, receive, send)
+            outcome = await self._forward(scope, body, receive, send, retried=attempt == 2)
             if outcome.done or outcome.disconnected:
                 return
             if outcome.status is not None and outcome.status != 500:
@@ -175,9 +176,10 @@ class IngressGuard:
                                   f"them. Retry after {RETRY_AFTER_S} s",
                                   {"retry-after": str(RETRY_AFTER_S)})
 
-    async def _forward(self, scope: Scope, body: bytes, receive: Receive, send: Send
-                       ) -> _Outcome:
-        """One pass through Serve; non-JSON errors are held back, not sent."""
+    async def _forward(self, scope: Scope, body: bytes, receive: Receive, send: Send,
+                       retried: bool = False) -> _Outcome:
+        """One pass through Serve; non-JSON errors are held back, not sent. The answer
+        to a retried pass carries ``x-dgconvert-retried: 1``."""
         out = _Outcome()
         given = False
 
@@ -199,6 +201,8 @@ class IngressGuard:
                     out.status, out.held = m["status"], []
                     return
                 out.done = True
+                if retried:
+                    m = {**m, "headers": [*m.get("headers", []), (RETRIED_HEADER, b"1")]}
             if out.held is not None:
                 out.held.append(bytes(m.get("body", b"")))
                 return

@@ -151,3 +151,18 @@ def run_bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
 
     threading.Thread(target=target, daemon=True, name="dgconvert-stop").start()
     return done.wait(timeout_s)
+
+
+def is_ready(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    """Whether a server on ``host:port`` answers ``GET /v2/health/ready`` with 200."""
+    import http.client
+
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("GET", "/v2/health/ready")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+    except OSError:
+        return False

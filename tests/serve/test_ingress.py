@@ -70,8 +70,8 @@ class Inner:
 @pytest.mark.parametrize("first", ["dies", "raises", "plain500"])
 def test_a_lost_replica_is_retried_once_with_the_same_body(first: str) -> None:
     inner = Inner(first, "ok")
-    status, _, obj = _run(IngressGuard(inner), [(b'{"in', 0), (b'puts": []}', 0)])
-    assert status == 200 and obj == {"outputs": []}
+    status, headers, obj = _run(IngressGuard(inner), [(b'{"in', 0), (b'puts": []}', 0)])
+    assert status == 200 and obj == {"outputs": []} and headers["x-dgconvert-retried"] == "1"
     assert inner.bodies == [b'{"inputs": []}'] * 2
 
 

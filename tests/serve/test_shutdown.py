@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dgconvert.serve.lifecycle import raylets, session_processes
+from dgconvert.serve.lifecycle import is_ready, raylets, session_processes
 from dgconvert.serve.protocol import encode_infer_request
 
 pytest.importorskip("ray")
@@ -32,17 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _ready(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", "/v2/health/ready")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
 
 
 class Served:
@@ -60,7 +49,7 @@ class Served:
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while not _ready(self.port):
+        while not is_ready(self.port):
             self.raylets |= raylets(self.proc.pid)
             assert self.proc.poll() is None and time.monotonic() < deadline, self.output()
             time.sleep(0.2)
