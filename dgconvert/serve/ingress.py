@@ -257,48 +257,59 @@ def install_header_deadline(timeout_s: float) -> None:
 
 
 def _patch(cls: type, timeout_s: float) -> None:
+    """The deadline runs from the connection opening, and on a kept-alive connection from
+    the first byte of the next head (uvicorn's keep-alive timeout bounds the idle time
+    before it and is cancelled by that byte). A stalled partial head gets 408; a
+    connection that never sent a byte is closed without one."""
     if getattr(cls, "_dgconvert_header_deadline", None) is not None:
         cls._dgconvert_header_deadline = timeout_s
         return
     cls._dgconvert_header_deadline = timeout_s
-    made, done = cls.connection_made, cls.on_response_complete
+    made, received = cls.connection_made, cls.data_received
 
-    def arm(self: Any) -> None:
-        self._dg_heads = getattr(self, "_dg_heads", 0)
-        seen = self._dg_heads
-        timer = getattr(self, "_dg_timer", None)
-        if timer is not None:
-            timer.cancel()
+    def arm(self: Any, got_bytes: bool) -> None:
+        seen = self._dg_heads = getattr(self, "_dg_heads", 0)
+        self._dg_bytes = got_bytes
 
         def expire() -> None:
-            if self._dg_heads == seen and _head_pending(self) and \
-                    not self.transport.is_closing():
+            self._dg_timer = None
+            if self._dg_heads != seen or not _head_pending(self) or \
+                    self.transport.is_closing():
+                return
+            if self._dg_bytes:
                 start, end = _json_error(408, f"the request head did not arrive within "
                                          f"{cls._dgconvert_header_deadline:g} s "
                                          "(--header-timeout)", {"connection": "close"})
                 head = [b"HTTP/1.1 408 Request Timeout\r\n"]
                 head += [k + b": " + v + b"\r\n" for k, v in start["headers"]]
                 self.transport.write(b"".join(head) + b"\r\n" + end["body"])
-                self.transport.close()
+            self.transport.close()
 
         self._dg_timer = self.loop.call_later(cls._dgconvert_header_deadline, expire)
 
     def connection_made(self: Any, transport: Any) -> None:
         made(self, transport)
-        arm(self)
+        arm(self, got_bytes=False)
 
-    def on_response_complete(self: Any) -> None:
-        done(self)
-        if not self.transport.is_closing():
-            arm(self)
+    def data_received(self: Any, data: bytes) -> None:
+        if getattr(self, "_dg_timer", None) is None:
+            if _head_pending(self):  # the first byte of a head on a kept-alive connection
+                arm(self, got_bytes=True)
+        else:
+            self._dg_bytes = True
+        received(self, data)
 
     cls.connection_made = connection_made
-    cls.on_response_complete = on_response_complete
+    cls.data_received = data_received
     if hasattr(cls, "on_headers_complete"):  # httptools: count heads as they complete
         headers_complete = cls.on_headers_complete
 
         def on_headers_complete(self: Any) -> None:
             self._dg_heads = getattr(self, "_dg_heads", 0) + 1
+            timer = getattr(self, "_dg_timer", None)
+            if timer is not None:
+                timer.cancel()
+                self._dg_timer = None
             headers_complete(self)
 
         cls.on_headers_complete = on_headers_complete
