@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -211,8 +212,13 @@ def run_server(bundle: str | Path | Bundle, options: ServeOptions | None = None,
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     name = model_name(b)
     app = AppSpec(b, options, split_stages)
+    guard = resolve_guard(guard, [app])
+    drain = Path(tempfile.gettempdir()) / f"dgconvert-serve-{os.getpid()}-{port}.draining"
+    drain.unlink(missing_ok=True)
+    if guard.drain_file is None:
+        guard = replace(guard, drain_file=str(drain))
     try:
-        init_ray(resolve_guard(guard, [app]), stop)
+        init_ray(guard, stop)
         if not stop.requested.is_set():
             url = start_many([app], host=host, port=port)[0]
             stop.reinstall()  # in case anything during deployment replaced them
@@ -223,9 +229,15 @@ def run_server(bundle: str | Path | Bundle, options: ServeOptions | None = None,
     finally:
         stop.stopping = True
         echo(f"stopping: draining requests in flight (at most {options.drain_timeout_s:g} s, "
-             "--drain-timeout)")
-        shutdown(started_ray, options.drain_timeout_s, echo)
-        stop.restore()
+             "--drain-timeout); new requests get 503")
+        if guard.drain_file:
+            Path(guard.drain_file).touch()
+        try:
+            shutdown(started_ray, options.drain_timeout_s, echo)
+        finally:
+            if guard.drain_file:
+                Path(guard.drain_file).unlink(missing_ok=True)
+            stop.restore()
 
 
 def shutdown(started_ray: bool, drain_timeout_s: float, echo: Any = print) -> None:

@@ -13,7 +13,9 @@ of the proxy, fixes both before a replica is involved:
 - a request that got no answer from Serve (its replica died) is sent once more — Serve
   routes it to a live replica — and answered ``503`` with ``Retry-After`` if that fails too;
 - every other non-JSON error of the proxy (its own 404, 408, 503) is answered in the
-  protocol's JSON ``{"error": …}``.
+  protocol's JSON ``{"error": …}``;
+- once ``drain_file`` exists (``run_server`` creates it when it starts to stop), new
+  requests get ``503`` with ``Retry-After`` while those in flight finish.
 
 Ray Serve loads it through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (its documented
 hook for proxy middlewares; ``HTTPOptions.middlewares`` is removed), configured by the
@@ -53,6 +55,7 @@ class GuardOptions:
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
     max_body: int | None = None
+    drain_file: str | None = None  # once this file exists, new requests get 503 (stopping)
 
     def __post_init__(self) -> None:
         if not (self.body_timeout_s > 0 and self.header_timeout_s > 0
@@ -64,7 +67,8 @@ class GuardOptions:
     def environment(self) -> dict[str, str]:
         return {f"{ENV_PREFIX}BODY_TIMEOUT_S": repr(self.body_timeout_s),
                 f"{ENV_PREFIX}HEADER_TIMEOUT_S": repr(self.header_timeout_s),
-                f"{ENV_PREFIX}MAX_BODY": str(self.max_body or DEFAULT_MAX_BODY)}
+                f"{ENV_PREFIX}MAX_BODY": str(self.max_body or DEFAULT_MAX_BODY),
+                f"{ENV_PREFIX}DRAIN_FILE": self.drain_file or ""}
 
     @classmethod
     def from_environment(cls, env: MutableMapping[str, str] | None = None) -> GuardOptions:
@@ -72,7 +76,8 @@ class GuardOptions:
         d = cls()
         return cls(float(env.get(f"{ENV_PREFIX}BODY_TIMEOUT_S", d.body_timeout_s)),
                    float(env.get(f"{ENV_PREFIX}HEADER_TIMEOUT_S", d.header_timeout_s)),
-                   int(env.get(f"{ENV_PREFIX}MAX_BODY", DEFAULT_MAX_BODY)))
+                   int(env.get(f"{ENV_PREFIX}MAX_BODY", DEFAULT_MAX_BODY)),
+                   env.get(f"{ENV_PREFIX}DRAIN_FILE") or None)
 
 
 def proxy_environment(options: GuardOptions) -> dict[str, str]:
@@ -147,6 +152,11 @@ class IngressGuard:
             await self.app(scope, receive, send)
             return
         o = self.options
+        if o.drain_file and os.path.exists(o.drain_file):
+            await _send_error(send, 503, "the server is stopping (draining the requests in "
+                              f"flight); retry after {RETRY_AFTER_S} s, on another instance",
+                              {"retry-after": str(RETRY_AFTER_S), "connection": "close"})
+            return
         limit = o.max_body or DEFAULT_MAX_BODY
         try:
             body = await asyncio.wait_for(read_body(receive, limit), o.body_timeout_s)

@@ -125,3 +125,14 @@ def test_split_stage_calls_retry_once_then_503() -> None:
     with pytest.raises(ProtocolError, match="stage 1 serving this request stopped") as e:
         asyncio.run(RetryingHandle(Handle(2), "stage 1").run.remote(4))
     assert e.value.status == 503 and e.value.retry_after == 1
+
+
+def test_once_the_drain_file_exists_new_requests_get_503(tmp_path: Any) -> None:
+    flag = tmp_path / "draining"
+    inner = Inner("ok", "ok")
+    guard = IngressGuard(inner, GuardOptions(drain_file=str(flag)))
+    assert _run(guard, [(b"{}", 0)])[0] == 200
+    flag.touch()
+    status, headers, obj = _run(guard, [(b"{}", 0)])
+    assert status == 503 and headers["retry-after"] == "1" and "stopping" in obj["error"]
+    assert len(inner.bodies) == 1
