@@ -33,14 +33,27 @@ from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, 
               "has fewer CPUs than replicas).")
 @click.option("--max-rows", type=int, default=1024, show_default=True,
               help="Most images one request may carry (larger: 400).")
+@click.option("--max-pending-rows", type=int, default=None,
+              help="Rows one replica holds in flight before it answers 503 (default: "
+              "max(4096, 4 x --max-rows)).")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a stop (SIGTERM, SIGINT) waits for requests in flight.")
+@click.option("--body-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (slower: 408).")
+@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a request head may take to arrive after connecting or after "
+              "the previous response (slower: 408, connection closed).")
 @friendly_errors
 def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
               max_delay_ms: float, full: bool, split_stages: bool, thresholds: str | None,
               backend: str, threads: int | None, replica_cpus: float | None,
-              max_rows: int) -> None:
+              max_rows: int, max_pending_rows: int | None, drain_timeout: float,
+              body_timeout: float, header_timeout: float) -> None:
     """Serve BUNDLE over HTTP (Open Inference Protocol v2, tritonclient-compatible) until
-    Ctrl-C. Uses the Ray cluster at RAY_ADDRESS when set, else starts Ray locally."""
+    SIGTERM or Ctrl-C, then drain and exit 0. Uses the Ray cluster at RAY_ADDRESS when
+    set, else starts Ray locally."""
     from dgconvert.serve import ServeOptions, run_server
+    from dgconvert.serve.ingress import GuardOptions
 
     if split_stages and full:
         raise click.BadParameter("--split-stages serves the gated stages; drop --full",
@@ -50,8 +63,11 @@ def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
                                max_delay_ms=max_delay_ms, full=full,
                                thresholds=parse_floats(thresholds), backend=backend,
                                threads=threads,
-                               replica_cpus=replica_cpus, max_rows=max_rows)
+                               replica_cpus=replica_cpus, max_rows=max_rows,
+                               max_pending_rows=max_pending_rows,
+                               drain_timeout_s=drain_timeout)
+        guard = GuardOptions(body_timeout_s=body_timeout, header_timeout_s=header_timeout)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     run_server(bundle, options, host=host, port=port, split_stages=split_stages,
-               echo=click.echo)
+               guard=guard, echo=click.echo)

@@ -9,8 +9,10 @@ requests) and answers. ``ray`` is imported only when an application is built.
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import asdict, dataclass
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,22 @@ from dgconvert.serve.common import (
     require_ray,
     respond,
 )
-from dgconvert.serve.protocol import ProtocolError
-from dgconvert.serve.server import OIPServer
+from dgconvert.serve.ingress import (
+    CALLBACK,
+    CALLBACK_VAR,
+    GuardOptions,
+    guard_installed,
+    proxy_environment,
+)
+from dgconvert.serve.lifecycle import (
+    StopSignals,
+    ray_init_keeping_signals,
+    raylets,
+    reap_process_group,
+    run_bounded,
+)
+from dgconvert.serve.protocol import RETRY_AFTER_S, unavailable
+from dgconvert.serve.server import OIPServer, body_limit
 
 
 class GatedModel:
@@ -41,7 +57,7 @@ class GatedModel:
         opts = ServeOptions(**options)
         b = Bundle.load(bundle)
         self.pool = GatedPool(b, max_batch=opts.max_batch, max_delay_ms=opts.max_delay_ms,
-                              full=opts.full, max_pending=max(4096, 4 * opts.max_rows),
+                              full=opts.full, max_pending=opts.pending_rows,
                               **opts.runner_kwargs())
         spec = model_spec(b)
         self.metrics = RayMetrics(spec.name)
@@ -54,8 +70,11 @@ class GatedModel:
 
         try:
             fut = self.pool.submit(images, timeout=0)
-        except PoolFullError as exc:
-            raise ProtocolError(f"server busy: {exc}", status=503) from None
+        except PoolFullError:
+            raise unavailable(f"server busy: this replica holds {self.pool.max_pending} rows "
+                              f"in flight, its most (--max-pending-rows), and cannot take "
+                              f"{len(images)} more. Fix: retry after {RETRY_AFTER_S} s, serve "
+                              "more --replicas, or raise --max-pending-rows") from None
         result = await asyncio.wrap_future(fut)
         sizes, self._seen = self.pool.batch_sizes_since(self._seen)
         self.metrics.batches(sizes)
@@ -90,18 +109,22 @@ def build_app(bundle: str | Path | Bundle, options: ServeOptions | None = None,
     dep = serve.deployment(
         GatedModel, name=f"{model_name(b)}{'-full' if options.full else ''}",
         num_replicas=options.replicas, max_ongoing_requests=options.max_ongoing_requests,
+        graceful_shutdown_timeout_s=options.drain_timeout_s,
         ray_actor_options={"num_cpus": replica_cpus(options, options.replicas)})
     return dep.bind(str(b.path.resolve()), asdict(options))
 
 
 def start(bundle: str | Path | Bundle, options: ServeOptions | None = None, *,
           host: str = "127.0.0.1", port: int = 8000, split_stages: bool = False,
-          app_name: str = "dgconvert", route_prefix: str = "/") -> str:
+          app_name: str = "dgconvert", route_prefix: str = "/",
+          guard: GuardOptions | None = None) -> str:
     """Start Serve on (local or connected) Ray and deploy the app; returns its URL.
 
-    Connects to a running cluster when ``RAY_ADDRESS`` is set, else starts Ray locally."""
+    Connects to a running cluster when ``RAY_ADDRESS`` is set, else starts Ray locally
+    with the proxy guard (``ingress.py``: body and header deadlines, retry on replica
+    loss) configured by ``guard``."""
     return start_many([AppSpec(bundle, options, split_stages, app_name, route_prefix)],
-                      host=host, port=port)[0]
+                      host=host, port=port, guard=guard)[0]
 
 
 @dataclass
@@ -115,14 +138,54 @@ class AppSpec:
     route_prefix: str = "/"
 
 
-def start_many(apps: list[AppSpec], *, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+def init_ray(guard: GuardOptions | None = None, stop: StopSignals | None = None,
+             **kwargs: Any) -> Any:
+    """``ray.init`` (local unless ``RAY_ADDRESS``) with the proxy guard in the
+    environment Ray's processes inherit; with ``stop``, signals during start-up reach it
+    instead of Ray's handlers. Warns when the guard cannot reach the proxies (a cluster
+    started elsewhere, or Ray already running without it)."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        os.environ.update(proxy_environment(guard or GuardOptions()))
+        if os.environ.get("RAY_ADDRESS"):
+            warnings.warn("RAY_ADDRESS is set: the cluster's Serve proxies run the body/header "
+                          "deadlines and the retry on replica loss only if the cluster was "
+                          f"started with {CALLBACK_VAR}={CALLBACK} in its environment",
+                          stacklevel=2)
+        opts = {"ignore_reinit_error": True, "include_dashboard": False,
+                "log_to_driver": False, **kwargs}
+        if stop is None:
+            ray.init(**opts)
+        else:
+            with ray_init_keeping_signals(stop):
+                ray.init(**opts)
+    elif not guard_installed():
+        warnings.warn("Ray was started without the dgconvert proxy guard: no body/header "
+                      "deadlines and no retry on replica loss. Fix: call "
+                      "dgconvert.serve.app.init_ray before anything starts Ray", stacklevel=2)
+    return ray
+
+
+def resolve_guard(guard: GuardOptions | None, apps: list[AppSpec]) -> GuardOptions:
+    """``guard`` with ``max_body`` filled in: the largest request body ``apps`` take."""
+    guard = guard or GuardOptions()
+    if guard.max_body is not None:
+        return guard
+    limit = 0
+    for a in apps:
+        b = a.bundle if isinstance(a.bundle, Bundle) else Bundle.load(a.bundle)
+        limit = max(limit, body_limit(model_spec(b).input_shape,
+                                      (a.options or ServeOptions()).max_rows))
+    return replace(guard, max_body=limit)
+
+
+def start_many(apps: list[AppSpec], *, host: str = "127.0.0.1", port: int = 8000,
+               guard: GuardOptions | None = None) -> list[str]:
     """:func:`start` for several applications at once (deployed in parallel, each under
     its own route prefix); their URLs."""
-    ray = require_ray()
+    init_ray(resolve_guard(guard, apps))
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     # per-request access logs cost the replica and the proxy CPU on every request
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
@@ -135,34 +198,62 @@ def start_many(apps: list[AppSpec], *, host: str = "127.0.0.1", port: int = 8000
 
 def run_server(bundle: str | Path | Bundle, options: ServeOptions | None = None, *,
                host: str = "127.0.0.1", port: int = 8000, split_stages: bool = False,
-               echo: Any = print) -> None:
-    """:func:`start`, print the URL, block until Ctrl-C (or SIGTERM), then shut Serve down
-    (and the local Ray, when this call started it)."""
-    import signal
-
+               guard: GuardOptions | None = None, echo: Any = print) -> None:
+    """:func:`start`, print the URL, serve until SIGTERM or SIGINT, then drain: requests
+    in flight are answered (within ``options.drain_timeout_s``), new ones refused, Serve
+    and the local Ray shut down and any process of Ray's left in this process's group
+    killed. A signal at any moment — while Ray starts, while the app deploys, while
+    serving, again while stopping — ends the same way; the handlers are installed before
+    Ray starts."""
+    options = options or ServeOptions()
+    stop = StopSignals(echo).install()
     ray = require_ray()
     started_ray = not ray.is_initialized()
     b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = None
+    name = model_name(b)
+    app = AppSpec(b, options, split_stages)
+    guard = resolve_guard(guard, [app])
+    drain = Path(tempfile.gettempdir()) / f"dgconvert-serve-{os.getpid()}-{port}.draining"
+    drain.unlink(missing_ok=True)
+    if guard.drain_file is None:
+        guard = replace(guard, drain_file=str(drain))
     try:
-        url = start(b, options, host=host, port=port, split_stages=split_stages)
-        # after ray.init, which installs its own SIGTERM handler
-        previous = signal.signal(signal.SIGTERM, stop)
-        echo(f"serving model {model_name(b)!r} at {url}/v2/models/{model_name(b)} "
-             "(Open Inference Protocol; Ctrl-C stops)")
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        echo("stopping")
+        init_ray(guard, stop)
+        if not stop.requested.is_set():
+            url = start_many([app], host=host, port=port)[0]
+            stop.reinstall()  # in case anything during deployment replaced them
+            echo(f"serving model {name!r} at {url}/v2/models/{name} (Open Inference "
+                 "Protocol; Ctrl-C or SIGTERM stops)")
+        while not stop.wait(0.5):
+            pass
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        stop.stopping = True
+        echo(f"stopping: draining requests in flight (at most {options.drain_timeout_s:g} s, "
+             "--drain-timeout); new requests get 503")
+        if guard.drain_file:
+            Path(guard.drain_file).touch()
+        try:
+            shutdown(started_ray, options.drain_timeout_s, echo)
+        finally:
+            if guard.drain_file:
+                Path(guard.drain_file).unlink(missing_ok=True)
+            stop.restore()
+
+
+def shutdown(started_ray: bool, drain_timeout_s: float, echo: Any = print) -> None:
+    """Stop Serve (its replicas finish their requests within ``drain_timeout_s``), then
+    the local Ray and what is left of its processes."""
+    ray = require_ray()
+    raylet_pids = raylets(os.getpgrp()) if started_ray else set()
+    if ray.is_initialized():
         from ray import serve
 
-        serve.shutdown()
-        if started_ray:
+        if not run_bounded(serve.shutdown, drain_timeout_s + 15):
+            echo("Serve did not stop within the drain timeout; stopping Ray")
+    if started_ray:
+        if ray.is_initialized():
             ray.shutdown()
+        killed = reap_process_group(raylet_pids)
+        if killed:
+            echo(f"killed {len(killed)} Ray process(es) still running after shutdown: "
+                 + ", ".join(cmd.split()[0] for _, cmd in killed[:5]))

@@ -45,6 +45,8 @@ class ServeOptions:
     replica_cpus: float | None = None  # Ray CPUs reserved per replica (None: fit the cluster)
     max_rows: int = 1024  # images per request
     max_ongoing_requests: int = 256  # concurrent requests per replica (they batch together)
+    max_pending_rows: int | None = None  # rows a replica holds (None: max(4096, 4 x max_rows))
+    drain_timeout_s: float = 30.0  # how long a stopping replica finishes its requests
     backend: str = "auto"  # GatedRunner's backend (--split-stages: ONNX Runtime on the CPU)
     runner_options: dict[str, Any] = field(default_factory=dict)
 
@@ -53,6 +55,18 @@ class ServeOptions:
             raise ValueError(f"replicas={self.replicas}, max_batch={self.max_batch}, "
                              f"max_delay_ms={self.max_delay_ms}, max_rows={self.max_rows}; "
                              "expected >= 1, >= 1, >= 0, >= 1")
+        if self.max_pending_rows is not None and self.max_pending_rows < self.max_rows:
+            raise ValueError(f"max_pending_rows={self.max_pending_rows} is below max_rows="
+                             f"{self.max_rows}; expected >= max_rows (a full request must fit)")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s={self.drain_timeout_s}; expected >= 0")
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows one replica holds before it answers 503."""
+        if self.max_pending_rows is not None:
+            return self.max_pending_rows
+        return max(4096, 4 * self.max_rows)
 
     def runner_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"backend": self.backend, "thresholds": self.thresholds,

@@ -8,7 +8,9 @@ come back as JSON ``data`` lists, or as raw bytes after the JSON header when the
 asks (``outputs[i].parameters.binary_data`` or ``parameters.binary_data_output``).
 
 Every malformed request raises :class:`ProtocolError` (HTTP 400, or 404 for an unknown
-model) whose message says what was received, what was expected and the fix.
+model) whose message says what was received, what was expected and the fix. Nothing a
+client sends reaches arithmetic unbounded: the JSON nesting depth, the rank, every
+dimension and the element count are checked (Python ints) before any array is built.
 """
 
 from __future__ import annotations
@@ -40,13 +42,35 @@ INPUT_NAME = "images"
 INPUT_DATATYPES = ("UINT8", "FP32")
 OUTPUTS = {"label": "INT64", "exit_stage": "INT64", "score": "FP32"}
 
+RETRY_AFTER_S = 1  # the Retry-After of a 503 (capacity, a lost replica)
+MAX_DEPTH = 64  # JSON nesting (objects and lists) a request may use
+MAX_RANK = 16  # dimensions of one tensor
+MAX_DIM = 2**31 - 1  # one dimension
+MAX_ELEMENTS = 2**31 - 1  # elements of one tensor when the caller sets no tighter bound
+
 
 class ProtocolError(DGConvertError, ValueError):
-    """A request the server cannot answer; ``status`` is the HTTP status to reply with."""
+    """A request the server cannot answer; ``status`` is the HTTP status to reply with,
+    ``retry_after`` (seconds) the ``Retry-After`` header of a 503."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+def unavailable(message: str, retry_after: int = RETRY_AFTER_S) -> ProtocolError:
+    """A 503 with ``Retry-After``: capacity or a lost replica, worth retrying."""
+    return ProtocolError(message, status=503, retry_after=retry_after)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (client values quoted in errors)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def datatype_of(arr: np.ndarray) -> str:
@@ -83,11 +107,11 @@ class InferRequest:
 def _header_length(value: str | int | None, body_len: int) -> int | None:
     if value is None or value == "":
         return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ProtocolError(f"header {HEADER_LENGTH} is {value!r}; expected the JSON header's "
-                            "length in bytes (a non-negative integer)") from None
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise ProtocolError(f"header {HEADER_LENGTH} is {short(value)}; expected the JSON "
+                            "header's length in bytes (a non-negative integer)")
+    n = int(text)
     if not 0 <= n <= body_len:
         raise ProtocolError(f"header {HEADER_LENGTH} is {n} but the body has {body_len} bytes; "
                             "expected 0 <= length <= body size. Fix: send the byte length of "
@@ -95,9 +119,41 @@ def _header_length(value: str | int | None, body_len: int) -> int | None:
     return n
 
 
+def json_depth(text: bytes | memoryview) -> int:
+    """The deepest nesting of objects and lists in JSON ``text`` (brackets inside strings
+    do not count; a linear numpy scan, no recursion)."""
+    a = np.frombuffer(text, dtype=np.uint8)
+    if not a.size:
+        return 0
+    quote = a == ord('"')
+    if quote.any():
+        back = a == ord("\\")
+        pos = np.arange(a.size)
+        last_plain = np.maximum.accumulate(np.where(back, -1, pos))  # last non-backslash
+        run = np.empty(a.size, dtype=np.int64)  # backslashes right before each byte
+        run[0] = 0
+        run[1:] = pos[:-1] - last_plain[:-1]
+        opens = quote & (run % 2 == 0)  # an unescaped quote opens or closes a string
+        in_string = (np.cumsum(opens) - opens) % 2 == 1
+        code = ~in_string & ~opens
+    else:
+        code = np.ones(a.size, dtype=bool)
+    step = (code & ((a == ord("[")) | (a == ord("{")))).astype(np.int64)
+    step -= code & ((a == ord("]")) | (a == ord("}")))
+    return int(np.cumsum(step).max())
+
+
 def _json_object(text: bytes, what: str) -> dict[str, Any]:
+    depth = json_depth(text)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"{what} nests JSON {depth} levels deep; this server takes at "
+                            f"most {MAX_DEPTH}. Fix: send tensor data flat (\"data\": [...] "
+                            "in row-major order) or nested no deeper than the shape")
     try:
         obj = json.loads(text)
+    except RecursionError:
+        raise ProtocolError(f"{what} nests JSON too deeply to parse; expected at most "
+                            f"{MAX_DEPTH} levels. Fix: send tensor data flat") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
             raise ProtocolError(f"{what} is not valid JSON ({exc}): bytes follow the JSON. "
@@ -123,9 +179,26 @@ def _params(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise ProtocolError(f"{where}.shape is {value!r}; expected a list of non-negative "
-                            "integers, e.g. [1, 3, 128, 128]")
+        raise ProtocolError(f"{where}.shape is {short(value)}; expected a list of "
+                            "non-negative integers, e.g. [1, 3, 128, 128]")
+    if len(value) > MAX_RANK or any(d > MAX_DIM for d in value):
+        raise ProtocolError(f"{where}.shape is {short(value)}; expected at most {MAX_RANK} "
+                            f"dimensions of at most {MAX_DIM} each. Fix: send the tensor's "
+                            "real shape, e.g. [N, 1, 28, 28]")
     return tuple(value)
+
+
+def element_count(shape: Sequence[int], limit: int) -> int:
+    """The elements of ``shape`` (Python ints, exact), or ``limit + 1`` as soon as the
+    running product passes ``limit`` (a zero dimension still gives 0)."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count *= d
+        if count > limit:
+            return limit + 1
+    return count
 
 
 def parse_infer_request(body: bytes, header_length: str | int | None = None,
@@ -139,8 +212,8 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None,
     obj = _json_object(head, "the request" if n is None else "the request's JSON header")
     raw_inputs = obj.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise ProtocolError(f"the request has inputs={raw_inputs!r}; expected a non-empty list "
-                            "of input tensors")
+        raise ProtocolError(f"the request has inputs={short(raw_inputs)}; expected a "
+                            "non-empty list of input tensors")
     inputs: list[Tensor] = []
     offset = 0
     for i, t in enumerate(raw_inputs):
@@ -149,26 +222,28 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None,
             raise ProtocolError(f"{where} is a {type(t).__name__}; expected an object")
         name, datatype = t.get("name"), t.get("datatype")
         if not isinstance(name, str):
-            raise ProtocolError(f"{where}.name is {name!r}; expected a string")
-        where = f"input {name!r}"
-        if datatype not in DATATYPES:
-            raise ProtocolError(f"{where} has datatype {datatype!r}; expected one of "
+            raise ProtocolError(f"{where}.name is {short(name)}; expected a string")
+        where = f"input {short(name, 40)}"
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
+            raise ProtocolError(f"{where} has datatype {short(datatype)}; expected one of "
                                 f"{', '.join(DATATYPES)}")
         shape = _shape(t.get("shape"), where)
         dtype = DATATYPES[datatype]
-        count = int(np.prod(shape, dtype=np.int64))
-        if max_elements is not None and count > max_elements:
-            raise ProtocolError(f"{where} has shape {list(shape)} ({count} elements); this "
-                                f"server takes at most {max_elements} per request. Fix: split "
-                                "the batch into smaller requests")
+        limit = MAX_ELEMENTS if max_elements is None else min(max_elements, MAX_ELEMENTS)
+        count = element_count(shape, limit)
+        if count > limit:
+            raise ProtocolError(f"{where} has shape {short(list(shape))} (more than {limit} "
+                                f"elements); this server takes at most {limit} per request. "
+                                "Fix: split the batch into smaller requests")
         size = _params(t, where).get("binary_data_size")
         if size is not None:
             if n is None:
                 raise ProtocolError(f"{where} sets binary_data_size but the request has no "
                                     f"{HEADER_LENGTH} header; expected the header with the "
                                     "JSON part's length (binary tensor data extension)")
-            if not isinstance(size, int) or size != count * dtype.itemsize:
-                raise ProtocolError(f"{where} has binary_data_size {size!r}; expected "
+            if not isinstance(size, int) or isinstance(size, bool) or \
+                    size != count * dtype.itemsize:
+                raise ProtocolError(f"{where} has binary_data_size {short(size)}; expected "
                                     f"{count * dtype.itemsize} bytes for {datatype} "
                                     f"{list(shape)}")
             if offset + size > len(blob):
@@ -190,9 +265,11 @@ def parse_infer_request(body: bytes, header_length: str | int | None = None,
 
 
 def _json_data(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        data = [data]  # a lone number, or something refused below
     try:
         arr = np.asarray(data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         arr = None
     if arr is None or arr.dtype == object or arr.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}.data is not a (nested) list of numbers; expected "
@@ -223,11 +300,12 @@ def _requested_outputs(obj: Mapping[str, Any]) -> tuple[list[str] | None, dict[s
     names, binary = [], {}
     for i, o in enumerate(raw):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-            raise ProtocolError(f"outputs[{i}] is {o!r}; expected an object with a name")
+            raise ProtocolError(f"outputs[{i}] is {short(o)}; expected an object with a name")
         p = _params(o, f"outputs[{i}]")
         if "classification" in p:
-            raise ProtocolError(f"output {o['name']!r} asks for classification; this server "
-                                "returns label/score outputs instead (drop the parameter)")
+            raise ProtocolError(f"output {short(o['name'], 40)} asks for classification; this "
+                                "server returns label/score outputs instead (drop the "
+                                "parameter)")
         names.append(o["name"])
         if "binary_data" in p:
             binary[o["name"]] = bool(p["binary_data"])
@@ -344,7 +422,7 @@ class ModelSpec:
         names = [t.name for t in req.inputs]
         expected = f"[N, {', '.join(map(str, self.input_shape))}]"
         if names != [INPUT_NAME]:
-            raise ProtocolError(f"the request has inputs {names}; model {self.name!r} takes one "
+            raise ProtocolError(f"the request has inputs {short(names)}; model {self.name!r} takes one "
                                 f"input {INPUT_NAME!r} (UINT8 or FP32 {expected})")
         t = req.inputs[0]
         if t.datatype not in INPUT_DATATYPES:
@@ -371,7 +449,7 @@ class ModelSpec:
         names = list(OUTPUTS) if req.outputs is None else req.outputs
         unknown = [n for n in names if n not in values]
         if unknown:
-            raise ProtocolError(f"the request asks for outputs {unknown}; model {self.name!r} "
+            raise ProtocolError(f"the request asks for outputs {short(unknown)}; model {self.name!r} "
                                 f"has outputs {list(OUTPUTS)}")
         return [(n, values[n]) for n in names]
 

@@ -61,9 +61,17 @@ def _json(status: int, obj: Any) -> Reply:
     return Reply(status, json.dumps(obj).encode())
 
 
-def error_reply(status: int, message: str) -> Reply:
-    """The OIP error body ``{"error": message}``."""
-    return _json(status, {"error": message})
+def error_reply(status: int, message: str, retry_after: int | None = None) -> Reply:
+    """The OIP error body ``{"error": message}`` (with ``Retry-After`` when given)."""
+    reply = _json(status, {"error": message})
+    if retry_after is not None:
+        reply.headers["retry-after"] = str(retry_after)
+    return reply
+
+
+def body_limit(input_shape: tuple[int, ...], max_rows: int) -> int:
+    """The default bytes per request body: ``max_rows`` float32 images and 1 MiB."""
+    return max_rows * int(np.prod(input_shape)) * 4 + (1 << 20)
 
 
 def stage_rows(result: GatedResult, num_stages: int) -> list[int]:
@@ -85,8 +93,7 @@ class OIPServer:
         self.spec = spec
         self.infer = infer
         self.max_rows = max_rows
-        per_image = int(np.prod(spec.input_shape)) * 4
-        self.max_body = max_body or max_rows * per_image + (1 << 20)
+        self.max_body = max_body or body_limit(spec.input_shape, max_rows)
         self.full = full
         self.metrics = metrics
         self.rows_per_stage = [0] * spec.num_stages
@@ -101,7 +108,7 @@ class OIPServer:
         try:
             reply = await self._route(method.upper(), path, headers, body)
         except ProtocolError as exc:
-            reply = error_reply(exc.status, str(exc))
+            reply = error_reply(exc.status, str(exc), exc.retry_after)
         except (InputError, DGConvertError) as exc:
             reply = error_reply(400, str(exc))
         except Exception as exc:  # noqa: BLE001 - the server keeps serving

@@ -29,6 +29,7 @@ from dgconvert.serve.common import (
     require_ray,
     respond,
 )
+from dgconvert.serve.faults import RetryingHandle
 from dgconvert.serve.server import OIPServer
 
 
@@ -125,7 +126,8 @@ class SplitIngress:
     def __init__(self, bundle: str, options: dict[str, Any], *stages: Any) -> None:
         opts = ServeOptions(**options)
         self.bundle = Bundle.load(bundle)
-        self.stages = stages
+        # a stage replica that dies mid-call: retried once on a live one, else a 503
+        self.stages = tuple(RetryingHandle(s, f"stage {k}") for k, s in enumerate(stages))
         t = opts.thresholds if opts.thresholds is not None else self.bundle.thresholds
         self.rule = ExitRule.from_thresholds(t)
         spec = model_spec(self.bundle)
@@ -166,9 +168,11 @@ def build_split_app(bundle: Bundle, options: ServeOptions) -> Any:
     for k, count in enumerate(counts):
         dep = serve.deployment(StageWorker, name=f"{name}-stage{k}", num_replicas=count,
                                max_ongoing_requests=max(2 * options.max_batch, 64),
+                               graceful_shutdown_timeout_s=options.drain_timeout_s,
                                ray_actor_options={"num_cpus": cpus})
         stages.append(dep.bind(path, k, opts))
     ingress = serve.deployment(SplitIngress, name=f"{name}-split",
                                max_ongoing_requests=options.max_ongoing_requests,
+                               graceful_shutdown_timeout_s=options.drain_timeout_s,
                                ray_actor_options={"num_cpus": 0})
     return ingress.bind(path, opts, *stages)

@@ -21,11 +21,13 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_local(metrics_port: int) -> Iterator[Any]:
-    import ray
+    """A local Ray whose Serve proxy runs the guard (short deadlines for the tests)."""
+    from dgconvert.serve.app import init_ray
+    from dgconvert.serve.ingress import GuardOptions
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 500})
+    ray = init_ray(GuardOptions(body_timeout_s=4, header_timeout_s=4), num_cpus=2,
+                   configure_logging=False, _metrics_export_port=metrics_port,
+                   _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()  # ends Serve's actors with the local cluster
 

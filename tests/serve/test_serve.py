@@ -5,6 +5,7 @@ server keeps serving; --split-stages gives the same results."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -202,3 +203,43 @@ def test_metrics_reach_rays_prometheus_exporter(server: str, case: dict[str, Any
     rows = [seen.get(("ray_dgconvert_stage_rows_total", str(k)), 0.0)
             for k in range(case["bundle"].num_stages)]
     assert rows[0] >= 8 and rows == sorted(rows, reverse=True)  # fewer rows deeper
+
+
+def _raw(server: str, data: bytes, wait: float) -> tuple[float, bytes]:
+    """Send ``data`` on a fresh connection and return (seconds to the answer, answer)."""
+    import socket
+
+    host, port = server.split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(data)
+        t0 = time.monotonic()
+        chunks = []
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return time.monotonic() - t0, b"".join(chunks)
+
+
+def test_slow_uploads_get_408_and_do_not_hold_up_others(server: str,
+                                                        case: dict[str, Any]) -> None:
+    """The guard in the proxy (4 s deadlines in conftest): a body or head that stalls
+    is answered 408 JSON and closed, and a normal client is answered meanwhile."""
+    name = case["name"]
+    slow_body = (f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: x\r\n"
+                 "Content-Length: 1000\r\n\r\n{\"inputs\"").encode()
+    answers: dict[str, tuple[float, bytes]] = {}
+    threads = [threading.Thread(target=lambda k=k, d=d: answers.__setitem__(k, _raw(server, d, 30)))
+               for k, d in [("body", slow_body), ("head", b"GET /v2/health/re")]]
+    for th in threads:
+        th.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    _check(case, np.arange(3), _infer(_client(server), name, case["pixels"][:3]))
+    assert time.monotonic() - t0 < 3  # answered while both stalled connections wait
+    for th in threads:
+        th.join(30)
+    for what, flag in [("body", "--body-timeout"), ("head", "--header-timeout")]:
+        took, raw = answers[what]
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), raw
+        assert flag in json.loads(body)["error"] and 3 < took < 15, (what, took)
