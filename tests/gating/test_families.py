@@ -14,7 +14,7 @@ from dgconvert.core.errors import CheckpointError
 from dgconvert.gating.families import Family, family, family_names, family_of, register_family
 from dgconvert.gating.families.cut_backbone import CutBackbone
 from dgconvert.gating.fit import FitError
-from dgconvert.gating.gaternet import gate_counts, prune_always_off
+from dgconvert.gating.gaternet import filter_gate_counts, prune_always_off
 from tests.gating.test_gaternet import tiny
 from tests.models import build
 
@@ -74,7 +74,7 @@ def test_checkpoint_keeps_the_version_1_layout_plus_its_family(tmp_path: Path) -
 def test_gaternet_exits_on_a_pruned_gaternet_round_trip(tmp_path: Path) -> None:
     gn = tiny()
     calib = (np.random.default_rng(0).random((64, 1, 28, 28)) * 255).astype(np.uint8)
-    pruned = prune_always_off(gn, gate_counts(gn, calib) == 0, 4)
+    pruned = prune_always_off(gn, filter_gate_counts(gn, calib) == 0, 4)
     assert pruned.removed.any()
     fam = family("gaternet-exits")
     net = fam.build(fam.Config(cuts=["layer1", "layer2"]), gaternet=pruned.net)
