@@ -46,8 +46,7 @@ PRECISION = "int8"
 #: reference model, 4,096 passed (docs/quantization.md)
 DEFAULT_IMAGES = 4096
 KEEP_FP32 = ("gates", "none")
-_BATCH = 64  # rows per calibration batch
-_MAX_BATCHES = 8  # ORT's MinMax calibrator reduces its collected tensors every 8 batches
+_BATCH = 64  # rows per calibration batch (ORT's MinMax keeps only each batch's min and max)
 
 
 class QuantizeError(BundleError):
@@ -237,7 +236,9 @@ def quantize_graph(path: Path, out: Path, batches: Iterator[dict[str, np.ndarray
             for i, n in enumerate(model.graph.node):  # nodes_to_exclude goes by name
                 n.name = n.name or f"dgc_node_{i}"
             onnx.save(model, str(pre))
-            extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": _MAX_BATCHES}
+            # not CalibMaxIntermediateOutputs: ORT 1.32's MinMax calibrator drops (does not
+            # merge) what it collected when it reaches that count
+            extra: dict[str, Any] = {}
             gathered = _gathered(model)
             if input_qparams is not None and gathered is not None:
                 scale, zp = input_qparams
