@@ -59,7 +59,7 @@ def cpu_flags() -> list[str]:
 
 def profile_ops(model: str | bytes, feeds_list: list[dict[str, np.ndarray]],
                 optimized: bool = False) -> dict[str, float]:
-    """Share of kernel time per op type (ORT's profiler) over the runs of ``feeds_list``
+    """Kernel time per op type in µs (ORT's profiler) over the runs of ``feeds_list``
     (``optimized``: a graph ORT optimized already, loaded at the extended level)."""
     import onnxruntime as ort
 
@@ -77,31 +77,36 @@ def profile_ops(model: str | bytes, feeds_list: list[dict[str, np.ndarray]],
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             times[e["args"].get("op_name", "?")] += e.get("dur", 0)
+    return dict(times)
+
+
+def shares(times: dict[str, float]) -> dict[str, float]:
+    """Each op type's share of the time, largest first."""
     total = sum(times.values()) or 1
-    return {k: v / total for k, v in times.most_common()}
+    return {k: v / total for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
 def gated_profile(runner: GatedRunner, x: np.ndarray) -> dict[str, float]:
-    """Op-type shares over the stages as the runner runs them (its fast-path graphs)."""
+    """Op-type shares of the time over the stages as the runner runs them (its fast-path
+    graphs; every row through every stage)."""
     be = runner.backend
     models = [m for m in getattr(be, "_chain_models", None) or []]
     if not models:
         return {}
-    shares: Counter[str] = Counter()
-    feats: Any = x
+    times: Counter[str] = Counter()
+    handle: Any = x  # what the backend hands on (a fast-path handle or an array)
     keep = np.arange(len(x), dtype=np.int64)
     for k, m in enumerate(models):
         io = be.stage_io[k]
+        feats = getattr(handle, "value", handle)
         feeds = {io.inputs[0]: feats} if k == 0 else {io.inputs[0]: feats, io.inputs[1]: keep}
-        for op, share in profile_ops(m.SerializeToString(), [feeds], True).items():
-            shares[op] += share / len(models)
-        out = be.run_stage(k, feats, keep if k else None)
-        feats = getattr(out.features, "value", out.features)
-    return dict(shares.most_common())
+        times.update(profile_ops(m.SerializeToString(), [feeds], True))
+        handle = be.run_stage(k, handle, keep if k else None).features
+    return shares(times)
 
 
-def _fmt_shares(shares: dict[str, float], n: int = 6) -> str:
-    return ", ".join(f"{op} {100 * s:.0f} %" for op, s in list(shares.items())[:n])
+def _fmt_shares(share: dict[str, float], n: int = 6) -> str:
+    return ", ".join(f"{op} {100 * s:.0f} %" for op, s in list(share.items())[:n])
 
 
 def run_model(src: Bundle, ds: Any, data_name: str, cal_images: np.ndarray, cal_spec: str,
@@ -132,7 +137,7 @@ def run_model(src: Bundle, ds: Any, data_name: str, cal_images: np.ndarray, cal_
     preds = {s.id: predict_all(s, ds.images, 256) for s in systems}
     results = build_results(int8, systems, meas, preds, ds.labels)
     x = main.prepare(ds.images[:64])
-    prof_full = profile_ops(str(int8.full_file()), [{int8.manifest.input.name: x}] * 3)
+    prof_full = shares(profile_ops(str(int8.full_file()), [{int8.manifest.input.name: x}] * 3))
     prof_gated = gated_profile(main, x)
     prof_float = gated_profile(floaty, x)
     lines = [f"## {src.path.name} ({len(ds.images)} images of {data_name}; {how})", "",
