@@ -112,14 +112,16 @@ def _fmt_shares(share: dict[str, float], n: int = 6) -> str:
 def run_model(src: Bundle, ds: Any, data_name: str, cal_images: np.ndarray, cal_spec: str,
               mix: list[float] | None, config: BenchConfig, calibration_images: int,
               out: Path) -> tuple[list[str], dict]:
-    int8, qrep = quantize_bundle(src, out / f"{src.path.stem}-int8.dg", cal_images, None,
+    # beside its source: calibrate and bench find the fp32 bundle there by its digest
+    int8, qrep = quantize_bundle(src, src.path.parent / f"{src.path.stem}-int8.dg", cal_images,
+                                 None,
                                  data=cal_spec, force=True,
                                  settings=QuantizeSettings(calibration_images=calibration_images))
     if mix:
         t8, t32 = mix_thresholds(int8, ds.images, mix), mix_thresholds(src, ds.images, mix)
         how = f"thresholds for {mix} % exits at the gates (each bundle its own)"
     else:
-        res = calibrate_bundle(int8, cal_spec, max_drop=0.3, drop_vs="fp32", write=True)
+        res = calibrate_bundle(int8, cal_spec, max_drop=0.3, drop_vs="fp32", source=src.path)
         t8, t32 = list(res.thresholds), src.thresholds
         how = ("int8: `calibrate --max-drop 0.3` against the fp32 source's full model "
                f"({cal_spec}); fp32: its own calibrated thresholds")
