@@ -19,7 +19,7 @@ from dgconvert.cli.common import friendly_errors, write_json
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="Int8 weight scales per output channel or one per tensor.")
 @click.option("--calibration-images", type=int, default=None,
-              help="Images of --data that set the activation ranges (default 4096).")
+              help="Images of --data that set the activation ranges (default 1024).")
 @click.option("--keep-fp32", type=click.Choice(["gates", "none"]), default="gates",
               show_default=True, help="Leave the gate heads in float32 (gates) or quantize all.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,

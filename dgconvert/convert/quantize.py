@@ -42,9 +42,9 @@ from dgconvert.core.preprocess import prepare_images
 from dgconvert.runtime.passes.graph_edit import live_nodes
 
 PRECISION = "int8"
-#: calibration images by default: 1,024 left gate 0's score correlation at 0.9499 on the
-#: reference model, 4,096 passed (docs/quantization.md)
-DEFAULT_IMAGES = 4096
+#: calibration images by default, by measurement on the reference model (docs/quantization.md):
+#: MinMax ranges only widen with more images, and 4,096 images agreed less than 1,024
+DEFAULT_IMAGES = 1024
 KEEP_FP32 = ("gates", "none")
 _BATCH = 64  # rows per calibration batch (ORT's MinMax keeps only each batch's min and max)
 
@@ -99,7 +99,8 @@ class Bounds:
     """What the int8 bundle must reach against its fp32 source (fractions; ``accuracy_drop``
     in points). Defaults chosen by measurement: ``docs/quantization.md``."""
 
-    label_agreement: float = 0.97
+    stage_agreement: float = 0.95  # each gate's label and the final stage's
+    full_agreement: float = 0.97  # full.onnx labels
     score_correlation: float = 0.95
     accuracy_drop: float = 1.0
 
@@ -387,15 +388,15 @@ def verify_quantized(fp32: Bundle, int8: Bundle, images: Any,
     report = QuantizationReport(len(x), agree, float(np.mean(f8 == f32)), corr)
     fails = report.failures
     for k, a in enumerate(agree):
-        if a < bounds.label_agreement:
+        if a < bounds.stage_agreement:
             fails.append(f"stage {k}: label agreement {100 * a:.2f} % < "
-                         f"{100 * bounds.label_agreement:.2f} %")
+                         f"{100 * bounds.stage_agreement:.2f} %")
     for k, c in enumerate(corr):
         if not c >= bounds.score_correlation:
             fails.append(f"gate {k}: score correlation {c:.4f} < {bounds.score_correlation}")
-    if report.full_agreement < bounds.label_agreement:
+    if report.full_agreement < bounds.full_agreement:
         fails.append(f"full model: label agreement {100 * report.full_agreement:.2f} % < "
-                     f"{100 * bounds.label_agreement:.2f} %")
+                     f"{100 * bounds.full_agreement:.2f} %")
     if labels is not None and len(labels) == len(x):
         y = np.asarray(labels)
         report.accuracy = {"fp32": float(np.mean(f32 == y)), "int8": float(np.mean(f8 == y))}
