@@ -314,6 +314,10 @@ def quantize_bundle(
         raise QuantizeError(
             f"{src.path} is already quantized ({q.precision}, from {q.source_bundle or '?'}); "
             "expected an fp32 bundle. Fix: quantize the fp32 bundle it came from.")
+    if Path(output).resolve() == src.path.resolve():
+        raise QuantizeError(f"-o {output} is the fp32 bundle itself; expected a new path (the "
+                            "int8 bundle names its fp32 source, which must stay). Fix: -o "
+                            f"{src.path.with_name(src.path.stem + '-int8.dg')}.")
     x = calibration_images(src, images)
     n_cal = min(settings.calibration_images, len(x))
     cal, held = x[:n_cal], x[n_cal:]

@@ -149,6 +149,8 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(int8: tuple[Bundle, Bun
                                                          tmp_path: Path) -> None:
     src, q = int8
     out = tmp_path / "out.dg"
+    with pytest.raises(QuantizeError, match="is the fp32 bundle itself"):
+        quantize_bundle(src, src.path, _pixels(8), settings=FEW, force=True)
     with pytest.raises(QuantizeError, match="already quantized"):
         quantize_bundle(q, out, _pixels(8), settings=FEW)
     with pytest.raises(QuantizeError, match=r"does not fit .*expected \[N, 1, 28, 28\]"):
