@@ -112,6 +112,13 @@ def test_int8_boundaries_match_the_contract_graphs_sample_by_sample(
                 np.testing.assert_array_equal(got.labels, want.labels[:bs])
                 np.testing.assert_array_equal(got.exit_stage, want.exit_stage[:bs])
                 np.testing.assert_allclose(got.scores, want.scores[:bs], rtol=1e-5, atol=1e-6)
+        off = [t[0], float("inf"), t[2]]  # gate 1 off: the chain composed without its head
+        chain.thresholds, ref.thresholds = off, off
+        want_off, got_off = ref.predict(px), chain.predict(px)
+        assert frozenset({1}) in chain.backend.chain_variants
+        np.testing.assert_array_equal(got_off.labels, want_off.labels)
+        np.testing.assert_array_equal(got_off.exit_stage, want_off.exit_stage)
+        assert 1 not in set(got_off.exit_stage.tolist())
         out = fast.backend.run_stage(0, fast.prepare(px[:4]), None)
         contract = ref.backend.run_stage(0, ref.prepare(px[:4]), None)
         np.testing.assert_allclose(np.asarray(out.features), contract.features, atol=1e-6)
