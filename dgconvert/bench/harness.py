@@ -27,13 +27,13 @@ from dgconvert.bench.memory import PeakMemory
 from dgconvert.bench.report import BenchReport, build_results, stage_ms
 from dgconvert.bench.systems import (
     OnnxFull,
-    OnnxFullDefault,
     OnnxGated,
     PrefixProbe,
     StageProbe,
     System,
     TorchFull,
     TorchMasked,
+    default_sessions,
 )
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import GatedResult
@@ -224,7 +224,7 @@ def run_benchmark(
     systems: list[System] = [OnnxFull(main), OnnxGated(main)]
     onnx_cpu = be.name == "onnxruntime"
     if onnx_cpu:
-        systems.append(OnnxFullDefault(main))
+        systems += default_sessions(main)
     for name, t in (operating_points or {}).items():
         r = GatedRunner(b, backend=be, thresholds=list(t), max_batch=max_batch)
         systems.append(OnnxGated(r, id=f"gated[{name}]", label=f"gated {name} ({be.name}, ours)"))

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 #: the system id of ``full.onnx`` in a default ONNX Runtime session (what a user would run)
 FULL_DEFAULT = "full-default"
+#: an int8 bundle's ``full.onnx`` (ONNX Runtime's quantize_static of the fp32 one) in a
+#: default session: what a user reaching for ORT's quantization would run
+FULL_INT8_DEFAULT = "full-int8-default"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dgconvert.bench.errors import BenchError
-from dgconvert.bench.measurements import FULL_DEFAULT, Measurements
+from dgconvert.bench.measurements import FULL_DEFAULT, FULL_INT8_DEFAULT, Measurements
 from dgconvert.bench.stats import (
     Spread,
     cost_share_flops,
@@ -72,6 +72,7 @@ class SystemResult:
     ideal_prefix_ms_per_image: float | None = None  # each exit pays its ungated prefix only
     efficiency_prefix: Spread | None = None  # ideal (prefixes) / measured: the physical limit
     speedup_default: Spread | None = None  # a default ONNX Runtime session on full.onnx / this
+    speedup_int8_default: Spread | None = None  # int8 bundles: full-int8-default / this
     peak_rss_mb: float | None = None
     peak_rss_delta_mb: float | None = None
 
@@ -108,6 +109,8 @@ class SystemResult:
             "ideal_prefix_ms_per_image": self.ideal_prefix_ms_per_image,
             "efficiency_prefix": med(self.efficiency_prefix),
             "speedup_vs_default_session": med(self.speedup_default),
+            **({"speedup_vs_int8_default_session": med(self.speedup_int8_default)}
+               if self.speedup_int8_default is not None else {}),
             "cost_share_time": self.cost_share_time,
             "cost_share_flops": self.cost_share_flops,
             "gflops_per_image": self.gflops_per_image,
@@ -187,9 +190,11 @@ def build_results(
                 if ideal is not None:
                     r.ideal_prefix_ms_per_image = 1e3 * float(np.median(ideal)) / n
                     r.efficiency_prefix = paired_ratios(ideal, secs)
-                default = meas.seconds.get(FULL_DEFAULT, {}).get(b)
-                if default is not None and meas.images[FULL_DEFAULT][b] == n:
-                    r.speedup_default = paired_ratios(default, secs)
+                for sid, attr in ((FULL_DEFAULT, "speedup_default"),
+                                  (FULL_INT8_DEFAULT, "speedup_int8_default")):
+                    default = meas.seconds.get(sid, {}).get(b)
+                    if default is not None and meas.images[sid][b] == n:
+                        setattr(r, attr, paired_ratios(default, secs))
             if s.reference is not None and s.reference in meas.seconds:
                 ref = meas.seconds[s.reference][b]
                 if meas.images[s.reference][b] != n:
@@ -312,6 +317,8 @@ def render_table(rows: Sequence[SystemResult]) -> str:
         sp = "–" if r.speedup is None else f"{r.speedup.median:.2f}×"
         if r.speedup_default is not None:
             sp += f" ({r.speedup_default.median:.2f}×)"
+        if r.speedup_int8_default is not None:
+            sp += f" (int8 {r.speedup_int8_default.median:.2f}×)"
         limit = ("–" if r.ideal_prefix_ms_per_image is None else
                  f"{r.ideal_prefix_ms_per_image:.4f}")
         eff_limit = "–" if r.efficiency_prefix is None else f"{r.efficiency_prefix.median:.3f}"

@@ -8,8 +8,12 @@
                    exits applied as a mask afterwards (``GatedNetwork.gated_forward``, what
                    the papers' code does)
 ``full-default``   ``full.onnx`` in a default ONNX Runtime session (what a user would run
-                   instead of dgconvert)
+                   instead of dgconvert); for an int8 bundle, its fp32 source's
+``full-int8-default``  int8 bundles: their ``full.onnx`` (ORT's ``quantize_static`` of the
+                   fp32 one) in a default session
 =================  =====================================================================
+
+For an int8 bundle the prefixes (the physical limit) are cut from its int8 stage graphs.
 
 Every system receives the same batches (uint8 pixels or float32) and does its own
 preprocessing, so that cost is in every measurement alike. :class:`StageProbe` times each
@@ -25,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.bench.measurements import FULL_DEFAULT
+from dgconvert.bench.measurements import FULL_DEFAULT, FULL_INT8_DEFAULT
 from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.base import Backend
 from dgconvert.runtime.onnxruntime_backend import direct_run, session_options
@@ -110,12 +114,12 @@ class OnnxFullDefault(System):
     kind, framework = "full", "onnx"
     spins = True
 
-    def __init__(self, runner: GatedRunner, id: str = FULL_DEFAULT) -> None:
+    def __init__(self, runner: GatedRunner, id: str = FULL_DEFAULT, path: Any = None,
+                 label: str = "full model (default ONNX Runtime session)") -> None:
         import onnxruntime as ort
 
-        self.runner, self.id = runner, id
-        self.label = "full model (default ONNX Runtime session)"
-        self._sess = ort.InferenceSession(str(runner.bundle.full_file()),
+        self.runner, self.id, self.label = runner, id, label
+        self._sess = ort.InferenceSession(str(path or runner.bundle.full_file()),
                                           providers=["CPUExecutionProvider"])
         self._input = self._sess.get_inputs()[0].name
         self._last = runner.bundle.num_stages - 1
@@ -127,6 +131,25 @@ class OnnxFullDefault(System):
 
     def close(self) -> None:
         self._sess = None
+
+
+def default_sessions(runner: GatedRunner) -> list[System]:
+    """The full models a user would run instead, in default sessions: ``full.onnx``; for an
+    int8 bundle its own (``full-int8-default``) and its fp32 source's when found beside it."""
+    q = runner.bundle.manifest.quantization
+    if q is None:
+        return [OnnxFullDefault(runner)]
+    from dgconvert.convert.quantize import QuantizeError, find_source
+
+    out: list[System] = [OnnxFullDefault(
+        runner, FULL_INT8_DEFAULT,
+        label=f"full model {q.precision} (ORT quantize_static, default session)")]
+    try:
+        src = find_source(runner.bundle)
+    except QuantizeError:
+        return out
+    return [OnnxFullDefault(runner, FULL_DEFAULT, src.full_file(),
+                            f"full model fp32 ({src.path.name}, default session)"), *out]
 
 
 class TorchFull(System):

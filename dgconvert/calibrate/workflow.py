@@ -16,6 +16,7 @@ from typing import Any
 from dgconvert.calibrate.collect import bundle_digest, collect_records
 from dgconvert.calibrate.errors import CalibrationError
 from dgconvert.calibrate.pipeline import calibrate
+from dgconvert.calibrate.precision import describe_drops, drops, fp32_reference, fp32_target
 from dgconvert.calibrate.report import CalibrationResult
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.manifest import Manifest, ThresholdInfo, now_iso, portable
@@ -49,6 +50,8 @@ def calibrate_bundle(
     write: bool = True,
     progress: bool = False,
     dataset: Dataset | None = None,
+    drop_vs: str = "fp32",
+    source: str | Path | None = None,
     **backend_options: Any,
 ) -> CalibrationResult:
     """Calibrate ``bundle`` on labelled ``data`` (a ``--data`` spec; ``dataset``: the loaded
@@ -58,7 +61,9 @@ def calibrate_bundle(
     :func:`calibrate` (the command line takes percent and points). ``exit_costs``: cumulative cost per exit point (default: the manifest's FLOPs);
     with ``cost="latency"`` they must be given, in ms. With ``write`` the thresholds and the
     calibration record go into the manifest (:func:`write_calibration`); without it nothing
-    is written anywhere (the records cache included).
+    is written anywhere (the records cache included). An int8 bundle's ``max_drop`` is
+    measured against the fp32 source's full model (``drop_vs="fp32"``, found by digest or
+    at ``source``) or its own (``"int8"``); both drops go into ``result.context``.
     """
     if dataset is None:
         b, ds = load_data(bundle, data)
@@ -73,6 +78,9 @@ def calibrate_bundle(
             "cost='latency' needs the measured exit costs (ms per exit point); measure them "
             "with dgconvert.bench.calibration.latency_exit_costs and pass exit_costs="
         )
+    ref = fp32_reference(b, ds.images, y, drop_vs, source)
+    if ref is not None and ref.drop_vs == "fp32" and max_drop is not None:
+        target_accuracy, max_drop = fp32_target(ref, max_drop, holdout, confidence, seed), None
     fingerprint, digest = ds.fingerprint(), bundle_digest(b)
     records, cached = collect_records(
         b, ds.images, fingerprint, backend=backend, progress=progress, digest=digest,
@@ -96,6 +104,8 @@ def calibrate_bundle(
         "records_cached": cached,
         "created": now_iso(),
     }
+    if ref is not None:
+        context["precision"] = drops(ref, result)
     result = replace(result, context=context)
     if write:
         write_calibration(b, result)
@@ -158,4 +168,6 @@ def summary(result: CalibrationResult, written: bool) -> str:
             + ": the full model (all gates off) is returned"
         )
     text += f". Promise: {result.promise}"
+    if "precision" in result.context:
+        text += ". " + describe_drops(result.context["precision"])
     return text + ("; written to the manifest" if written else "; dry run: nothing written")

@@ -21,6 +21,7 @@ COMMANDS = {
     "train-reference": "dgconvert.cli.gates:train_reference_cmd",
     "calibrate": "dgconvert.cli.calibrate:calibrate_cmd",
     "build": "dgconvert.cli.build:build_cmd",
+    "quantize": "dgconvert.cli.quantize:quantize_cmd",
     "predict": "dgconvert.cli.predict:predict_cmd",
     "bench": "dgconvert.cli.bench:bench_cmd",
     "serve": "dgconvert.cli.serve:serve_cmd",

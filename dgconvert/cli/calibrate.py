@@ -18,6 +18,10 @@ from dgconvert.cli.common import backend_option, friendly_errors, threads_option
 @click.option("--data", required=True, help="Labelled calibration data (not the test set), e.g. 'fashion-mnist:train[50000:]'.")
 @click.option("--target-acc", type=float, default=None, help="Target accuracy in percent, e.g. 94.7.")
 @click.option("--max-drop", type=float, default=None, help="Or: at most this many points below the full model's accuracy.")
+@click.option("--drop-vs", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Int8 bundles: --max-drop is below the fp32 source's full model or the int8 one (both are reported).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Int8 bundles: the fp32 bundle it was quantized from (default: found beside it by the digest its manifest records).")
 @click.option("--confidence", type=float, default=None,
               help="Guarantee the target on unseen data with this probability (e.g. 0.9): Learn-then-Test on the held-out part (paired exact test with --max-drop; falls back to the full model when nothing is certified).")
 @click.option("--holdout", type=float, default=None,
@@ -35,7 +39,7 @@ from dgconvert.cli.common import backend_option, friendly_errors, threads_option
 @friendly_errors
 def calibrate_cmd(
     bundle: Path, data: str, target_acc: float | None, max_drop: float | None,
-    confidence: float | None, holdout: float | None, cost_kind: str, batch_size: int, measure: bool,
+    drop_vs: str, source: Path | None, confidence: float | None, holdout: float | None, cost_kind: str, batch_size: int, measure: bool,
     backend: str, threads: int | None, json_out: Path | None, plot: Path | None,
     dry_run: bool, seed: int,
 ) -> None:
@@ -54,7 +58,7 @@ def calibrate_cmd(
         b, data, target_accuracy=None if target_acc is None else target_acc / 100.0,
         max_drop=None if max_drop is None else max_drop / 100.0, confidence=confidence,
         holdout=holdout, exit_costs=exit_costs, cost=cost_kind, backend=backend, seed=seed,
-        write=False, progress=True, dataset=ds, **opts,
+        write=False, progress=True, dataset=ds, drop_vs=drop_vs, source=source, **opts,
     )
     if measure:
         ms = measure_rows(b, ds.images, result, batch_size, backend, **opts)

@@ -49,6 +49,18 @@ def describe_bundle(path: Path) -> str:
         )
     engines = m.engines
     lines.append(f"engines: {', '.join(engines) if engines else 'none (run `dgconvert build` on a GPU)'}")
+    q = m.quantization
+    lines.append(f"precision: {m.precision}")
+    if q is not None:
+        lines.append(f"  from fp32 bundle {q.source_bundle!r} (digest {q.source_digest[:16]}…), "
+                     f"calibrated on {q.calibration_images} images of {q.calibration_data or '?'}")
+        lines.append("  quantizer: " + ", ".join(f"{k} {v}" for k, v in q.settings.items()))
+        v = q.verification
+        if v:
+            lines.append(f"  checked on {v.get('images')} images: label agreement per stage "
+                         f"{[round(100 * a, 2) for a in v.get('stage_agreement', [])]} %, full "
+                         f"model {100 * v.get('full_agreement', 0):.2f} %, score correlation "
+                         f"per gate {[round(c, 4) for c in v.get('score_correlation', [])]}")
     gn = m.gaternet
     if gn is not None:
         from dgconvert.core.gates import format_filter_gates

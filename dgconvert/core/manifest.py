@@ -14,6 +14,9 @@ Schema version 1 (see ``docs/internals.md``)::
     gaternet   (optional; GaterNet bundles) {gater {...}, data, samples, layers [{name,
                 filters, always_on, always_off, input_dependent, pruned, on_rate}],
                 flops_masked, flops_pruned, pruned_share}
+    quantization (optional; quantized bundles, record version 1) {version, precision,
+                source {bundle, digest}, calibration {data, images}, settings {...},
+                verification {...}}
 
 A bundle may have a single stage (no gates: e.g. a GaterNet without early exits).
 Keys this version does not know are kept and written back unchanged.
@@ -366,9 +369,50 @@ class GaterNetInfo:
                 "pruned_share": self.pruned_share, **self.extra}
 
 
+@dataclass
+class QuantizationInfo:
+    """A quantized bundle (``dgconvert quantize``): its precision, the fp32 bundle it came
+    from (name and :func:`~dgconvert.convert.quantize.source_digest`), the calibration images
+    and the quantizer's settings. ``version``: of this record (bundles without it are fp32)."""
+
+    precision: str
+    source_digest: str
+    source_bundle: str = ""
+    calibration_data: str = ""
+    calibration_images: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> QuantizationInfo:
+        o = _obj(obj, where)
+        src = _get(o, "source", dict, where)
+        cal = _get(o, "calibration", dict, where, default={})
+        return cls(_get(o, "precision", str, where),
+                   _get(src, "digest", str, f"{where}.source"),
+                   _get(src, "bundle", str, f"{where}.source", default=""),
+                   _get(cal, "data", str, f"{where}.calibration", default=""),
+                   _get(cal, "images", int, f"{where}.calibration", default=0),
+                   _get(o, "settings", dict, where, default={}),
+                   _get(o, "verification", dict, where, default={}),
+                   _get(o, "version", int, where, default=1),
+                   _rest(o, ("precision", "source", "calibration", "settings", "verification",
+                             "version")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "precision": self.precision,
+                "source": {"bundle": self.source_bundle, "digest": self.source_digest},
+                "calibration": {"data": self.calibration_data,
+                                "images": self.calibration_images},
+                "settings": dict(self.settings), "verification": dict(self.verification),
+                **self.extra}
+
+
 _TOP = ("format", "schema_version", "dgconvert_version", "created", "input", "classes",
         "num_classes", "stages", "full", "thresholds", "calibration", "engines", "source",
-        "opset", "gaternet")
+        "opset", "gaternet", "quantization")
 
 
 @dataclass
@@ -386,6 +430,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     opset: int | None = None
     gaternet: GaterNetInfo | None = None
+    quantization: QuantizationInfo | None = None
     dgconvert_version: str = field(default_factory=package_version)
     created: str = field(default_factory=now_iso)
     schema_version: int = SCHEMA_VERSION
@@ -399,6 +444,11 @@ class Manifest:
     @property
     def num_gates(self) -> int:
         return len(self.stages) - 1
+
+    @property
+    def precision(self) -> str:
+        """``"fp32"``, or the quantized bundle's precision (``"int8"``)."""
+        return "fp32" if self.quantization is None else self.quantization.precision
 
     @classmethod
     def parse(cls, obj: Any, where: str = "manifest.json") -> Manifest:
@@ -439,6 +489,8 @@ class Manifest:
             opset=_get(obj, "opset", (int, type(None)), "", default=None),
             gaternet=(None if obj.get("gaternet") is None
                       else GaterNetInfo.parse(obj["gaternet"], "gaternet")),
+            quantization=(None if obj.get("quantization") is None
+                          else QuantizationInfo.parse(obj["quantization"], "quantization")),
             dgconvert_version=str(obj.get("dgconvert_version", "?")),
             created=str(obj.get("created", "")),
             extra=_rest(obj, _TOP),
@@ -472,6 +524,8 @@ class Manifest:
             "full": self.full.to_dict(), "thresholds": self.thresholds.to_dict(),
             "source": dict(self.source), "opset": self.opset,
             **({"gaternet": self.gaternet.to_dict()} if self.gaternet is not None else {}),
+            **({"quantization": self.quantization.to_dict()}
+               if self.quantization is not None else {}),
             **self.extra,
             "calibration": self.calibration, "engines": dict(self.engines),
         }

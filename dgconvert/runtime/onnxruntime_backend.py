@@ -7,6 +7,8 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
 - ``fuse_boundaries``: on the CPU, features cross stage boundaries in ORT's blocked NCHWc
   layout (graph pass :mod:`dgconvert.runtime.passes.boundary_fusion`), self-checked
   against the plain graphs.
+- int8 bundles (``dgconvert quantize``): features cross stage boundaries as the int8 tensor
+  instead (:mod:`dgconvert.runtime.passes.int8_boundary`), self-checked likewise.
 - ``compose``: the (fused) optimized stage graphs are also composed into one session that
   runs the whole chain, compaction inside (:mod:`dgconvert.runtime.passes.chain`),
   self-checked; :meth:`OnnxRuntimeBackend.chain` offers it to the runner.
@@ -45,6 +47,7 @@ from dgconvert.runtime.passes.boundary_fusion import (
     fuse_nchwc_boundaries,
 )
 from dgconvert.runtime.passes.chain import ChainError, compose_chain
+from dgconvert.runtime.passes.int8_boundary import Int8Output, Int8Stages, keep_int8_boundaries
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +134,52 @@ class BlockedFeatures:
         x = self.to_host()
         return x if dtype is None else x.astype(dtype)
 
+
+class QuantizedFeatures:
+    """A stage's features as the int8 tensor of a quantized bundle (int8 boundaries), in the
+    layout ORT computed it. Pass it back to the same backend's next stage; ``to_host()``
+    (or ``np.asarray``) returns the contract's float32 ``[M, C, H, W]`` array."""
+
+    __slots__ = ("value", "out", "stage")
+
+    def __init__(self, value: np.ndarray, out: Int8Output, stage: int) -> None:
+        self.value, self.out, self.stage = value, out, stage
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        v = self.value.shape
+        return (v[0], v[-1], *v[1:-1]) if self.out.channels_last else tuple(v)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return int(self.value.shape[0])
+
+    def to_host(self) -> np.ndarray:
+        return self.out.dequantize(self.value)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self.to_host()
+        return x if dtype is None else x.astype(dtype)
+
+
+#: the feature handles of this backend's fast paths (its next stage takes them as they are)
+_HANDLES = (BlockedFeatures, QuantizedFeatures)
+
+
 @dataclass(frozen=True)
 class StagePath:
-    """How one stage runs: the session call, whether its input ``x`` arrives blocked, and
-    its output's block size (0: plain NCHW features) and real channel count."""
+    """How one stage runs: the session call, whether its input ``x`` arrives in the fast
+    path's form (blocked or int8), its output's block size (0: plain NCHW features) and real
+    channel count, or how its int8 output reads back (``int8``)."""
 
     run: Run
     blocked_input: bool = False
     block: int = 0
     channels: int = 0
+    int8: Int8Output | None = None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -213,9 +253,14 @@ class OnnxRuntimeBackend(Backend):
         chain_models = models
         if models is not None and not why_not:
             try:
-                fused = fuse_nchwc_boundaries([_copy(m) for m in models])
-                self.paths = self._check_fused(fused)
-                self.fusion_path, chain_models = FastPath.on(_FUSED, fused.describe()), fused.models
+                if bundle.manifest.precision == "int8":
+                    int8 = keep_int8_boundaries([_copy(m) for m in models])
+                    self.paths = self._check_int8(int8)
+                    self.fusion_path, chain_models = FastPath.on(_FUSED, int8.describe()), int8.models
+                else:
+                    fused = fuse_nchwc_boundaries([_copy(m) for m in models])
+                    self.paths = self._check_fused(fused)
+                    self.fusion_path, chain_models = FastPath.on(_FUSED, fused.describe()), fused.models
             except FusionError as exc:
                 if isinstance(exc, NothingToFuse):
                     self.fusion_path = FastPath.by_choice(_FUSED, str(exc))
@@ -273,6 +318,25 @@ class OnnxRuntimeBackend(Backend):
                              self.bundle.input_shape)
         return [StagePath(runs[k], fused.blocked_input[k], blocks[k],
                           o.channels if (o := fused.blocked_output[k]) else 0)
+                for k in range(len(runs))]
+
+    def _check_int8(self, int8: Int8Stages) -> list[StagePath]:
+        """Load the int8-boundary graphs; check them against the plain ones; their paths."""
+        try:
+            self.fused_sessions = [self._extended_session(m) for m in int8.models]
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise FusionError(f"ONNX Runtime refused the int8-boundary graphs: {exc}") from exc
+        runs = [direct_run(sess) for sess in self.fused_sessions]
+
+        def features(k: int, plain: np.ndarray, got: np.ndarray) -> None:
+            out = int8.int8_output[k]
+            if out is not None and close_to_reference(plain, out.dequantize(got),
+                                                      CONTRACT.features):
+                raise FusionError(f"self-check failed: stage {k} int8 features differ")
+
+        check_paths(self.plain, runs, self.stage_io, self.run_options, self.bundle.input_shape,
+                    features)
+        return [StagePath(runs[k], int8.int8_input[k], int8=int8.int8_output[k])
                 for k in range(len(runs))]
 
     def _compose(self, wanted: bool | None, models: list[Any] | None,
@@ -359,8 +423,8 @@ class OnnxRuntimeBackend(Backend):
 
     def run_stage(self, k: int, inputs: Any, keep: np.ndarray | None) -> StageOutput:
         path = self.paths[k]
-        run, block = path.run, path.block
-        if inputs.__class__ is BlockedFeatures:
+        run, block, int8 = path.run, path.block, path.int8
+        if inputs.__class__ in _HANDLES:
             if inputs.stage != k - 1:
                 raise InputError(
                     f"stage {k} got the features of stage {inputs.stage}; expected those "
@@ -368,13 +432,18 @@ class OnnxRuntimeBackend(Backend):
                 )
             inputs = inputs.value if path.blocked_input else inputs.to_host()
         elif path.blocked_input:  # plain NCHW features (not from the fast path): contract graph
-            run, block = self.plain[k].run, 0
+            run, block, int8 = self.plain[k].run, 0, None
         io = self.stage_io[k]
         feeds = {io.inputs[0]: inputs} if k == 0 else {io.inputs[0]: inputs, io.inputs[1]: keep}
         outs = run(io.fetched, feeds, self.run_options)
         if io.last:
             return StageOutput(None, outs[0], outs[1])
-        feats = outs[0] if not block else BlockedFeatures(outs[0], path.channels, block, k)
+        if block:
+            feats = BlockedFeatures(outs[0], path.channels, block, k)
+        elif int8 is not None:
+            feats = QuantizedFeatures(outs[0], int8, k)
+        else:
+            feats = outs[0]
         return StageOutput(feats, outs[1], outs[2])
 
     def merge_features(self, parts: Sequence[tuple[Any, np.ndarray]]) -> Any | None:
@@ -385,6 +454,11 @@ class OnnxRuntimeBackend(Backend):
                 for f, _ in parts):
             value = np.concatenate([f.value[keep] for f, keep in parts])
             return BlockedFeatures(value, first.channels, first.block, first.stage)
+        if isinstance(first, QuantizedFeatures) and all(
+                isinstance(f, QuantizedFeatures) and f.stage == first.stage and f.out == first.out
+                for f, _ in parts):
+            return QuantizedFeatures(np.concatenate([f.value[keep] for f, keep in parts]),
+                                     first.out, first.stage)
         return super().merge_features(parts)
 
     def run_contract(self, k: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -467,9 +541,27 @@ def check_fused(plain: list[StagePath], fused_runs: list[Run], fused: FusedStage
                 stage_io: list[Any], options: Any, sample_shape: Sequence[int]) -> list[int]:
     """Run the plain and the rewritten chains on random rows; return each blocked output's
     block size. Raises :class:`FusionError` when they disagree beyond float noise."""
+    blocks = [0] * len(fused_runs)
+
+    def features(k: int, p_feats: np.ndarray, f_feats: np.ndarray) -> None:
+        out = fused.blocked_output[k]
+        if out is not None:
+            blocks[k] = _find_block(f_feats, p_feats, out.channels, out.padded)
+            if not blocks[k]:
+                raise FusionError(f"self-check failed: stage {k} features differ")
+
+    check_paths(plain, fused_runs, stage_io, options, sample_shape, features)
+    return blocks
+
+
+def check_paths(plain: list[StagePath], fused_runs: list[Run], stage_io: list[Any],
+                options: Any, sample_shape: Sequence[int],
+                features: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+    """Run the plain and the rewritten chains on random rows (subset, unordered, repeated
+    ``keep``); every output but the features within float noise of the plain one, the
+    features checked by ``features(k, plain, rewritten)``. Raises :class:`FusionError`."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, *sample_shape)).astype(np.float32)
-    blocks = [0] * len(fused_runs)
     p_feats = f_feats = x
     for k, io in enumerate(stage_io):
         m = len(p_feats)
@@ -486,12 +578,7 @@ def check_fused(plain: list[StagePath], fused_runs: list[Run], fused: FusedStage
                 raise FusionError(f"self-check failed: stage {k} output {name!r} {why}")
         if not io.last:
             p_feats, f_feats = p[0], f[0]
-            out = fused.blocked_output[k]
-            if out is not None:
-                blocks[k] = _find_block(f_feats, p_feats, out.channels, out.padded)
-                if not blocks[k]:
-                    raise FusionError(f"self-check failed: stage {k} features differ")
-    return blocks
+            features(k, p_feats, f_feats)
 
 
 def _find_block(blocked: np.ndarray, plain: np.ndarray, channels: int, padded: int) -> int:

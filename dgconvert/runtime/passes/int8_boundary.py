@@ -1,0 +1,205 @@
+"""Graph pass: int8 stage boundaries for quantized bundles (ONNX Runtime, CPU).
+
+In ORT's optimized graphs of a QDQ bundle (``dgconvert quantize``) the int8 convolutions
+run channels-last, so every boundary costs ``Transpose -> DequantizeLinear`` (stage ``k``
+hands over float32 NCHW ``features``) and ``Gather -> QuantizeLinear -> Transpose`` (stage
+``k + 1`` quantizes them again): four copies of the features, two of them float32. The
+quantizer gives both sides the same scale and zero point, so :func:`keep_int8_boundaries`
+rewires the optimized graphs to hand over the uint8 tensor itself, channels-last as ORT
+computes it: stage ``k`` returns it, stage ``k + 1``'s ``Gather`` compacts its rows and
+feeds the int8 convolutions directly, and a gate head that averages the features over
+space reads them channels-last too. The backend checks the result against the plain graphs
+before using it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dgconvert.core.contract import CONTRACT
+from dgconvert.runtime.passes.boundary_fusion import FusionError, NothingToFuse
+
+_TO_NCHW = [0, 3, 1, 2]
+_TO_NHWC = [0, 2, 3, 1]
+
+
+@dataclass(frozen=True)
+class Int8Output:
+    """A stage whose ``features`` leave as uint8/int8: how to read them back as float32."""
+
+    scale: float
+    zero_point: int
+    channels_last: bool
+
+    def dequantize(self, value: np.ndarray) -> np.ndarray:
+        """The contract's float32 ``[M, C, ...]`` features of the int8 tensor ``value``."""
+        x = (value.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+        if self.channels_last:
+            x = np.moveaxis(x, -1, 1)
+        return np.ascontiguousarray(x)
+
+
+@dataclass(frozen=True)
+class Int8Stages:
+    """What :func:`keep_int8_boundaries` returns: the rewritten models (in place of the
+    inputs), which stage inputs arrive int8, which outputs leave int8."""
+
+    models: list[Any]
+    int8_input: list[bool]
+    int8_output: list[Int8Output | None]
+
+    def describe(self) -> str:
+        n = sum(o is not None for o in self.int8_output)
+        return f"int8 ({n} of {len(self.models) - 1} boundaries)"
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _init(graph: Any, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for i in graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    return None
+
+
+def _qparams(graph: Any, node: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    if len(node.input) != 3:
+        return None
+    s, z = _init(graph, node.input[1]), _init(graph, node.input[2])
+    return None if s is None or z is None or s.size != 1 or z.size != 1 else (s, z)
+
+
+def _users(graph: Any, tensor: str) -> list[Any]:
+    return [n for n in graph.node if tensor in n.input]
+
+
+def _producer(graph: Any, tensor: str) -> Any | None:
+    return next((n for n in graph.node if tensor in n.output), None)
+
+
+def _output_side(graph: Any) -> tuple[Any, Any | None, tuple[np.ndarray, np.ndarray]] | None:
+    """``(DequantizeLinear making features, Transpose to NCHW before it or None, qparams)``."""
+    dq = _producer(graph, CONTRACT.features)
+    if dq is None or dq.op_type != "DequantizeLinear" or (q := _qparams(graph, dq)) is None:
+        return None
+    tr = _producer(graph, dq.input[0])
+    if tr is not None and tr.op_type == "Transpose" and list(_attr(tr, "perm", [])) == _TO_NCHW:
+        return dq, tr, q
+    return dq, None, q
+
+
+def _input_side(graph: Any, channels_last: bool) -> tuple[Any, Any, Any | None] | None:
+    """``(Gather of x, QuantizeLinear after it, Transpose to NHWC after that or None)``."""
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == CONTRACT.x]
+    if len(gathers) != 1 or _attr(gathers[0], "axis", 0) != 0:
+        return None
+    users = _users(graph, gathers[0].output[0])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        return None
+    q = users[0]
+    after = _users(graph, q.output[0])
+    if not channels_last:
+        return gathers[0], q, None
+    if len(after) == 1 and after[0].op_type == "Transpose" and \
+            list(_attr(after[0], "perm", [])) == _TO_NHWC:
+        return gathers[0], q, after[0]
+    return None
+
+
+def _forget_types(graph: Any, *names: str) -> None:
+    """Drop the recorded types of tensors whose type the rewrite changed."""
+    for vi in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(vi)
+
+
+def _rename_input(graph: Any, old: str, new: str) -> None:
+    for n in graph.node:
+        n.input[:] = [new if v == old else v for v in n.input]
+
+
+def _pool_channels_last(graph: Any, tr: Any) -> None:
+    """Gate heads reading the NCHW copy as ``DequantizeLinear -> ReduceMean(axes 2, 3)`` read
+    the channels-last tensor (axes 1, 2); the Transpose goes when nobody reads it."""
+    from onnx import numpy_helper
+
+    for dq in _users(graph, tr.output[0]):
+        means = _users(graph, dq.output[0])
+        if dq.op_type != "DequantizeLinear" or not means or any(
+                m.op_type != "ReduceMean" or _attr(m, "keepdims", 1) != 0 or len(m.input) != 2
+                or (a := _init(graph, m.input[1])) is None
+                or sorted(int(v) % 4 for v in a.ravel()) != [2, 3] for m in means):
+            continue
+        axes = f"{dq.output[0]}_nhwc_axes"
+        graph.initializer.append(numpy_helper.from_array(np.array([1, 2], np.int64), axes))
+        dq.input[0] = tr.input[0]
+        for m in means:
+            m.input[1] = axes
+    if not _users(graph, tr.output[0]):
+        graph.node.remove(tr)
+
+
+def keep_int8_boundaries(models: Sequence[Any]) -> Int8Stages:
+    """Rewrite ORT's optimized stage graphs of a quantized bundle (``onnx.ModelProto``,
+    modified in place) so every boundary that allows it hands over the int8 tensor."""
+    from onnx import TensorProto
+
+    n = len(models)
+    int8_in, int8_out = [False] * n, [None] * n
+    for k in range(n - 1):
+        g, h = models[k].graph, models[k + 1].graph
+        out = _output_side(g)
+        inp = None if out is None else _input_side(h, out[1] is not None)
+        if out is None or inp is None:
+            continue
+        dq, tr, (scale, zp) = out
+        gather, q, tr_in = inp
+        qp = _qparams(h, q)
+        if qp is None or not (np.array_equal(qp[0], scale) and np.array_equal(qp[1], zp)
+                              and qp[1].dtype == zp.dtype):
+            continue  # the two sides quantize differently: the float boundary stays
+        # stage k: `features` is the int8 tensor (channels-last when ORT computes it so)
+        src = tr.input[0] if tr is not None else dq.input[0]
+        g.node.remove(dq)
+        for node in g.node:
+            node.output[:] = [CONTRACT.features if v == src else v for v in node.output]
+        _rename_input(g, src, CONTRACT.features)
+        _forget_types(g, src, CONTRACT.features)
+        if tr is not None:
+            _pool_channels_last(g, tr)
+        elem = TensorProto.UINT8 if zp.dtype == np.uint8 else TensorProto.INT8
+        for o in g.output:
+            if o.name == CONTRACT.features:
+                o.type.tensor_type.elem_type = elem
+                o.type.tensor_type.ClearField("shape")
+        # stage k + 1: Gather the int8 rows, feed them on without QuantizeLinear/Transpose
+        last = tr_in if tr_in is not None else q
+        _rename_input(h, last.output[0], gather.output[0])
+        h.node.remove(q)
+        _forget_types(h, gather.output[0])
+        if tr_in is not None:
+            h.node.remove(tr_in)
+        for i in h.input:
+            if i.name == CONTRACT.x:
+                i.type.tensor_type.elem_type = elem
+                i.type.tensor_type.ClearField("shape")
+        int8_out[k] = Int8Output(float(scale), int(zp), tr is not None)
+        int8_in[k + 1] = True
+    if not any(int8_in):
+        raise NothingToFuse("no stage boundary is quantized on both sides with one scale")
+    return Int8Stages(list(models), int8_in, int8_out)
+
+
+__all__ = ["FusionError", "Int8Output", "Int8Stages", "keep_int8_boundaries"]
