@@ -121,7 +121,7 @@ def run_model(src: Bundle, ds: Any, data_name: str, cal_images: np.ndarray, cal_
         t8, t32 = mix_thresholds(int8, ds.images, mix), mix_thresholds(src, ds.images, mix)
         how = f"thresholds for {mix} % exits at the gates (each bundle its own)"
     else:
-        res = calibrate_bundle(int8, cal_spec, max_drop=0.3, drop_vs="fp32", source=src.path)
+        res = calibrate_bundle(int8, cal_spec, max_drop=0.003, drop_vs="fp32", source=src.path)
         t8, t32 = list(res.thresholds), src.thresholds
         how = ("int8: `calibrate --max-drop 0.3` against the fp32 source's full model "
                f"({cal_spec}); fp32: its own calibrated thresholds")
