@@ -10,6 +10,9 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
 - ``compose``: the (fused) optimized stage graphs are also composed into one session that
   runs the whole chain, compaction inside (:mod:`dgconvert.runtime.passes.chain`),
   self-checked; :meth:`OnnxRuntimeBackend.chain` offers it to the runner.
+- ``in_graph_exits``: the same graphs composed for one image, each gate an ONNX ``If``
+  (:mod:`dgconvert.runtime.passes.if_graph`), self-checked;
+  :meth:`OnnxRuntimeBackend.single` offers it to the runner.
 
 A fast path that is not used says why in :meth:`OnnxRuntimeBackend.describe` and, when it
 was wanted and failed, in a logged warning. ``run_stage`` calls the session's C++ ``run``
@@ -36,6 +39,7 @@ from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, I
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
+from dgconvert.runtime.onnxruntime_if import InGraphExits
 from dgconvert.runtime.passes.boundary_fusion import (
     FusedStages,
     FusionError,
@@ -148,7 +152,9 @@ class OnnxRuntimeBackend(Backend):
     keep features in ORT's blocked layout between stages (``None`` = when possible: CPU
     execution provider only, ``onnx`` installed, graphs recognised and self-checked).
     ``compose``: also build the one-session chain offered by :meth:`chain` (``None`` = when
-    possible and self-checked; ``False`` = stage sessions only).
+    possible and self-checked; ``False`` = stage sessions only). ``in_graph_exits``: also
+    build the batch-1 ``If`` graph offered by :meth:`single` (``None`` = when possible,
+    unless ``compose=False``: stage sessions only).
     """
 
     name = "onnxruntime"
@@ -161,6 +167,7 @@ class OnnxRuntimeBackend(Backend):
         spinning: bool | str = False,
         fuse_boundaries: bool | None = None,
         compose: bool | None = None,
+        in_graph_exits: bool | None = None,
     ) -> None:
         super().__init__(bundle)
         try:
@@ -194,7 +201,11 @@ class OnnxRuntimeBackend(Backend):
             )
         # ORT's optimized stage graphs feed the boundary fusion and the one-session chain
         not_optimizable = _fusion_unavailable(cpu_only, None)
-        wants_graphs = not not_optimizable and (not why_not or compose is not False)
+        if_option = "in_graph_exits=False"
+        if in_graph_exits is None and compose is False:  # stage sessions only
+            in_graph_exits, if_option = False, "compose=False"
+        wants_graphs = not not_optimizable and (
+            not why_not or compose is not False or in_graph_exits is not False)
         optimized = Path(tempfile.mkdtemp(prefix="dgconvert-ort-")) if wants_graphs else None
         try:
             self.sessions = [self._session(str(bundle.stage_file(k)), optimized and
@@ -230,6 +241,9 @@ class OnnxRuntimeBackend(Backend):
         self._variants_off = ""  # why a chain without the off gates could not be built
         self.composition = self._compose(compose, chain_models, not_optimizable)
         self._chain_models = chain_models if self.chain_session is not None else None
+        self.in_graph_exits: InGraphExits | None = None
+        self.if_graph = (f"off ({if_option})" if in_graph_exits is False else
+                         self._build_if(in_graph_exits, chain_models, not_optimizable))
 
     def _session(self, model: str | bytes, optimized_path: Path | None = None,
                  level: Any = None) -> Any:
@@ -288,6 +302,38 @@ class OnnxRuntimeBackend(Backend):
             )
         return f"off: {why_not}" if why_not else "one session"
 
+    def _build_if(self, wanted: bool | None, models: list[Any] | None, why_not: str) -> str:
+        """Build and check the batch-1 ``If`` graph; say what was done."""
+        if self.bundle.num_stages < 2:
+            return "off: one stage graph, nothing to exit from"
+        if not why_not and models is None:
+            why_not = "ONNX Runtime wrote no optimized stage graphs"
+        if not why_not:
+            def open_session(model: Any) -> tuple[Any, Run]:
+                sess = self._extended_session(model)
+                return sess, direct_run(sess)
+
+            try:
+                self.in_graph_exits = InGraphExits(
+                    models, open_session, self.run_stage,  # type: ignore[arg-type]
+                    self.run_options, self.bundle.num_stages, self.bundle.input_shape)
+            except ChainError as exc:
+                why_not = str(exc)
+                log.warning("onnxruntime: in-graph exits are off: %s", exc)
+        if why_not and wanted:
+            raise BackendUnavailableError(
+                f"in_graph_exits=True was requested but {why_not}. Fix: pass "
+                "in_graph_exits=None (use them when possible) or False."
+            )
+        return f"off: {why_not}" if why_not else "on (batch 1)"
+
+    def single(self) -> Any:
+        """``run(image, thresholds) -> (score, label, exit stage)`` for one image in one
+        session call, each gate an ONNX ``If`` (deeper stages never run once it exits), or
+        None. Gates that are off (+inf or NaN) are left out of the graph (built on first
+        use with a new set of them)."""
+        return self.in_graph_exits
+
     def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
         try:
             composed = compose_chain(models, off)
@@ -338,8 +384,11 @@ class OnnxRuntimeBackend(Backend):
     def fast_paths_off(self) -> list[str]:
         """The fast paths that were wanted (by default) but are off, with why."""
         off = []
+        if_off = self.in_graph_exits.variants_off if self.in_graph_exits else ""
         for name, state in (("fused boundaries", self.fusion), ("chain", self.composition),
-                            ("chain without off gates", self._variants_off)):
+                            ("chain without off gates", self._variants_off),
+                            ("in-graph exits", self.if_graph),
+                            ("in-graph exits without off gates", if_off)):
             if state.startswith("off: ") and not any(
                     why in state for why in ("=False", "only for", "nothing to")):
                 off.append(f"{name} {state}")
@@ -402,7 +451,8 @@ class OnnxRuntimeBackend(Backend):
         return (
             f"onnxruntime ({', '.join(wanted)}; {self.threads} threads, spinning "
             f"{ {False: 'off', 'run': 'within runs', True: 'on'}[self.spinning]}; "
-            f"fused boundaries {self.fusion}; chain {self.composition})"
+            f"fused boundaries {self.fusion}; chain {self.composition}; "
+            f"in-graph exits {self.if_graph})"
         )
 
 

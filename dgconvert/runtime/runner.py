@@ -69,6 +69,7 @@ class GatedRunner:
         self._sample_shape = tuple(self.bundle.input_shape)
         self._normalizer: Callable[[np.ndarray], np.ndarray] | None = None
         self._chain = self.backend.chain()  # one call for the whole chain, when offered
+        self._single = self.backend.single()  # one call for one image, when offered
 
     @property
     def backend_name(self) -> str:
@@ -151,6 +152,12 @@ class GatedRunner:
         t, last, run = self._exit_at, self.bundle.num_stages - 1, self.backend.run_stage
         n = len(x)
         counts = [n] + [0] * last
+        if n == 1 and self._single is not None:  # in-graph exits: one call
+            score, label, stage = self._single(x, t)
+            res.labels[offset], res.scores[offset], res.exit_stage[offset] = label, score, stage
+            counts[1:stage + 1] = [1] * stage
+            self._add_counts(counts)
+            return
         out = run(0, x, None)
         if n == 1:  # batch 1: scalar decisions, no index arithmetic
             try:

@@ -49,7 +49,7 @@ class ChainError(Exception):
     """The stage graphs cannot be composed (unexpected inputs/outputs) or disagree."""
 
 
-def _graph_inputs(graph: Any) -> list[str]:
+def graph_inputs(graph: Any) -> list[str]:
     inits = {i.name for i in graph.initializer}
     return [i.name for i in graph.input if i.name not in inits]
 
@@ -87,7 +87,7 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
         for o in model.opset_import:
             opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         graph = onnx.compose.add_prefix(model, f"s{k}/").graph
-        names = _graph_inputs(model.graph)
+        names = graph_inputs(model.graph)
         wanted = 1 if k == 0 else 2
         if len(names) != wanted:
             raise ChainError(
