@@ -4,6 +4,9 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
 
 - ``threads`` / ``spinning``: intra-op threads per session; worker spinning off by default
   (idle pools of the stages that are not running would steal the running stage's cores).
+  ``alone_spinning``: the spinning of the sessions that run alone in a call (the composed
+  chain and its variants, the ``If`` graphs); default off too, by measurement
+  (``benchmarks/results/latency.md``: on a loaded machine spinning costs 2-3x).
 - ``fuse_boundaries``: on the CPU, features cross stage boundaries in ORT's blocked NCHWc
   layout (graph pass :mod:`dgconvert.runtime.passes.boundary_fusion`), self-checked
   against the plain graphs.
@@ -64,6 +67,7 @@ def default_threads() -> int:
 SPINNING = (False, "run", True)
 #: the same settings by name, as the command line spells them
 SPINNING_NAMES = {"off": False, "run": "run", "on": True}
+_SPIN_WORDS = {False: "off", "run": "within runs", True: "on"}
 
 
 def session_options(threads: int | None = None, spinning: bool | str = False) -> Any:
@@ -168,6 +172,7 @@ class OnnxRuntimeBackend(Backend):
         fuse_boundaries: bool | None = None,
         compose: bool | None = None,
         in_graph_exits: bool | None = None,
+        alone_spinning: bool | str | None = None,
     ) -> None:
         super().__init__(bundle)
         try:
@@ -187,7 +192,10 @@ class OnnxRuntimeBackend(Backend):
                 "providers=['CPUExecutionProvider']."
             )
         self.threads = threads or default_threads()
+        session_options(1, spinning)  # validates
         self.spinning = spinning
+        self.alone_spinning = spinning if alone_spinning is None else alone_spinning
+        session_options(1, self.alone_spinning)
         self.run_options = ort.RunOptions()
         self._full: tuple[Run, str, Any] | None = None
         n = bundle.num_stages
@@ -246,23 +254,24 @@ class OnnxRuntimeBackend(Backend):
                          self._build_if(in_graph_exits, chain_models, not_optimizable))
 
     def _session(self, model: str | bytes, optimized_path: Path | None = None,
-                 level: Any = None) -> Any:
+                 level: Any = None, spinning: bool | str | None = None) -> Any:
         import onnxruntime as ort
 
-        so = session_options(self.threads, self.spinning)
+        so = session_options(self.threads, self.spinning if spinning is None else spinning)
         if optimized_path is not None:  # ORT writes its optimized graph as a by-product
             so.optimized_model_filepath = str(optimized_path)
         if level is not None:
             so.graph_optimization_level = level
         return ort.InferenceSession(model, so, providers=self.providers)
 
-    def _extended_session(self, model: Any) -> Any:
+    def _extended_session(self, model: Any, spinning: bool | str | None = None) -> Any:
         """A session on an already optimized graph (this machine's layout included): loaded
         at the extended level, since optimizing it again re-lays it out."""
         import onnxruntime as ort
 
         return self._session(model.SerializeToString(),
-                             level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+                             level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                             spinning=spinning)
 
     def _check_fused(self, fused: FusedStages) -> list[StagePath]:
         """Load the rewritten graphs; check them against the plain ones; their paths."""
@@ -310,7 +319,7 @@ class OnnxRuntimeBackend(Backend):
             why_not = "ONNX Runtime wrote no optimized stage graphs"
         if not why_not:
             def open_session(model: Any) -> tuple[Any, Run]:
-                sess = self._extended_session(model)
+                sess = self._extended_session(model, self.alone_spinning)
                 return sess, direct_run(sess)
 
             try:
@@ -340,7 +349,7 @@ class OnnxRuntimeBackend(Backend):
         except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
             raise ChainError(f"composing the stage graphs failed: {exc}") from exc
         try:
-            sess = self._extended_session(composed)
+            sess = self._extended_session(composed, self.alone_spinning)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ChainError(f"ONNX Runtime refused the composed graph: {exc}") from exc
         chain = ChainSession(sess, direct_run(sess), self.run_options, self.bundle.num_stages,
@@ -448,9 +457,11 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
+        alone = ("" if self.alone_spinning == self.spinning else
+                 f" ({_SPIN_WORDS[self.alone_spinning]} in one-session calls)")
         return (
             f"onnxruntime ({', '.join(wanted)}; {self.threads} threads, spinning "
-            f"{ {False: 'off', 'run': 'within runs', True: 'on'}[self.spinning]}; "
+            f"{_SPIN_WORDS[self.spinning]}{alone}; "
             f"fused boundaries {self.fusion}; chain {self.composition}; "
             f"in-graph exits {self.if_graph})"
         )

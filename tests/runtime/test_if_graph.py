@@ -85,7 +85,8 @@ def test_batch1_equals_stage_chain(tiny: dict[str, Any], case: str) -> None:
     bundle, pixels = tiny["bundle"], tiny["pixels"]
     k = bundle.num_gates
     t = _cases(k, tiny["t"])[case]
-    r = GatedRunner(bundle, backend="onnxruntime", thresholds=t)
+    r = GatedRunner(bundle, backend="onnxruntime", thresholds=t, paths="default")
+    assert r.path(1) == "in-graph exits" or case == "all gates off"
     assert r.backend.single() is not None and "in-graph exits on (batch 1)" in \
         r.backend.describe()
     staged = tiny["staged"]
@@ -161,7 +162,7 @@ def nonfinite(tmp_path_factory: pytest.TempPathFactory) -> Any:
                                [np.inf, -np.inf, np.inf]])
 def test_nan_and_inf_scores(nonfinite: Any, t: list[float]) -> None:
     pixels = np.random.default_rng(2).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
-    r = GatedRunner(nonfinite, backend="onnxruntime", thresholds=t)
+    r = GatedRunner(nonfinite, backend="onnxruntime", thresholds=t, paths="default")
     staged = GatedRunner(nonfinite, backend="onnxruntime", thresholds=t, compose=False)
     assert r.backend.single() is not None
     got, want = _per_image(r, pixels), _per_image(staged, pixels)
