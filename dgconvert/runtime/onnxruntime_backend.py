@@ -304,12 +304,7 @@ class OnnxRuntimeBackend(Backend):
             except ChainError as exc:
                 why_not = str(exc)
                 log.warning("onnxruntime: the one-session chain is off: %s", exc)
-        if why_not and wanted:
-            raise BackendUnavailableError(
-                f"compose=True was requested but {why_not}. Fix: pass compose=None (use it "
-                "when possible) or False."
-            )
-        return f"off: {why_not}" if why_not else "one session"
+        return _settled(why_not, wanted, "compose", "one session")
 
     def _build_if(self, wanted: bool | None, models: list[Any] | None, why_not: str) -> str:
         """Build and check the batch-1 ``If`` graph; say what was done."""
@@ -329,12 +324,7 @@ class OnnxRuntimeBackend(Backend):
             except ChainError as exc:
                 why_not = str(exc)
                 log.warning("onnxruntime: in-graph exits are off: %s", exc)
-        if why_not and wanted:
-            raise BackendUnavailableError(
-                f"in_graph_exits=True was requested but {why_not}. Fix: pass "
-                "in_graph_exits=None (use them when possible) or False."
-            )
-        return f"off: {why_not}" if why_not else "on (batch 1)"
+        return _settled(why_not, wanted, "in_graph_exits", "on (batch 1)")
 
     def single(self) -> Any:
         """``run(image, thresholds) -> (score, label, exit stage)`` for one image in one
@@ -465,6 +455,17 @@ class OnnxRuntimeBackend(Backend):
             f"fused boundaries {self.fusion}; chain {self.composition}; "
             f"in-graph exits {self.if_graph})"
         )
+
+
+def _settled(why_not: str, wanted: bool | None, option: str, on: str) -> str:
+    """A fast path's state for ``describe()``: ``on``, or ``off: why`` (an error when the
+    caller asked for it with ``option=True``)."""
+    if why_not and wanted:
+        raise BackendUnavailableError(
+            f"{option}=True was requested but {why_not}. Fix: pass {option}=None (use it "
+            "when possible) or False."
+        )
+    return f"off: {why_not}" if why_not else on
 
 
 def _fusion_unavailable(cpu_only: bool, wanted: bool | None) -> str:

@@ -30,7 +30,12 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.contract import CONTRACT
-from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError, graph_inputs
+from dgconvert.runtime.passes.chain import (
+    THRESHOLDS,
+    ChainError,
+    checked_off,
+    stage_inputs,
+)
 from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
 
 #: the graph's outputs, one element each
@@ -46,18 +51,7 @@ class _Stage:
         import onnx
 
         graph = onnx.compose.add_prefix(model, f"s{k}/").graph
-        names = graph_inputs(model.graph)
-        wanted = 1 if k == 0 else 2
-        if len(names) != wanted:
-            raise ChainError(
-                f"stage {k} graph has inputs {names}; expected {wanted} (images, or x and keep)"
-            )
-        need = set(CONTRACT.fetched(k, n))
-        if not need <= {o.name for o in model.graph.output}:
-            raise ChainError(f"stage {k} graph outputs "
-                             f"{sorted(o.name for o in model.graph.output)}; expected "
-                             f"{sorted(need)}")
-        self.input = names[0]
+        names = stage_inputs(model, k, n)
         rename: dict[str, str] = {}
         self.keep = ""
         if k == 0:
@@ -98,11 +92,7 @@ def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
     from onnx import TensorProto, helper, numpy_helper
 
     n = len(models)
-    if n < 2:
-        raise ChainError(f"in-graph exits need at least 2 stage graphs, got {n}")
-    off = set(off)
-    if not off <= set(range(n - 1)):
-        raise ChainError(f"gates {sorted(off)} cannot be off; the graph has gates 0..{n - 2}")
+    off = checked_off(n, off, "an If graph")
     opsets: dict[str, int] = {"": 11}
     for m in models:
         for o in m.opset_import:
