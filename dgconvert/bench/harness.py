@@ -114,6 +114,8 @@ def measure(
                     item.reset()
                     for xb in mine:
                         item.run(xb)
+                    if getattr(item, "spins", False):
+                        time.sleep(SETTLE_S)  # its spinning workers must not slow the next
                     if record:
                         probes[id(item)].setdefault(b, []).append(list(item.seconds))
                     bar.update(1)
@@ -248,6 +250,7 @@ def run_benchmark(
         num_images=len(images),
         thresholds=main.thresholds,
         backend={"name": be.name, "describe": be.describe(), "reason": reason,
+                 "paths": main.paths.describe(),
                  "threads": getattr(be, "threads", threads),
                  "fast_paths_off": be.fast_paths_off()},
         config={"batch_sizes": sizes, "repeats": config.repeats, "warmup": config.warmup,

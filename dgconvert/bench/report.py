@@ -258,6 +258,7 @@ class BenchReport:
             f"**{self.bundle}** on {self.data or 'the given images'} ({self.num_images} images "
             f"for accuracy); thresholds ({t})",
             f"backend: {self.backend.get('describe')}",
+            *([f"runtime paths: {self.backend['paths']}"] if self.backend.get("paths") else []),
             *(f"**warning: fast path off: {w}**" for w in self.backend.get("fast_paths_off", [])),
             f"machine: {describe_machine(self.machine)}",
             f"load average at start: {self.machine.get('load_average_start')}",

@@ -51,13 +51,18 @@ def _backends() -> list[str]:
               help="ONNX Runtime thread spinning for every ORT session of the run: off (workers "
                    "sleep when idle), run (spin between the operators of a run, stop at its "
                    "end), on (ORT's default; keep spinning). Default: the backend's.")
+@click.option("--tune", is_flag=True,
+              help="First measure which runtime path each batch size should take on this "
+                   "machine (in-graph exits / one-session chain / stage by stage) and store "
+                   "the choice in the bundle's manifest (runners then read it instead of "
+                   "measuring at load).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly_errors
 def bench_cmd(
     bundle: Path, data: str, batch_sizes: str, backend: str, threads: int | None,
     thresholds: str | None, model: Path | None, no_torch: bool, repeats: int, warmup: int,
     samples: int, torch_samples: int, limit: int | None, json_out: Path | None, plot_out: Path | None,
-    staging_overhead: bool, spinning: str | None, no_progress: bool,
+    staging_overhead: bool, spinning: str | None, tune: bool, no_progress: bool,
 ) -> None:
     """Measure ms/image, images/s, accuracy, exits, memory and efficiency (ideal / measured)
     of the gated runtime against the full model, at several batch sizes, in one run."""
@@ -78,11 +83,19 @@ def bench_cmd(
     config = BenchConfig(batch_sizes=parse_ints(batch_sizes), repeats=repeats, warmup=warmup,
                          samples=samples, torch_samples=torch_samples,
                          progress=not no_progress)
+    options = {} if spinning is None else {"spinning": SPINNING_NAMES[spinning]}
+    if tune:
+        from dgconvert.bench.tune import tune_paths
+
+        choice = tune_paths(b, ds.images, backend, {**options, **(
+            {"threads": threads} if threads else {})})
+        click.echo(f"tuned runtime paths, written to {b.path / 'manifest.json'}: "
+                   f"{choice.describe()}")
     report = run_benchmark(
         b, ds.images, ds.labels, config=config, backend=backend, threads=threads,
         thresholds=parse_floats(thresholds), model=torch_model, data_name=data,
         operating_points=no_exit_point(b) if staging_overhead else None,
-        backend_options=None if spinning is None else {"spinning": SPINNING_NAMES[spinning]},
+        backend_options=options or None,
     )
     click.echo(report.markdown())
     if json_out:

@@ -51,6 +51,12 @@ class Backend(abc.ABC):
         when the backend only runs stage by stage."""
         return None
 
+    def single(self) -> Callable[[np.ndarray, np.ndarray], tuple[Any, Any, int]] | None:
+        """Optional fast path: ``run(image, thresholds) -> (score, label, exit stage)`` for
+        one image in one call that runs only the stages it reaches (exit rule of
+        :mod:`dgconvert.core.exits`). None when the backend has none."""
+        return None
+
     def merge_features(self, parts: Sequence[tuple[Any, np.ndarray]]) -> Any | None:
         """One features handle holding ``features[keep]`` of every ``(features, keep)`` part,
         in order (rows of different batches of the same stage, for re-batching), or None

@@ -4,6 +4,9 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
 
 - ``threads`` / ``spinning``: intra-op threads per session; worker spinning off by default
   (idle pools of the stages that are not running would steal the running stage's cores).
+  ``alone_spinning``: the spinning of the sessions that run alone in a call (the composed
+  chain and its variants, the ``If`` graphs); default off too, by measurement
+  (``benchmarks/results/latency.md``: on a loaded machine spinning costs 2-3x).
 - ``fuse_boundaries``: on the CPU, features cross stage boundaries in ORT's blocked NCHWc
   layout (graph pass :mod:`dgconvert.runtime.passes.boundary_fusion`), self-checked
   against the plain graphs.
@@ -12,6 +15,9 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
 - ``compose``: the (fused) optimized stage graphs are also composed into one session that
   runs the whole chain, compaction inside (:mod:`dgconvert.runtime.passes.chain`),
   self-checked; :meth:`OnnxRuntimeBackend.chain` offers it to the runner.
+- ``in_graph_exits``: the same graphs composed for one image, each gate an ONNX ``If``
+  (:mod:`dgconvert.runtime.passes.if_graph`), self-checked;
+  :meth:`OnnxRuntimeBackend.single` offers it to the runner.
 
 A fast path that is not used says why in :meth:`OnnxRuntimeBackend.describe` and, when it
 was wanted and failed, in a logged warning. ``run_stage`` calls the session's C++ ``run``
@@ -40,6 +46,7 @@ from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.fast_paths import FastPath
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
+from dgconvert.runtime.onnxruntime_if import InGraphExits
 from dgconvert.runtime.passes.boundary_fusion import (
     FusedStages,
     FusionError,
@@ -65,6 +72,7 @@ def default_threads() -> int:
 SPINNING = (False, "run", True)
 #: the same settings by name, as the command line spells them
 SPINNING_NAMES = {"off": False, "run": "run", "on": True}
+_SPIN_WORDS = {False: "off", "run": "within runs", True: "on"}
 
 
 def session_options(threads: int | None = None, spinning: bool | str = False) -> Any:
@@ -190,7 +198,9 @@ class OnnxRuntimeBackend(Backend):
     keep features in ORT's blocked layout between stages (``None`` = when possible: CPU
     execution provider only, ``onnx`` installed, graphs recognised and self-checked).
     ``compose``: also build the one-session chain offered by :meth:`chain` (``None`` = when
-    possible and self-checked; ``False`` = stage sessions only).
+    possible and self-checked; ``False`` = stage sessions only). ``in_graph_exits``: also
+    build the batch-1 ``If`` graph offered by :meth:`single` (``None`` = when possible,
+    unless ``compose=False``: stage sessions only).
     """
 
     name = "onnxruntime"
@@ -203,6 +213,8 @@ class OnnxRuntimeBackend(Backend):
         spinning: bool | str = False,
         fuse_boundaries: bool | None = None,
         compose: bool | None = None,
+        in_graph_exits: bool | None = None,
+        alone_spinning: bool | str | None = None,
     ) -> None:
         super().__init__(bundle)
         try:
@@ -222,7 +234,10 @@ class OnnxRuntimeBackend(Backend):
                 "providers=['CPUExecutionProvider']."
             )
         self.threads = threads or default_threads()
+        session_options(1, spinning)  # validates
         self.spinning = spinning
+        self.alone_spinning = spinning if alone_spinning is None else alone_spinning
+        session_options(1, self.alone_spinning)
         self.run_options = ort.RunOptions()
         self._full: tuple[Run, str, Any] | None = None
         n = bundle.num_stages
@@ -236,7 +251,11 @@ class OnnxRuntimeBackend(Backend):
             )
         # ORT's optimized stage graphs feed the boundary fusion and the one-session chain
         not_optimizable = _fusion_unavailable(cpu_only, None)
-        wants_graphs = not not_optimizable and (not why_not or compose is not False)
+        if_option = "in_graph_exits=False"
+        if in_graph_exits is None and compose is False:  # stage sessions only
+            in_graph_exits, if_option = False, "compose=False"
+        wants_graphs = not not_optimizable and (
+            not why_not or compose is not False or in_graph_exits is not False)
         optimized = Path(tempfile.mkdtemp(prefix="dgconvert-ort-")) if wants_graphs else None
         try:
             self.sessions = [self._session(str(bundle.stage_file(k)), optimized and
@@ -280,6 +299,14 @@ class OnnxRuntimeBackend(Backend):
         self.variants_path: FastPath | None = None
         self.chain_path = self._compose(compose, chain_models, not_optimizable)
         self._chain_models = chain_models if self.chain_session is not None else None
+        self.in_graph_exits: InGraphExits | None = None
+        self.if_path = (FastPath.by_choice(_IF, f"({if_option})") if in_graph_exits is False
+                        else self._build_if(in_graph_exits, chain_models, not_optimizable))
+
+    @property
+    def if_graph(self) -> str:
+        """The in-graph exits' state as :meth:`describe` shows it."""
+        return self.if_path.text
 
     @property
     def fusion(self) -> str:
@@ -292,23 +319,24 @@ class OnnxRuntimeBackend(Backend):
         return self.chain_path.text
 
     def _session(self, model: str | bytes, optimized_path: Path | None = None,
-                 level: Any = None) -> Any:
+                 level: Any = None, spinning: bool | str | None = None) -> Any:
         import onnxruntime as ort
 
-        so = session_options(self.threads, self.spinning)
+        so = session_options(self.threads, self.spinning if spinning is None else spinning)
         if optimized_path is not None:  # ORT writes its optimized graph as a by-product
             so.optimized_model_filepath = str(optimized_path)
         if level is not None:
             so.graph_optimization_level = level
         return ort.InferenceSession(model, so, providers=self.providers)
 
-    def _extended_session(self, model: Any) -> Any:
+    def _extended_session(self, model: Any, spinning: bool | str | None = None) -> Any:
         """A session on an already optimized graph (this machine's layout included): loaded
         at the extended level, since optimizing it again re-lays it out."""
         import onnxruntime as ort
 
         return self._session(model.SerializeToString(),
-                             level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+                             level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                             spinning=spinning)
 
     def _check_fused(self, fused: FusedStages) -> list[StagePath]:
         """Load the rewritten graphs; check them against the plain ones; their paths."""
@@ -370,13 +398,47 @@ class OnnxRuntimeBackend(Backend):
             )
         return why_not or FastPath.on(_CHAIN, "one session")
 
+    def _build_if(self, wanted: bool | None, models: list[Any] | None,
+                  unoptimized: FastPath | None) -> FastPath:
+        """Build and check the batch-1 ``If`` graph; say what was done."""
+        if self.bundle.num_stages < 2:
+            return FastPath.by_choice(_IF, "one stage graph, nothing to exit from")
+        why_not = unoptimized.named(_IF) if unoptimized else None
+        if not why_not and models is None:
+            why_not = FastPath.failed(_IF, _NO_OPTIMIZED)
+        if not why_not:
+            def open_session(model: Any) -> tuple[Any, Run]:
+                sess = self._extended_session(model, self.alone_spinning)
+                return sess, direct_run(sess)
+
+            try:
+                self.in_graph_exits = InGraphExits(
+                    models, open_session, self.run_stage,  # type: ignore[arg-type]
+                    self.run_options, self.bundle.num_stages, self.bundle.input_shape)
+            except ChainError as exc:
+                why_not = FastPath.failed(_IF, str(exc))
+                log.warning("onnxruntime: in-graph exits are off: %s", exc)
+        if why_not and wanted:
+            raise BackendUnavailableError(
+                f"in_graph_exits=True was requested but {why_not.detail}. Fix: pass "
+                "in_graph_exits=None (use it when possible) or False."
+            )
+        return why_not or FastPath.on(_IF, "on (batch 1)")
+
+    def single(self) -> Any:
+        """``run(image, thresholds) -> (score, label, exit stage)`` for one image in one
+        session call, each gate an ONNX ``If`` (deeper stages never run once it exits), or
+        None. Gates that are off (+inf or NaN) are left out of the graph (built on first
+        use with a new set of them)."""
+        return self.in_graph_exits
+
     def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
         try:
             composed = compose_chain(models, off)
         except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
             raise ChainError(f"composing the stage graphs failed: {exc}") from exc
         try:
-            sess = self._extended_session(composed)
+            sess = self._extended_session(composed, self.alone_spinning)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ChainError(f"ONNX Runtime refused the composed graph: {exc}") from exc
         chain = ChainSession(sess, direct_run(sess), self.run_options, self.bundle.num_stages,
@@ -418,8 +480,13 @@ class OnnxRuntimeBackend(Backend):
             return self.chain_variants[off]
 
     def fast_paths(self) -> list[FastPath]:
-        paths = [self.fusion_path, self.chain_path]
-        return paths if self.variants_path is None else [*paths, self.variants_path]
+        paths = [self.fusion_path, self.chain_path, self.if_path]
+        if self.variants_path is not None:
+            paths.append(self.variants_path)
+        if self.in_graph_exits is not None and self.in_graph_exits.variants_off:
+            paths.append(FastPath.failed("in-graph exits without off gates",
+                                         self.in_graph_exits.variants_off.removeprefix("off: ")))
+        return paths
 
     def run_stage(self, k: int, inputs: Any, keep: np.ndarray | None) -> StageOutput:
         path = self.paths[k]
@@ -485,14 +552,17 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
+        alone = ("" if self.alone_spinning == self.spinning else
+                 f" ({_SPIN_WORDS[self.alone_spinning]} in one-session calls)")
         return (
             f"onnxruntime ({', '.join(wanted)}; {self.threads} threads, spinning "
-            f"{ {False: 'off', 'run': 'within runs', True: 'on'}[self.spinning]}; "
-            f"fused boundaries {self.fusion}; chain {self.composition})"
+            f"{_SPIN_WORDS[self.spinning]}{alone}; "
+            f"fused boundaries {self.fusion}; chain {self.composition}; "
+            f"in-graph exits {self.if_graph})"
         )
 
 
-_FUSED, _CHAIN = "fused boundaries", "chain"
+_FUSED, _CHAIN, _IF = "fused boundaries", "chain", "in-graph exits"
 _NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
 
 

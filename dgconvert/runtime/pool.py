@@ -17,6 +17,11 @@ different batches are merged with :meth:`Backend.merge_features` (rows gathered 
 features handle on the backend's own device); backends that cannot merge run each
 survivor group separately (still correct, less re-batching).
 
+A stage-0 batch whose size the runner sends down a one-call path
+(:mod:`dgconvert.runtime.paths`: in-graph exits for one image, the composed chain from its
+measured crossover) runs all its stages in that call, like the runner would; the others go
+stage by stage as above.
+
 Backpressure: at most ``max_pending`` rows are in the pool; ``submit`` blocks until there
 is room (``timeout`` seconds, then :class:`PoolFullError`). ``close()`` finishes every
 request already submitted (``cancel=True`` fails them with :class:`PoolClosedError`
@@ -42,6 +47,7 @@ from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import DGConvertError, InputError
 from dgconvert.core.exits import GatedResult
 from dgconvert.core.gates import exit_head_score
+from dgconvert.runtime.paths import STAGES
 from dgconvert.runtime.runner import GatedRunner
 
 #: how many of the latest stage-run batch sizes a pool keeps (``batch_sizes``)
@@ -65,9 +71,9 @@ class _Request:
     remaining: int
 
     def finish_rows(self, rows: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-                    stage: int) -> bool:
-        """Record exits; True when the request is complete."""
-        self.result.fill(rows, labels, scores, stage)
+                    stage: int | np.ndarray) -> bool:
+        """Record exits (at one stage, or one per row); True when the request is complete."""
+        self.result.fill(rows, labels, scores, stage)  # type: ignore[arg-type]
         self.remaining -= len(rows)
         return self.remaining == 0
 
@@ -280,6 +286,9 @@ class GatedPool:
         be = self.runner.backend
         for inputs, keep, group in self._inputs(k, segs):
             rows = sum(map(len, group))
+            if k == 0 and not self.full and self.runner.path(rows) != STAGES:
+                self._finish_whole(group, self.runner.predict_prepared(inputs))
+                continue
             if self.full:
                 logits = be.run_full(inputs)
                 score = exit_head_score(logits, None, "max-softmax").astype(np.float32)
@@ -290,6 +299,29 @@ class GatedPool:
                 score, label, features = out.score, out.label, out.features
                 last = k == len(self._queues) - 1
             self._after(k, group, score, label, features, last, rows)
+
+    def _finish_whole(self, group: list[_Segment], res: GatedResult) -> None:
+        """A stage-0 batch that ran every stage in one call (the runner's path for its
+        size: in-graph exits or the composed chain)."""
+        done: list[_Request] = []
+        stages = res.exit_histogram(len(self._stats))
+        with self._cond:
+            for j in range(len(self._stats)):  # the stage batches the call ran
+                if rows := int(stages[j:].sum()):
+                    self._stats[j] += rows
+                    self._batches.append(rows)
+                    self._batch_count += 1
+            at = 0
+            for seg in group:
+                sl = slice(at, at + len(seg))
+                if seg.request.finish_rows(seg.rows, res.labels[sl], res.scores[sl],
+                                           res.exit_stage[sl]):
+                    done.append(seg.request)
+                self._pending -= len(seg)
+                at += len(seg)
+            self._cond.notify_all()
+        for req in done:
+            req.future.set_result(req.result)
 
     def _after(self, k: int, group: list[_Segment], score: np.ndarray, label: np.ndarray,
                features: Any, last: bool, rows: int) -> None:

@@ -8,6 +8,7 @@ exited samples never reach deeper stages and no stage runs when nobody reaches i
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from dgconvert.core.exits import ExitRule, GatedResult, GateRecords
 from dgconvert.core.preprocess import make_normalizer, prepare_images
 from dgconvert.runtime.backends import create_backend
 from dgconvert.runtime.base import Backend
+from dgconvert.runtime.paths import CHAIN, SINGLE, STAGES, PathChoice, measure_paths
+
+#: the choice measured for a backend, shared by the runners on it (bench, pools)
+_MEASURED: weakref.WeakKeyDictionary[Backend, PathChoice] = weakref.WeakKeyDictionary()
 
 _KEEP_ONE = np.zeros(1, np.int64)  # keep = [0] for one continuing row (never written to)
 _KEEP_ONE.flags.writeable = False
@@ -34,13 +39,14 @@ class GatedRunner:
     Extra keyword arguments go to the backend (e.g. ``threads=``, ``providers=``,
     ``compose=``).
 
-    When the backend offers a one-call chain (:meth:`Backend.chain`; ONNX Runtime on the
-    CPU), batches of at least ``chain_min_batch`` rows use it; single images go stage by
-    stage, which stops as soon as the image exits, unless every gate is off
-    (``docs/runtime.md``).
+    Which path a batch takes (:mod:`dgconvert.runtime.paths`): single images through the
+    backend's in-graph exits (:meth:`Backend.single`), batches of at least
+    ``chain_min_batch`` rows through its one-call chain (:meth:`Backend.chain`), the others
+    stage by stage; with every gate off, the chain (the full model) at every size.
+    ``paths``: a :class:`PathChoice`, ``"default"`` (batch 1 in-graph, chain from 2), or
+    None: the bundle's tuned choice (``dgconvert bench --tune``) if it has one, else
+    measured briefly now (``docs/runtime.md``).
     """
-
-    chain_min_batch = 2
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class GatedRunner:
         backend: str | Backend = "auto",
         thresholds: list[float] | None = None,
         max_batch: int | None = 256,
+        paths: PathChoice | str | None = None,
         **backend_options: Any,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -69,6 +76,51 @@ class GatedRunner:
         self._sample_shape = tuple(self.bundle.input_shape)
         self._normalizer: Callable[[np.ndarray], np.ndarray] | None = None
         self._chain = self.backend.chain()  # one call for the whole chain, when offered
+        self._single = self.backend.single()  # one call for one image, when offered
+        self._paths = {SINGLE: self._predict_single, CHAIN: self._predict_chained,
+                       STAGES: self._predict_staged}
+        self.paths = self._choose_paths(paths)
+
+    @property
+    def chain_min_batch(self) -> int:
+        """The smallest batch that takes the one-call chain (when the backend offers it)."""
+        return self.paths.chain_min_batch
+
+    def _choose_paths(self, paths: PathChoice | str | None) -> PathChoice:
+        if isinstance(paths, PathChoice):
+            return paths
+        if paths not in (None, "default"):
+            raise InputError(f"paths={paths!r}; expected a PathChoice, 'default' or None "
+                             "(the bundle's tuned choice, else measured now)")
+        stored = PathChoice.from_manifest(self.bundle.manifest.extra, str(self.bundle.path))
+        if paths == "default" or (self._chain is None and self._single is None):
+            return PathChoice()
+        if stored is not None:
+            return stored
+        if self.backend not in _MEASURED:
+            _MEASURED[self.backend] = self.measure_paths()
+        return _MEASURED[self.backend]
+
+    def measure_paths(self, images: Any = None, calls: int = 5,
+                      source: str = "measured at load") -> PathChoice:
+        """Time the paths this backend offers on ``images`` (default: 16 random rows) with
+        each gate's threshold at their median score (about half exit at every gate); the
+        choice (not applied: assign it to :attr:`paths`)."""
+        if images is None:
+            rng = np.random.default_rng(4)
+            x = rng.standard_normal((16, *self._sample_shape)).astype(np.float32)
+        else:
+            x = self.prepare(images)[:16]
+        rec = self._collect(x)
+        t = ExitRule.from_thresholds(np.median(rec.scores, axis=0).astype(np.float32))
+        res = GatedResult.empty(len(x))
+        runs = {name: (lambda xb, f=f: f(xb, res, 0, t)) for name, f in self._paths.items()
+                if (name != SINGLE or self._single is not None)
+                and (name != CHAIN or self._chain is not None)}
+        try:
+            return measure_paths(runs, x, calls=calls, source=source)
+        finally:
+            self.reset_stats()
 
     @property
     def backend_name(self) -> str:
@@ -141,11 +193,31 @@ class GatedRunner:
             self._predict_chunk(x[sl], res, sl.start)
         return res
 
+    def path(self, n: int) -> str:
+        """The path a batch of ``n`` rows takes now (:mod:`dgconvert.runtime.paths`)."""
+        if self._chain is not None and self._rule.never_exits:
+            return CHAIN  # the composed full model, no heads: fastest at every size
+        return self.paths.path(n, self._single is not None, self._chain is not None)
+
+    def predict_prepared(self, x: np.ndarray) -> GatedResult:
+        """:meth:`predict` for a batch already through :meth:`prepare` (one chunk: at most
+        ``max_batch`` rows when that is set)."""
+        res = GatedResult.empty(len(x))
+        self._predict_chunk(x, res, 0)
+        return res
+
     def _predict_chunk(self, x: np.ndarray, res: GatedResult, offset: int) -> None:
-        rule = self._rule
-        if self._chain is not None and (len(x) >= self.chain_min_batch or rule.never_exits):
-            self._predict_chained(x, res, offset, rule)
-            return
+        self._paths[self.path(len(x))](x, res, offset, self._rule)
+
+    def _predict_single(self, x: np.ndarray, res: GatedResult, offset: int,
+                        rule: ExitRule) -> None:
+        """One image in one call (in-graph exits)."""
+        score, label, stage = self._single(x, rule.exit_at)  # type: ignore[misc]
+        res.labels[offset], res.scores[offset], res.exit_stage[offset] = label, score, stage
+        self._add_counts([1] * (stage + 1))
+
+    def _predict_staged(self, x: np.ndarray, res: GatedResult, offset: int,
+                        rule: ExitRule) -> None:
         # Hot path (batch 1 pays it per image): few numpy calls per stage, one lock per chunk.
         last, run = self.bundle.num_stages - 1, self.backend.run_stage
         n = len(x)
@@ -220,7 +292,9 @@ class GatedRunner:
     def collect(self, images: Any) -> GateRecords:
         """Every gate's score and label and the final label for every sample (no exits):
         the calibration pass."""
-        x = self.prepare(images)
+        return self._collect(self.prepare(images))
+
+    def _collect(self, x: np.ndarray) -> GateRecords:
         n, k_gates = len(x), self.bundle.num_gates
         scores = np.empty((n, k_gates), np.float32)
         labels = np.empty((n, k_gates), np.int64)

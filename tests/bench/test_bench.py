@@ -380,3 +380,44 @@ def test_thread_pool_settings() -> None:
     assert off.intra_op_num_threads == 1 and off.inter_op_num_threads == 1
     with pytest.raises(BackendOptionError, match="expected False, 'run' or True"):
         session_options(1, "always")
+
+
+def test_cli_bench_tune_writes_the_path_choice(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """--tune measures the runtime paths and stores them in the manifest; the benchmark
+    (and every later runner) uses the stored choice."""
+    import shutil
+
+    from dgconvert.cli import main
+    from dgconvert.core.bundle import Bundle
+    from dgconvert.runtime.paths import MANIFEST_KEY
+
+    path = tmp_path / "m.dg"
+    shutil.copytree(tiny["bundle"].path, path)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=tiny["pixels"][:, 0], y=tiny["labels"])
+    out = CliRunner().invoke(main, [
+        "bench", str(path), "--data", str(npz), "--batch-size", "1,4", "--backend",
+        "onnxruntime", "--threads", "1", "--repeats", "1", "--warmup", "0", "--samples", "8",
+        "--no-torch", "--tune", "--no-progress"])
+    assert out.exit_code == 0, out.output
+    entry = Bundle.load(path).manifest.extra[MANIFEST_KEY]
+    assert "tuned runtime paths, written to" in out.output
+    assert f"chain from batch {entry['chain_min_batch']} (tuned: bench --tune, 1 threads" in \
+        out.output
+    assert GatedRunner(path, backend="onnxruntime").paths.chain_min_batch == \
+        entry["chain_min_batch"]
+
+
+def test_limit_takes_the_faster_spinning(tiny: dict[str, Any]) -> None:
+    """Each prefix of the limit is timed with spinning on and with the backend's setting;
+    the faster of the two counts."""
+    from dgconvert.bench.systems import PrefixProbe
+
+    r = GatedRunner(tiny["bundle"], backend="onnxruntime", threads=1, paths="default")
+    probe = PrefixProbe(r, 1, False)
+    assert probe.settings == [True, False] and PrefixProbe(r, 1, True).settings == [True]
+    probe.reset()
+    probe.run(tiny["pixels"][:4])
+    assert len(probe.seconds) == tiny["bundle"].num_stages
+    for k, v in enumerate(probe.seconds):
+        assert 0 < v == min(s[k] for s in probe._by_setting)

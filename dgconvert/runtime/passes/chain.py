@@ -49,9 +49,35 @@ class ChainError(Exception):
     """The stage graphs cannot be composed (unexpected inputs/outputs) or disagree."""
 
 
-def _graph_inputs(graph: Any) -> list[str]:
+def graph_inputs(graph: Any) -> list[str]:
     inits = {i.name for i in graph.initializer}
     return [i.name for i in graph.input if i.name not in inits]
+
+
+def checked_off(n: int, off: Collection[int], what: str) -> set[int]:
+    """``off`` as a set of gates of ``n`` stage graphs composed into ``what``."""
+    if n < 2:
+        raise ChainError(f"{what} needs at least 2 stage graphs, got {n}")
+    gates = set(off)
+    if not gates <= set(range(n - 1)):
+        raise ChainError(f"gates {sorted(gates)} cannot be off; {what} has gates 0..{n - 2}")
+    return gates
+
+
+def stage_inputs(model: Any, k: int, n: int) -> list[str]:
+    """Stage ``k``'s input names (images, or x and keep), its inputs and outputs checked
+    against the contract."""
+    names = graph_inputs(model.graph)
+    wanted = 1 if k == 0 else 2
+    if len(names) != wanted:
+        raise ChainError(
+            f"stage {k} graph has inputs {names}; expected {wanted} (images, or x and keep)"
+        )
+    outs = {o.name for o in model.graph.output}
+    need = set(CONTRACT.fetched(k, n))
+    if not need <= outs:
+        raise ChainError(f"stage {k} graph outputs {sorted(outs)}; expected {sorted(need)}")
+    return names
 
 
 def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
@@ -67,11 +93,7 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
     from onnx import TensorProto, helper, numpy_helper
 
     n = len(models)
-    if n < 2:
-        raise ChainError(f"a chain needs at least 2 stage graphs, got {n}")
-    off = set(off)
-    if not off <= set(range(n - 1)):
-        raise ChainError(f"gates {sorted(off)} cannot be off; the chain has gates 0..{n - 2}")
+    off = checked_off(n, off, "a chain")
     opsets: dict[str, int] = {}
     unused: list[str] = []
     nodes: list[Any] = []
@@ -87,16 +109,7 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
         for o in model.opset_import:
             opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         graph = onnx.compose.add_prefix(model, f"s{k}/").graph
-        names = _graph_inputs(model.graph)
-        wanted = 1 if k == 0 else 2
-        if len(names) != wanted:
-            raise ChainError(
-                f"stage {k} graph has inputs {names}; expected {wanted} (images, or x and keep)"
-            )
-        outs = {o.name for o in model.graph.output}
-        need = set(CONTRACT.fetched(k, n))
-        if not need <= outs:
-            raise ChainError(f"stage {k} graph outputs {sorted(outs)}; expected {sorted(need)}")
+        names = stage_inputs(model, k, n)
         rename: dict[str, str] = {}
         if k == 0:
             rename[f"s0/{names[0]}"] = names[0]

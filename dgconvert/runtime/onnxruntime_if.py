@@ -1,0 +1,137 @@
+"""In-graph exits (:mod:`dgconvert.runtime.passes.if_graph`) as ONNX Runtime sessions: one
+per set of gates that are off, built on first use, self-checked against the stage chain
+and cached."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dgconvert.runtime.checks import close_to_reference
+from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError
+from dgconvert.runtime.passes.if_graph import OUTPUTS, compose_if
+
+log = logging.getLogger(__name__)
+
+#: ``(image [1, ...], thresholds [K]) -> (score, label, exit stage)``
+Single = Callable[[np.ndarray, np.ndarray], tuple[np.float32, np.int64, int]]
+
+
+class IfSession:
+    """One composed ``If`` graph: ``run(image, thresholds) -> (score, label, exit stage)``."""
+
+    def __init__(self, session: Any, run: Any, run_options: Any,
+                 off: frozenset[int] = frozenset()) -> None:
+        self.session, self.off = session, off
+        self._run, self._options = run, run_options
+        self._input = session.get_inputs()[0].name
+        self._names = list(OUTPUTS)
+
+    def run(self, image: np.ndarray, thresholds: np.ndarray) -> tuple[Any, Any, int]:
+        score, label, stage = self._run(self._names, {self._input: image, THRESHOLDS: thresholds},
+                                        self._options)
+        return score[0], label[0], int(stage[0])
+
+
+def stage_chain_single(run_stage: Any, image: np.ndarray, thresholds: np.ndarray,
+                       num_stages: int) -> tuple[Any, Any, int]:
+    """The reference: ``image`` (one row) through the stage sessions, exit rule of
+    :mod:`dgconvert.core.exits` (+inf off, NaN scores never exit)."""
+    keep = np.zeros(1, np.int64)
+    out = run_stage(0, image, None)
+    for k in range(num_stages - 1):
+        t = thresholds[k]
+        if t < np.inf and out.score[0] >= t:
+            return out.score[0], out.label[0], k
+        out = run_stage(k + 1, out.features, keep)
+    return out.score[0], out.label[0], num_stages - 1
+
+
+def check_if(session: IfSession, run_stage: Any, images: np.ndarray, num_stages: int) -> None:
+    """Compare ``session`` with the stage chain, image by image: an exit forced at every
+    gate that is on (earlier gates +inf), every gate off, and thresholds at the images'
+    median score per gate. Raises :class:`ChainError` on a mismatch or an ORT error."""
+    k_gates = num_stages - 1
+    on = [k for k in range(k_gates) if k not in session.off]
+    cases: list[tuple[str, np.ndarray]] = []
+    for j in on:
+        t = np.full(k_gates, np.inf, np.float32)
+        t[j] = -np.inf
+        cases.append((f"an exit at gate {j}", t))
+    cases.append(("every gate off", np.full(k_gates, np.inf, np.float32)))
+    scores = np.array([[stage_chain_single(run_stage, images[i:i + 1], c[1], num_stages)[0]
+                        for c in cases[:-1]] for i in range(len(images))], np.float32)
+    if scores.size:  # each gate's median score: some images exit there, some continue
+        median = np.full(k_gates, np.inf, np.float32)
+        median[on] = np.median(scores, axis=0)
+        cases.append(("thresholds at the median score", median))
+    for what, t in cases:
+        for i in range(len(images)):
+            image = images[i:i + 1]
+            try:
+                got = session.run(image, t)
+            except Exception as exc:  # noqa: BLE001 - ORT's own exception types
+                raise ChainError(f"the If graph failed with {what}: {exc}") from exc
+            want = stage_chain_single(run_stage, image, t, num_stages)
+            if got[2] != want[2]:
+                raise ChainError(f"image {i} left at stage {got[2]}, the stage chain at "
+                                 f"{want[2]}, with {what}")
+            for name, a, b in (("score", want[0], got[0]), ("label", want[1], got[1])):
+                why = close_to_reference(np.atleast_1d(a), np.atleast_1d(b), name)
+                if why:
+                    raise ChainError(f"image {i} {name} {why} from the stage chain with {what}")
+
+
+class InGraphExits:
+    """The backend's batch-1 path: :class:`IfSession` per set of off gates (the set read
+    from the thresholds: +inf or NaN), built and checked on first use; a set whose graph
+    cannot be built uses the full one (off gates then computed), with a warning.
+    ``open_session(model) -> (session, run)`` loads a graph the way the backend does."""
+
+    def __init__(self, models: Sequence[Any], open_session: Callable[[Any], tuple[Any, Any]],
+                 run_stage: Any, run_options: Any, num_stages: int,
+                 sample_shape: Sequence[int]) -> None:
+        self._models, self._open, self._run_stage = list(models), open_session, run_stage
+        self._options, self.num_stages = run_options, num_stages
+        rng = np.random.default_rng(2)
+        self._check_images = rng.standard_normal((4, *sample_shape)).astype(np.float32)
+        self._lock = threading.Lock()
+        self.variants: dict[frozenset[int], IfSession] = {}
+        self.variants_off = ""  # why a graph without some off gates could not be built
+        self.full = self._build(frozenset())  # raises ChainError
+
+    def _build(self, off: frozenset[int]) -> IfSession:
+        try:
+            model = compose_if(self._models, off)
+        except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
+            raise ChainError(f"composing the If graph failed: {exc}") from exc
+        try:
+            sess, run = self._open(model)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise ChainError(f"ONNX Runtime refused the If graph: {exc}") from exc
+        ifs = IfSession(sess, run, self._options, off)
+        check_if(ifs, self._run_stage, self._check_images, self.num_stages)
+        self.variants[off] = ifs
+        return ifs
+
+    def __call__(self, image: np.ndarray, thresholds: np.ndarray) -> tuple[Any, Any, int]:
+        t = np.asarray(thresholds, np.float32)
+        off = frozenset(np.flatnonzero(~(t < np.inf)).tolist())  # +inf and NaN: off
+        ifs = self.variants.get(off) or self._variant(off)
+        return ifs.run(image, t)
+
+    def _variant(self, off: frozenset[int]) -> IfSession:
+        with self._lock:
+            if off not in self.variants:
+                try:
+                    self._build(off)
+                except ChainError as exc:
+                    self.variants[off] = self.full
+                    self.variants_off = f"off: gates {sorted(off)} off: {exc}"
+                    log.warning("onnxruntime: an If graph without the gates that are off "
+                                "could not be built (they are computed): %s", exc)
+            return self.variants[off]
