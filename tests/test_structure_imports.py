@@ -44,11 +44,21 @@ def test_the_checker_finds_each_form() -> None:
     assert [f.split(":")[1] for f in found] == ["1", "2", "3", "6"], found
 
 
+#: third-party internals used on purpose, each with why no public API serves
+ALLOWED = {
+    "dgconvert/serve/lifecycle.py": {
+        # Ray's private set_sigterm_handler replaces ours during ray.init; no public switch
+        "import ray._private.utils",
+    },
+}
+
+
 def test_no_module_imports_private_names_of_another() -> None:
     found = [
         hit
         for path in sorted(PACKAGE.rglob("*.py"))
         for hit in private_imports(path.read_text(), str(path.relative_to(PACKAGE.parent)))
+        if hit.split(": ", 1)[1] not in ALLOWED.get(str(path.relative_to(PACKAGE.parent)), ())
     ]
     assert not found, (
         "imports of private names across modules (make the helper public in the module that "

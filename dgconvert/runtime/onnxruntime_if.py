@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from dgconvert.core.contract import CONTRACT
+from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError
 from dgconvert.runtime.passes.if_graph import OUTPUTS, compose_if
@@ -42,10 +44,10 @@ def stage_chain_single(run_stage: Any, image: np.ndarray, thresholds: np.ndarray
     """The reference: ``image`` (one row) through the stage sessions, exit rule of
     :mod:`dgconvert.core.exits` (+inf off, NaN scores never exit)."""
     keep = np.zeros(1, np.int64)
+    rule = ExitRule.from_thresholds(np.where(np.isnan(thresholds), np.inf, thresholds))
     out = run_stage(0, image, None)
     for k in range(num_stages - 1):
-        t = thresholds[k]
-        if t < np.inf and out.score[0] >= t:
+        if rule.exits(k, out.score[0]):
             return out.score[0], out.label[0], k
         out = run_stage(k + 1, out.features, keep)
     return out.score[0], out.label[0], num_stages - 1
@@ -80,7 +82,7 @@ def check_if(session: IfSession, run_stage: Any, images: np.ndarray, num_stages:
             if got[2] != want[2]:
                 raise ChainError(f"image {i} left at stage {got[2]}, the stage chain at "
                                  f"{want[2]}, with {what}")
-            for name, a, b in (("score", want[0], got[0]), ("label", want[1], got[1])):
+            for name, a, b in ((CONTRACT.score, want[0], got[0]), (CONTRACT.label, want[1], got[1])):
                 why = close_to_reference(np.atleast_1d(a), np.atleast_1d(b), name)
                 if why:
                     raise ChainError(f"image {i} {name} {why} from the stage chain with {what}")

@@ -8,6 +8,7 @@ exited samples never reach deeper stages and no stage runs when nobody reaches i
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -112,7 +113,10 @@ class GatedRunner:
         else:
             x = self.prepare(images)[:16]
         rec = self._collect(x)
-        t = ExitRule.from_thresholds(np.median(rec.scores, axis=0).astype(np.float32))
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a gate whose scores are all NaN
+            median = np.nanmedian(rec.scores, axis=0)
+        t = ExitRule.from_thresholds(np.where(np.isnan(median), np.inf, median).astype(np.float32))
         res = GatedResult.empty(len(x))
         runs = {name: (lambda xb, f=f: f(xb, res, 0, t)) for name, f in self._paths.items()
                 if (name != SINGLE or self._single is not None)

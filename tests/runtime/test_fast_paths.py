@@ -57,10 +57,10 @@ def test_onnxruntime_states(exported_bundle: Callable[..., Any]) -> None:
     be = OnnxRuntimeBackend(bundle, threads=1, compose=False, fuse_boundaries=False)
     states = {p.name: p.state for p in be.fast_paths()}
     assert states == {"fused boundaries": PathState.OFF_BY_CHOICE,
-                      "chain": PathState.OFF_BY_CHOICE}
+                      "chain": PathState.OFF_BY_CHOICE, "in-graph exits": PathState.OFF_BY_CHOICE}
     assert be.fast_paths_off() == []
     assert "fused boundaries off: disabled (fuse_boundaries=False); chain off (compose=False)" \
         in be.describe()
     on = OnnxRuntimeBackend(bundle, threads=1)
-    assert [p.state for p in on.fast_paths()] == [PathState.ON, PathState.ON]
+    assert [p.state for p in on.fast_paths()] == [PathState.ON] * 3
     assert on.composition == "one session" and on.fast_paths_off() == []

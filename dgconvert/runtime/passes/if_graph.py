@@ -39,7 +39,7 @@ from dgconvert.runtime.passes.chain import (
 from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
 
 #: the graph's outputs, one element each
-SCORE, LABEL, EXIT_STAGE = "score", "label", "exit_stage"
+SCORE, LABEL, EXIT_STAGE = CONTRACT.score, CONTRACT.label, "exit_stage"
 OUTPUTS = (SCORE, LABEL, EXIT_STAGE)
 
 
@@ -134,7 +134,7 @@ def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
         then_graph = helper.make_graph(then_nodes, f"exit{k}", [], _value_infos(then_outs))
         else_graph = helper.make_graph(deeper, f"continue{k}", [], _value_infos(else_outs),
                                        deeper_inits)
-        outs = (f"{p}score", f"{p}label", f"{p}exit")
+        outs = (f"{p}{SCORE}", f"{p}{LABEL}", f"{p}exit")
         nodes += [helper.make_node("GreaterOrEqual", [s.score, f"if/t{k}"], [f"{p}exits"]),
                   helper.make_node("If", [f"{p}exits"], list(outs), then_branch=then_graph,
                                    else_branch=else_graph)]
