@@ -391,12 +391,7 @@ class OnnxRuntimeBackend(Backend):
             except ChainError as exc:
                 why_not = FastPath.failed(_CHAIN, str(exc))
                 log.warning("onnxruntime: the one-session chain is off: %s", exc)
-        if why_not and wanted:
-            raise BackendUnavailableError(
-                f"compose=True was requested but {why_not.detail}. Fix: pass compose=None "
-                "(use it when possible) or False."
-            )
-        return why_not or FastPath.on(_CHAIN, "one session")
+        return _settled(why_not, wanted, "compose", FastPath.on(_CHAIN, "one session"))
 
     def _build_if(self, wanted: bool | None, models: list[Any] | None,
                   unoptimized: FastPath | None) -> FastPath:
@@ -418,12 +413,7 @@ class OnnxRuntimeBackend(Backend):
             except ChainError as exc:
                 why_not = FastPath.failed(_IF, str(exc))
                 log.warning("onnxruntime: in-graph exits are off: %s", exc)
-        if why_not and wanted:
-            raise BackendUnavailableError(
-                f"in_graph_exits=True was requested but {why_not.detail}. Fix: pass "
-                "in_graph_exits=None (use it when possible) or False."
-            )
-        return why_not or FastPath.on(_IF, "on (batch 1)")
+        return _settled(why_not, wanted, "in_graph_exits", FastPath.on(_IF, "on (batch 1)"))
 
     def single(self) -> Any:
         """``run(image, thresholds) -> (score, label, exit stage)`` for one image in one
@@ -564,6 +554,18 @@ class OnnxRuntimeBackend(Backend):
 
 _FUSED, _CHAIN, _IF = "fused boundaries", "chain", "in-graph exits"
 _NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
+
+
+def _settled(why_not: FastPath | None, wanted: bool | None, option: str,
+             on: FastPath) -> FastPath:
+    """A fast path's state: ``on``, or why it is off (an error when the caller asked for it
+    with ``option=True``)."""
+    if why_not and wanted:
+        raise BackendUnavailableError(
+            f"{option}=True was requested but {why_not.detail}. Fix: pass {option}=None (use "
+            "it when possible) or False."
+        )
+    return why_not or on
 
 
 def _fusion_unavailable(cpu_only: bool, wanted: bool | None) -> FastPath | None:
