@@ -370,12 +370,18 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _run(bundle: Bundle, x: np.ndarray) -> tuple[Any, np.ndarray]:
+def _run(bundle: Bundle, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every gate's scores and labels, the final stage's labels and full.onnx's labels."""
     from dgconvert.runtime.runner import GatedRunner
 
     with GatedRunner(bundle, backend="onnxruntime", fuse_boundaries=False,
                      compose=False) as runner:
-        return runner.collect(x), runner.full_logits(x).argmax(axis=1)
+        full = runner.full_logits(x).argmax(axis=1)
+        if bundle.num_gates == 0:  # one stage, no gates (a GaterNet): nothing to collect
+            none = np.zeros((len(x), 0))
+            return none, none, runner.predict(x).labels, full
+        rec = runner.collect(x)
+        return rec.scores, rec.labels, rec.final_labels, full
 
 
 def verify_quantized(fp32: Bundle, int8: Bundle, images: Any,
@@ -385,10 +391,10 @@ def verify_quantized(fp32: Bundle, int8: Bundle, images: Any,
     sample through every stage); ``report.failures`` lists the checks below ``bounds``."""
     bounds = bounds or Bounds()
     x = prepare_images(images, fp32.input_shape, fp32.normalization)
-    (r32, f32), (r8, f8) = _run(fp32, x), _run(int8, x)
-    agree = [float(np.mean(r8.labels[:, k] == r32.labels[:, k])) for k in range(fp32.num_gates)]
-    agree.append(float(np.mean(r8.final_labels == r32.final_labels)))
-    corr = [_correlation(r8.scores[:, k], r32.scores[:, k]) for k in range(fp32.num_gates)]
+    (s32, l32, final32, f32), (s8, l8, final8, f8) = _run(fp32, x), _run(int8, x)
+    agree = [float(np.mean(l8[:, k] == l32[:, k])) for k in range(fp32.num_gates)]
+    agree.append(float(np.mean(final8 == final32)))
+    corr = [_correlation(s8[:, k], s32[:, k]) for k in range(fp32.num_gates)]
     report = QuantizationReport(len(x), agree, float(np.mean(f8 == f32)), corr)
     fails = report.failures
     for k, a in enumerate(agree):
