@@ -416,10 +416,10 @@ class OnnxRuntimeBackend(Backend):
         return _settled(why_not, wanted, "in_graph_exits", FastPath.on(_IF, "on (batch 1)"))
 
     def single(self) -> Any:
-        """``run(image, thresholds) -> (score, label, exit stage)`` for one image in one
-        session call, each gate an ONNX ``If`` (deeper stages never run once it exits), or
-        None. Gates that are off (+inf or NaN) are left out of the graph (built on first
-        use with a new set of them)."""
+        """``run(image, rule) -> (score, label, exit stage)`` for one image in one session
+        call (``rule``: an :class:`~dgconvert.core.exits.ExitRule` or its thresholds), each
+        gate an ONNX ``If`` (deeper stages never run once it exits), or None. Gates that are
+        off (+inf) are left out of the graph (built on first use with a new set of them)."""
         return self.in_graph_exits
 
     def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
@@ -473,9 +473,8 @@ class OnnxRuntimeBackend(Backend):
         paths = [self.fusion_path, self.chain_path, self.if_path]
         if self.variants_path is not None:
             paths.append(self.variants_path)
-        if self.in_graph_exits is not None and self.in_graph_exits.variants_off:
-            paths.append(FastPath.failed("in-graph exits without off gates",
-                                         self.in_graph_exits.variants_off.removeprefix("off: ")))
+        if self.in_graph_exits is not None and self.in_graph_exits.variants_path is not None:
+            paths.append(self.in_graph_exits.variants_path)
         return paths
 
     def run_stage(self, k: int, inputs: Any, keep: np.ndarray | None) -> StageOutput:

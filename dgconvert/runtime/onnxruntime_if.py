@@ -14,6 +14,7 @@ import numpy as np
 from dgconvert.core.contract import CONTRACT
 from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.checks import close_to_reference
+from dgconvert.runtime.fast_paths import FastPath
 from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError
 from dgconvert.runtime.passes.if_graph import OUTPUTS, compose_if
 
@@ -103,7 +104,8 @@ class InGraphExits:
         self._check_images = rng.standard_normal((4, *sample_shape)).astype(np.float32)
         self._lock = threading.Lock()
         self.variants: dict[frozenset[int], IfSession] = {}
-        self.variants_off = ""  # why a graph without some off gates could not be built
+        #: set when a graph without some off gates could not be built
+        self.variants_path: FastPath | None = None
         self.full = self._build(frozenset())  # raises ChainError
 
     def _build(self, off: frozenset[int]) -> IfSession:
@@ -120,11 +122,10 @@ class InGraphExits:
         self.variants[off] = ifs
         return ifs
 
-    def __call__(self, image: np.ndarray, thresholds: np.ndarray) -> tuple[Any, Any, int]:
-        t = np.asarray(thresholds, np.float32)
-        off = frozenset(np.flatnonzero(~(t < np.inf)).tolist())  # +inf and NaN: off
-        ifs = self.variants.get(off) or self._variant(off)
-        return ifs.run(image, t)
+    def __call__(self, image: np.ndarray, rule: ExitRule | np.ndarray) -> tuple[Any, Any, int]:
+        rule = ExitRule.of(rule)
+        ifs = self.variants.get(rule.off) or self._variant(rule.off)
+        return ifs.run(image, rule.exit_at)
 
     def _variant(self, off: frozenset[int]) -> IfSession:
         with self._lock:
@@ -133,7 +134,8 @@ class InGraphExits:
                     self._build(off)
                 except ChainError as exc:
                     self.variants[off] = self.full
-                    self.variants_off = f"off: gates {sorted(off)} off: {exc}"
+                    self.variants_path = FastPath.failed("in-graph exits without off gates",
+                                                         f"gates {sorted(off)} off: {exc}")
                     log.warning("onnxruntime: an If graph without the gates that are off "
                                 "could not be built (they are computed): %s", exc)
             return self.variants[off]

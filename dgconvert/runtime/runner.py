@@ -216,7 +216,7 @@ class GatedRunner:
     def _predict_single(self, x: np.ndarray, res: GatedResult, offset: int,
                         rule: ExitRule) -> None:
         """One image in one call (in-graph exits)."""
-        score, label, stage = self._single(x, rule.exit_at)  # type: ignore[misc]
+        score, label, stage = self._single(x, rule)  # type: ignore[misc]
         res.labels[offset], res.scores[offset], res.exit_stage[offset] = label, score, stage
         self._add_counts([1] * (stage + 1))
 
