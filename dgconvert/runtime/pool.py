@@ -45,7 +45,7 @@ import numpy as np
 
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.errors import DGConvertError, InputError
-from dgconvert.core.exits import GatedResult
+from dgconvert.core.exits import ExitRule, GatedResult
 from dgconvert.core.gates import exit_head_score
 from dgconvert.runtime.paths import STAGES
 from dgconvert.runtime.runner import GatedRunner
@@ -304,10 +304,10 @@ class GatedPool:
         """A stage-0 batch that ran every stage in one call (the runner's path for its
         size: in-graph exits or the composed chain)."""
         done: list[_Request] = []
-        stages = res.exit_histogram(len(self._stats))
+        reached = ExitRule.reach(res.exit_histogram(len(self._stats)))
         with self._cond:
-            for j in range(len(self._stats)):  # the stage batches the call ran
-                if rows := int(stages[j:].sum()):
+            for j, rows in enumerate(reached.tolist()):  # the stage batches the call ran
+                if rows:
                     self._stats[j] += rows
                     self._batches.append(rows)
                     self._batch_count += 1
