@@ -184,7 +184,14 @@ def test_metrics_reach_rays_prometheus_exporter(server: str, case: dict[str, Any
     want = ("ray_dgconvert_stage_rows_total", "ray_dgconvert_stage_exits_total",
             "ray_dgconvert_requests_total", "ray_dgconvert_queue_rows",
             "ray_dgconvert_batch_size_count", "ray_dgconvert_latency_ms_count")
-    deadline, seen = time.monotonic() + 20, {}
+    stages = case["bundle"].num_stages
+
+    def stage_rows(seen: dict) -> list[float]:
+        return [seen.get(("ray_dgconvert_stage_rows_total", str(k)), 0.0) for k in range(stages)]
+
+    # Each replica's counters reach the exporter on its own report interval, so a scrape
+    # may hold part of the 8 rows: wait until all of them have arrived.
+    deadline, seen = time.monotonic() + 40, {}
     while time.monotonic() < deadline:
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as r:
@@ -196,12 +203,11 @@ def test_metrics_reach_rays_prometheus_exporter(server: str, case: dict[str, Any
                 stage = re.search(r'stage="(\d+)"', m.group(2))
                 key = (m.group(1), stage.group(1) if stage else None)
                 seen[key] = seen.get(key, 0.0) + float(m.group(3))
-        if all(any(k[0] == w for k in seen) for w in want):
+        if all(any(k[0] == w for k in seen) for w in want) and stage_rows(seen)[0] >= 8:
             break
         time.sleep(0.5)
     assert all(any(k[0] == w for k in seen) for w in want), sorted(seen)
-    rows = [seen.get(("ray_dgconvert_stage_rows_total", str(k)), 0.0)
-            for k in range(case["bundle"].num_stages)]
+    rows = stage_rows(seen)
     assert rows[0] >= 8 and rows == sorted(rows, reverse=True)  # fewer rows deeper
 
 
