@@ -28,7 +28,7 @@ from limit_sweep import busy_core, mix_thresholds, summary
 
 from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
 from dgconvert.core.bundle import Bundle
-from dgconvert.core.exits import GatedResult
+from dgconvert.core.exits import ExitRule, GatedResult
 from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
 
@@ -59,19 +59,21 @@ def if_cost(bundle: Bundle, images: np.ndarray, threads: int, calls: int) -> lis
     k = bundle.num_gates
     full_if = be.in_graph_exits.full
     rows = []
-    cases = [(f"exit at gate {j}", np.array([np.nan] * j + [-np.inf] + [np.nan] * (k - j - 1),
-                                            np.float32)) for j in range(k)]
-    cases.append(("every gate on, nobody exits", np.full(k, 3.0e38, np.float32)))
+    never = 3.0e38  # a gate that is on (its head and If run) but that no score reaches
+    cases = [(f"exit at gate {j}", [never] * j + [-np.inf] + [never] * (k - j - 1))
+             for j in range(k)]
+    cases.append(("every gate on, nobody exits", [never] * k))
     res = GatedResult.empty(1)
-    off = frozenset(range(k))
-    nan = np.full(k, np.nan, np.float32)
-    be.single()(x, nan)  # builds the graph without gates
+    off = ExitRule.from_thresholds([np.inf] * k)
+    be.single()(x, off)  # builds the graph without gates
+    no_gates = be.in_graph_exits.variants[off.off]
     for what, t in cases:
+        rule = ExitRule.from_thresholds(t)
         us = _interleaved_us({
-            "if_us": lambda t=t: full_if.run(x, t),
-            "stages_us": lambda t=t: r._predict_staged(x, res, 0, t),
-            "chain_us": lambda t=t: be.chain_session.run(x, t),
-            "no_gates_us": lambda: be.in_graph_exits.variants[off].run(x, nan)}, calls)
+            "if_us": lambda rule=rule: full_if.run(x, rule.exit_at),
+            "stages_us": lambda rule=rule: r._predict_staged(x, res, 0, rule),
+            "chain_us": lambda rule=rule: be.chain_session.run(x, rule.exit_at),
+            "no_gates_us": lambda: no_gates.run(x, off.exit_at)}, calls)
         rows.append({"case": what, **us})
     r.close()
     return rows
@@ -105,7 +107,7 @@ def _table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+", help="BUNDLE=DATA=MIX")
+    ap.add_argument("models", nargs="+", help="BUNDLE=DATA=MIX (empty MIX: the bundle's thresholds)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--load", action="store_true", help="also beside one busy process")
     ap.add_argument("--repeats", type=int, default=3)
@@ -117,12 +119,16 @@ def main() -> None:
     body, data = [], []
     for spec in args.models:
         path, data_name, mix_s = spec.split("=")
-        mix = [float(v) for v in mix_s.split(",")]
         bundle = Bundle.load(Path(path))
         ds = load_dataset(data_name, num_classes=bundle.num_classes).subset(slice(0, 1024))
-        thresholds = mix_thresholds(bundle, ds.images, mix)
-        body += [f"## {Path(path).name} ({len(ds.images)} images of {data_name}; exit mix "
-                 f"{mix} % at the gates)", ""]
+        if mix_s:  # thresholds for that exit mix on the data
+            mix = [float(v) for v in mix_s.split(",")]
+            thresholds = mix_thresholds(bundle, ds.images, mix)
+            what = f"exit mix {mix} % at the gates"
+        else:  # the bundle's own (calibrated) thresholds
+            mix, thresholds = [], list(bundle.thresholds)
+            what = f"the bundle's thresholds {[round(t, 4) for t in thresholds]}"
+        body += [f"## {Path(path).name} ({len(ds.images)} images of {data_name}; {what})", ""]
         for threads in (int(t) for t in args.threads.split(",")):
             for load in [False, True] if args.load else [False]:
                 rows, describe, loads = [], "", []

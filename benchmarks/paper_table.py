@@ -18,6 +18,7 @@ from pathlib import Path
 from _util import CALIBRATION_DATA, DEFAULT_BUNDLE, TEST_DATA, header, require, write_results
 
 from dgconvert.bench import BenchConfig, calibrated_points, run_benchmark
+from dgconvert.bench.calibration import gate_costs_ms
 from dgconvert.bench.operating import calibration_available
 from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cost", choices=["flops", "latency"], default="flops",
+                    help="latency: also points calibrated on the gate and stage costs measured "
+                         "at each batch size (gates that do not pay are off)")
     ap.add_argument("--stem", default="paper_table")
     args = ap.parse_args()
     bundle = Bundle.load(require(args.bundle, "bundle"))
@@ -46,6 +50,18 @@ def main() -> None:
         note = (f"thresholds calibrated with dgconvert.calibrate on {args.calibration_data} "
                 f"({details['calibration_images']} images; full model "
                 f"{100 * details['full_accuracy']:.2f} % there)")
+        if args.cost == "latency":
+            details["latency"] = {}
+            for size in sizes:
+                costs = gate_costs_ms(bundle, cal.images, backend="onnxruntime",
+                                      batch_size=size, threads=args.threads)
+                timed, d = calibrated_points(bundle, cal.images, cal.labels, drops,
+                                             gate_costs=costs)
+                points.update({f"{name}, latency b{size}": t for name, t in timed.items()})
+                details["latency"][size] = d
+                print(f"batch {size}: gate costs {costs.to_dict()}", file=sys.stderr)
+            note += ("; rows 'latency bN': calibrated on the stage and gate costs measured at "
+                     "batch N (`calibrate --cost latency`: gates that do not pay are off)")
     else:
         points, details = {"bundle": bundle.thresholds}, {}
         note = "dgconvert.calibrate is not installed: the bundle's own thresholds only"

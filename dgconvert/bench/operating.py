@@ -42,12 +42,17 @@ def calibrated_points(
     backend: str = "onnxruntime",
     holdout: float = 0.0,
     seed: int = 0,
+    gate_costs: Any = None,
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Thresholds for each maximum drop (in accuracy points) below the full model.
 
     One collection pass (every gate on every calibration image), then
-    :func:`dgconvert.calibrate.calibrate` with ``max_drop = points / 100`` per entry. The
-    bundle's manifest is not modified. Returns ``(name -> thresholds, details)``.
+    :func:`dgconvert.calibrate.calibrate` with ``max_drop = points / 100`` per entry, priced
+    in manifest FLOPs, or with ``gate_costs`` (measured ms,
+    :func:`dgconvert.bench.calibration.gate_costs_ms`) by
+    :func:`~dgconvert.calibrate.gates_that_pay.calibrate_gates_that_pay` (gates that do not
+    pay are off). The bundle's manifest is not modified. Returns ``(name -> thresholds,
+    details)``.
     """
     if not calibration_available():
         raise BenchError(
@@ -56,6 +61,7 @@ def calibrated_points(
         )
     from dgconvert.calibrate import calibrate
     from dgconvert.calibrate.collect import collect_records
+    from dgconvert.calibrate.gates_that_pay import calibrate_gates_that_pay
 
     if labels is None or len(labels) != len(images):
         raise BenchError("calibration needs one label per image; got "
@@ -68,12 +74,15 @@ def calibrated_points(
     for d in drops:
         if d < 0:
             raise BenchError(f"a maximum drop must be >= 0 points, got {d}")
-        res = calibrate(records, labels, bundle.exit_costs(), max_drop=d / 100.0,
-                        holdout=holdout, seed=seed, num_classes=bundle.num_classes,
-                        frontier_points=0)
+        options = {"max_drop": d / 100.0, "holdout": holdout, "seed": seed,
+                   "num_classes": bundle.num_classes, "frontier_points": 0}
+        res = (calibrate(records, labels, bundle.exit_costs(), **options) if gate_costs is None
+               else calibrate_gates_that_pay(records, labels, gate_costs, cost_unit="ms",
+                                             **options))
         t = [float(v) for v in res.ours.thresholds]
         points[point_name(d)] = t
         details["points"][point_name(d)] = {
             "max_drop_points": d, "thresholds": encode_thresholds(t),
-            "target_accuracy": float(res.target_accuracy), "method": res.method}
+            "target_accuracy": float(res.target_accuracy), "method": res.method,
+            **({"gates_that_pay": res.selection["gates_that_pay"]} if gate_costs else {})}
     return points, details

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 from dgconvert.bench.measurements import FULL_DEFAULT, FULL_INT8_DEFAULT
 from dgconvert.core.exits import GatedResult
 from dgconvert.runtime.base import Backend
-from dgconvert.runtime.onnxruntime_backend import direct_run, session_options
+from dgconvert.runtime.onnxruntime_backend import default_threads, direct_run, session_options
 from dgconvert.runtime.passes.prefix import prefix_graphs
 from dgconvert.runtime.runner import GatedRunner
 
@@ -72,13 +73,19 @@ class System(abc.ABC):
         """Release what the system holds."""
 
 
+def _spins(runner: GatedRunner) -> bool:
+    """Whether some of the runner's sessions keep spinning after a run."""
+    be = runner.backend
+    return any(getattr(be, a, False) is True for a in ("spinning", "alone_spinning"))
+
+
 class OnnxFull(System):
     """``full.onnx`` through the runner's backend (same sessions' options as the stages)."""
 
     kind, framework = "full", "onnx"
 
     def __init__(self, runner: GatedRunner, id: str = "full") -> None:
-        self.runner, self.id = runner, id
+        self.runner, self.id, self.spins = runner, id, _spins(runner)
         self.label = f"full model ({runner.backend_name})"
         self._last = runner.bundle.num_stages - 1
 
@@ -95,7 +102,7 @@ class OnnxGated(System):
     def __init__(self, runner: GatedRunner, id: str = "gated", reference: str = "full",
                  label: str | None = None) -> None:
         self.runner, self.id, self.reference = runner, id, reference
-        self.thresholds = runner.thresholds
+        self.thresholds, self.spins = runner.thresholds, _spins(runner)
         self.label = label or f"gated, compacted ({runner.backend_name}, ours)"
 
     def predict(self, images: np.ndarray) -> GatedResult:
@@ -109,7 +116,9 @@ class OnnxGated(System):
 
 
 class OnnxFullDefault(System):
-    """``full.onnx`` in a default ``onnxruntime.InferenceSession`` (no tuning at all)."""
+    """``full.onnx`` in a default ``onnxruntime.InferenceSession`` (no tuning at all), except
+    its intra-op thread count when the run's backend uses fewer threads than there are
+    cores (a user limited to T threads sets ``intra_op_num_threads=T`` and nothing else)."""
 
     kind, framework = "full", "onnx"
     spins = True
@@ -119,7 +128,12 @@ class OnnxFullDefault(System):
         import onnxruntime as ort
 
         self.runner, self.id, self.label = runner, id, label
-        self._sess = ort.InferenceSession(str(path or runner.bundle.full_file()),
+        so = ort.SessionOptions()
+        threads = getattr(runner.backend, "threads", None)
+        if threads and threads < default_threads():
+            so.intra_op_num_threads = threads
+            self.label = f"{label}, {threads} thread(s)"
+        self._sess = ort.InferenceSession(str(path or runner.bundle.full_file()), so,
                                           providers=["CPUExecutionProvider"])
         self._input = self._sess.get_inputs()[0].name
         self._last = runner.bundle.num_stages - 1
@@ -201,9 +215,11 @@ class PrefixProbe:
     """Times the ungated prefix of the full model up to each exit point on full batches
     (:mod:`dgconvert.runtime.passes.prefix`): what a sample exiting there pays at least.
 
-    An honest limit is the fastest a plain session runs: each prefix is timed both with the
-    backend's ``spinning`` and spinning on (ORT's default), and the faster of the two counts
-    (per prefix and round). ``spins``: the harness lets the spinning workers go idle after."""
+    An honest limit is the fastest a plain session runs: each prefix is timed with spinning
+    on (ORT's default) and off, and the faster of the two counts (per prefix and round).
+    :meth:`run_all` times one prefix session on every batch before the next, and lets
+    spinning workers go idle in between, so no idle pool slows the one being timed.
+    ``spins``: the harness lets the spinning workers go idle after."""
 
     id = "prefixes"
     label = "ungated prefixes up to each exit (physical limit)"
@@ -218,7 +234,7 @@ class PrefixProbe:
         models = prefix_graphs([onnx.load(str(b.stage_file(k))) for k in range(b.num_stages)],
                                onnx.load(str(b.full_file())))
         self.runner = runner
-        self.settings = [True] if spinning is True else [True, spinning]
+        self.settings = [True, False] if spinning in (True, False) else [True, False, spinning]
         self._sessions = [[ort.InferenceSession(m.SerializeToString(),
                                                 session_options(threads, spin),
                                                 providers=["CPUExecutionProvider"])
@@ -236,14 +252,22 @@ class PrefixProbe:
         self.seconds = [0.0] * len(self._inputs)
 
     def run(self, images: np.ndarray) -> None:
-        x = self.runner.prepare(images)
-        clock = time.perf_counter
-        for runs, seconds in zip(self._runs, self._by_setting, strict=True):
+        self.run_all([images])
+
+    def run_all(self, batches: Sequence[np.ndarray], settle_s: float = 0.0) -> None:
+        """Time each prefix session on all ``batches`` in turn, preprocessing included as in
+        every system (``settle_s`` of idle after one whose workers spin)."""
+        prepare, clock = self.runner.prepare, time.perf_counter
+        for spin, runs, seconds in zip(self.settings, self._runs, self._by_setting,
+                                       strict=True):
             for k, (run, name, out) in enumerate(zip(runs, self._inputs, self._outputs,
                                                      strict=True)):
                 t0 = clock()
-                run(out, {name: x}, None)
+                for b in batches:
+                    run(out, {name: prepare(b)}, None)
                 seconds[k] += clock() - t0
+                if spin is True and settle_s:
+                    time.sleep(settle_s)
         self.seconds = [min(v) for v in zip(*self._by_setting, strict=True)]
 
 

@@ -15,6 +15,11 @@ from typing import Any
 
 from dgconvert.calibrate.collect import bundle_digest, collect_records
 from dgconvert.calibrate.errors import CalibrationError
+from dgconvert.calibrate.gates_that_pay import (
+    GateCosts,
+    calibrate_gates_that_pay,
+    describe_gates_that_pay,
+)
 from dgconvert.calibrate.pipeline import calibrate
 from dgconvert.calibrate.precision import describe_drops, drops, fp32_reference, fp32_target
 from dgconvert.calibrate.report import CalibrationResult
@@ -44,6 +49,7 @@ def calibrate_bundle(
     confidence: float | None = None,
     holdout: float | None = None,
     exit_costs: Sequence[float] | None = None,
+    gate_costs: GateCosts | None = None,
     cost: str = "flops",
     backend: str = "auto",
     seed: int = 0,
@@ -59,7 +65,9 @@ def calibrate_bundle(
 
     ``target_accuracy`` and ``max_drop`` are fractions (0.947; 0.003 = 0.3 points), as for
     :func:`calibrate` (the command line takes percent and points). ``exit_costs``: cumulative cost per exit point (default: the manifest's FLOPs);
-    with ``cost="latency"`` they must be given, in ms. With ``write`` the thresholds and the
+    with ``cost="latency"`` they must be given, in ms, or ``gate_costs`` (measured stage and
+    gate costs: the gates that do not pay for themselves are turned off,
+    :mod:`~dgconvert.calibrate.gates_that_pay`). With ``write`` the thresholds and the
     calibration record go into the manifest (:func:`write_calibration`); without it nothing
     is written anywhere (the records cache included). An int8 bundle's ``max_drop`` is
     measured against the fp32 source's full model (``drop_vs="fp32"``, found by digest or
@@ -73,11 +81,16 @@ def calibrate_bundle(
     y = ds.require_labels("calibration")
     if cost not in ("flops", "latency"):
         raise CalibrationError(f"cost must be 'flops' or 'latency', got {cost!r}")
-    if cost == "latency" and exit_costs is None:
+    if cost == "latency" and exit_costs is None and gate_costs is None:
         raise CalibrationError(
-            "cost='latency' needs the measured exit costs (ms per exit point); measure them "
-            "with dgconvert.bench.calibration.latency_exit_costs and pass exit_costs="
+            "cost='latency' needs the measured costs: pass gate_costs= (from "
+            "dgconvert.bench.calibration.gate_costs_ms) or exit_costs= (ms per exit point, "
+            "from dgconvert.bench.calibration.latency_exit_costs)"
         )
+    if gate_costs is not None and (cost != "latency" or exit_costs is not None):
+        raise CalibrationError(
+            "gate_costs= are measured milliseconds: use them with cost='latency' and without "
+            "exit_costs=")
     ref = fp32_reference(b, ds.images, y, drop_vs, source)
     if ref is not None and ref.drop_vs == "fp32" and max_drop is not None:
         target_accuracy, max_drop = fp32_target(ref, max_drop, holdout, confidence, seed), None
@@ -86,13 +99,14 @@ def calibrate_bundle(
         b, ds.images, fingerprint, backend=backend, progress=progress, digest=digest,
         write_cache=write, **backend_options
     )
-    costs = b.exit_costs() if exit_costs is None else list(exit_costs)
-    result = calibrate(
-        records, y, costs,
-        target_accuracy=target_accuracy, max_drop=max_drop,
-        confidence=confidence, holdout=holdout, seed=seed,
-        num_classes=b.num_classes, cost_unit="ms" if cost == "latency" else "flops",
-    )
+    options = {"target_accuracy": target_accuracy, "max_drop": max_drop,
+               "confidence": confidence, "holdout": holdout, "seed": seed,
+               "num_classes": b.num_classes, "cost_unit": "ms" if cost == "latency" else "flops"}
+    if gate_costs is not None:
+        result = calibrate_gates_that_pay(records, y, gate_costs, **options)
+    else:
+        costs = b.exit_costs() if exit_costs is None else list(exit_costs)
+        result = calibrate(records, y, costs, **options)
     context = {
         "data": portable(data),
         "data_hash": fingerprint,
@@ -170,4 +184,6 @@ def summary(result: CalibrationResult, written: bool) -> str:
     text += f". Promise: {result.promise}"
     if "precision" in result.context:
         text += ". " + describe_drops(result.context["precision"])
+    if "gates_that_pay" in result.selection:
+        text += ". " + describe_gates_that_pay(result.selection["gates_that_pay"])
     return text + ("; written to the manifest" if written else "; dry run: nothing written")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dgconvert.bench.calibration import latency_exit_costs, measure_rows
+from dgconvert.bench.calibration import gate_costs_ms, measure_rows
 from dgconvert.calibrate import markdown_table, plot_frontier
 from dgconvert.calibrate.workflow import calibrate_bundle, load_data, summary, write_calibration
 from dgconvert.cli.common import backend_option, friendly_errors, threads_option, write_json
@@ -27,7 +27,7 @@ from dgconvert.cli.common import backend_option, friendly_errors, threads_option
 @click.option("--holdout", type=float, default=None,
               help="Share of the data held out: for the unseen-data estimate (default 0.3) or, with --confidence, for the test (default 0.5).")
 @click.option("--cost", "cost_kind", type=click.Choice(["flops", "latency"]), default="flops", show_default=True,
-              help="Cost per exit: manifest FLOPs, or per-stage latency measured on the backend.")
+              help="Cost per exit: manifest FLOPs, or latency measured on the backend (each stage and each gate's head + compaction; gates that do not pay for themselves are turned off).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size for --cost latency and --measure.")
 @click.option("--measure", is_flag=True, help="Also measure ms/image and speed-up of each row on the backend.")
 @backend_option
@@ -49,15 +49,14 @@ def calibrate_cmd(
         raise click.UsageError("give exactly one of --target-acc (percent) or --max-drop (points)")
     opts = {"threads": threads} if threads else {}
     b, ds = load_data(bundle, data)
-    exit_costs = None
+    gate_costs = None
     if cost_kind == "latency":
-        exit_costs = latency_exit_costs(
-            b, ds.images, backend=backend, batch_size=batch_size, **opts
-        )
+        click.echo(f"timing each stage and each gate on the backend at batch {batch_size} ...")
+        gate_costs = gate_costs_ms(b, ds.images, backend=backend, batch_size=batch_size, **opts)
     result = calibrate_bundle(
         b, data, target_accuracy=None if target_acc is None else target_acc / 100.0,
         max_drop=None if max_drop is None else max_drop / 100.0, confidence=confidence,
-        holdout=holdout, exit_costs=exit_costs, cost=cost_kind, backend=backend, seed=seed,
+        holdout=holdout, gate_costs=gate_costs, cost=cost_kind, backend=backend, seed=seed,
         write=False, progress=True, dataset=ds, drop_vs=drop_vs, source=source, **opts,
     )
     if measure:

@@ -2,11 +2,13 @@
 
 Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/results``):
 
-- ``threads`` / ``spinning``: intra-op threads per session; worker spinning off by default
-  (idle pools of the stages that are not running would steal the running stage's cores).
-  ``alone_spinning``: the spinning of the sessions that run alone in a call (the composed
-  chain and its variants, the ``If`` graphs); default off too, by measurement
-  (``benchmarks/results/latency.md``: on a loaded machine spinning costs 2-3x).
+- ``threads`` / ``spinning``: intra-op threads per session; the stage sessions' workers do
+  not spin by default (idle pools of the stages that are not running would steal the
+  running stage's cores). ``alone_spinning``: the spinning of the sessions that run alone in
+  a call (the composed chain and its variants, the ``If`` graphs, ``full.onnx``): they spin
+  within a run by default (``"run"``: no sibling pool competes during the run, and none is
+  left spinning when the next call takes another session); when only ``spinning`` is
+  given, it applies to both (``benchmarks/results/latency.md``).
 - ``fuse_boundaries``: on the CPU, features cross stage boundaries in ORT's blocked NCHWc
   layout (graph pass :mod:`dgconvert.runtime.passes.boundary_fusion`), self-checked
   against the plain graphs.
@@ -103,6 +105,21 @@ def session_options(threads: int | None = None, spinning: bool | str = False) ->
     return so
 
 
+def spinning_policy(spinning: bool | str | None,
+                    alone_spinning: bool | str | None) -> tuple[bool | str, bool | str]:
+    """``(stage sessions, sessions that run alone in a call)`` spinning, validated.
+
+    By default the stage sessions do not spin and the one-session paths spin within a run
+    (``"run"``; measured: ``benchmarks/results/latency.md``); ``spinning`` alone sets both.
+    """
+    stages = False if spinning is None else spinning
+    if alone_spinning is None:
+        alone_spinning = "run" if spinning is None else spinning
+    for value in (stages, alone_spinning):
+        session_options(1, value)  # validates
+    return stages, alone_spinning
+
+
 class BlockedFeatures:
     """A stage's features in ONNX Runtime's blocked NCHWc layout (fused boundaries).
 
@@ -193,8 +210,9 @@ class StagePath:
 class OnnxRuntimeBackend(Backend):
     """Runs each stage graph with ONNX Runtime (CPU by default, providers configurable).
 
-    ``threads``: intra-op threads per session (default: all usable cores). ``spinning``:
-    ``False``, ``"run"`` or ``True`` (see :func:`session_options`). ``fuse_boundaries``:
+    ``threads``: intra-op threads per session (default: all usable cores). ``spinning`` /
+    ``alone_spinning``: ``False``, ``"run"`` or ``True`` (see :func:`session_options`) for
+    the stage sessions / the sessions that run alone in a call (:func:`spinning_policy`). ``fuse_boundaries``:
     keep features in ORT's blocked layout between stages (``None`` = when possible: CPU
     execution provider only, ``onnx`` installed, graphs recognised and self-checked).
     ``compose``: also build the one-session chain offered by :meth:`chain` (``None`` = when
@@ -210,7 +228,7 @@ class OnnxRuntimeBackend(Backend):
         bundle: Bundle,
         providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
         threads: int | None = None,
-        spinning: bool | str = False,
+        spinning: bool | str | None = None,
         fuse_boundaries: bool | None = None,
         compose: bool | None = None,
         in_graph_exits: bool | None = None,
@@ -234,10 +252,7 @@ class OnnxRuntimeBackend(Backend):
                 "providers=['CPUExecutionProvider']."
             )
         self.threads = threads or default_threads()
-        session_options(1, spinning)  # validates
-        self.spinning = spinning
-        self.alone_spinning = spinning if alone_spinning is None else alone_spinning
-        session_options(1, self.alone_spinning)
+        self.spinning, self.alone_spinning = spinning_policy(spinning, alone_spinning)
         self.run_options = ort.RunOptions()
         self._full: tuple[Run, str, Any] | None = None
         n = bundle.num_stages
@@ -526,7 +541,7 @@ class OnnxRuntimeBackend(Backend):
     def _full_model(self) -> tuple[Run, str, Any]:
         """``(run, input name, session)`` of ``full.onnx``, created on first use."""
         if self._full is None:
-            sess = self._session(str(self.bundle.full_file()))
+            sess = self._session(str(self.bundle.full_file()), spinning=self.alone_spinning)
             self._full = (direct_run(sess), sess.get_inputs()[0].name, sess)
         return self._full
 

@@ -409,15 +409,17 @@ def test_cli_bench_tune_writes_the_path_choice(tiny: dict[str, Any], tmp_path: P
 
 
 def test_limit_takes_the_faster_spinning(tiny: dict[str, Any]) -> None:
-    """Each prefix of the limit is timed with spinning on and with the backend's setting;
-    the faster of the two counts."""
+    """Each prefix of the limit is timed with spinning on and off (and the backend's setting
+    when that is neither), one prefix session on every batch before the next; the fastest
+    counts."""
     from dgconvert.bench.systems import PrefixProbe
 
     r = GatedRunner(tiny["bundle"], backend="onnxruntime", threads=1, paths="default")
     probe = PrefixProbe(r, 1, False)
-    assert probe.settings == [True, False] and PrefixProbe(r, 1, True).settings == [True]
+    assert probe.settings == [True, False] and PrefixProbe(r, 1, True).settings == [True, False]
+    assert PrefixProbe(r, 1, "run").settings == [True, False, "run"]
     probe.reset()
-    probe.run(tiny["pixels"][:4])
+    probe.run_all([tiny["pixels"][:4], tiny["pixels"][4:8]], settle_s=0.01)
     assert len(probe.seconds) == tiny["bundle"].num_stages
     for k, v in enumerate(probe.seconds):
         assert 0 < v == min(s[k] for s in probe._by_setting)

@@ -141,7 +141,8 @@ def test_measure_adds_timed_columns(bundle_path: Path, data: str) -> None:
 def test_latency_costs_with_fewer_images_than_the_batch(bundle_path: Path, tmp_path: Path,
                                                        data: str) -> None:
     """--cost latency on 20 images at --batch-size 64 times batches of 20 (no division by
-    zero) and calibrates in ms."""
+    zero), measures each gate's cost, calibrates in ms and turns off the gates that do not
+    pay (their thresholds +inf, null in JSON)."""
     small = tmp_path / "small.npz"
     with np.load(data) as z:
         np.savez(small, x=z["x"][:20], y=z["y"][:20])
@@ -154,8 +155,15 @@ def test_latency_costs_with_fewer_images_than_the_batch(bundle_path: Path, tmp_p
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     costs = rep["exit_costs"]
-    assert rep["cost_unit"] == "ms" and len(costs) == Bundle.load(bundle_path).num_stages
+    k = Bundle.load(bundle_path).num_gates
+    assert rep["cost_unit"] == "ms" and len(costs) == k + 1
     assert all(c > 0 for c in costs) and costs == sorted(costs)
+    paid = rep["selection"]["gates_that_pay"]
+    assert len(paid["gate_ms"]) == k and all(v >= 0 for v in paid["gate_ms"])
+    assert len(paid["body_ms"]) == k + 1 and paid["batch_size"] == 20
+    assert len(paid["tried"]) == 2 ** k and sorted(paid["on"] + paid["off"]) == list(range(k))
+    assert all(rep["thresholds"][j] is None for j in paid["off"])
+    assert "Measured cost per image of each gate that is on (batch 20)" in res.output
 
 
 def test_records_cache_is_keyed_by_backend_identity(bundle_path: Path) -> None:

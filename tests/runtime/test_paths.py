@@ -91,3 +91,41 @@ def test_pool_takes_the_same_paths(tiny: Any, paths: PathChoice) -> None:
     assert one.labels[0] == ref.labels[0] and one.exit_stage[0] == ref.exit_stage[0]
     np.testing.assert_array_equal(many.labels, ref.labels)
     np.testing.assert_array_equal(many.exit_stage, ref.exit_stage)
+
+
+def _spins(session: Any) -> tuple[str, ...]:
+    so = session.get_session_options()
+    out = []
+    for entry in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+        try:
+            out.append(so.get_session_config_entry(entry))
+        except RuntimeError:  # not set
+            out.append("")
+    return tuple(out)
+
+
+def test_spinning_policy_per_path(tiny: Any) -> None:
+    """By default the stage sessions do not spin and the sessions that run alone in a call
+    (chain, If graph, full.onnx) spin within a run; ``spinning`` alone sets both;
+    ``alone_spinning`` sets the one-session paths only; bad values are refused."""
+    from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend, spinning_policy
+
+    assert spinning_policy(None, None) == (False, "run")
+    assert spinning_policy("run", None) == ("run", "run")
+    assert spinning_policy(True, False) == (True, False)
+    with pytest.raises(DGConvertError, match="not a thread-pool setting"):
+        spinning_policy(None, "fast")
+    for kwargs, stages, alone in (({}, "0", "1"), ({"spinning": False}, "0", "0"),
+                                  ({"alone_spinning": True}, "0", "1")):
+        be = OnnxRuntimeBackend(tiny.bundle, threads=2, **kwargs)
+        try:
+            assert {_spins(s)[0] for s in be.sessions} == {stages}, kwargs
+            assert be.chain_session is not None and be.in_graph_exits is not None
+            for sess in (be.chain_session.session, be.in_graph_exits.full.session,
+                         be.full_session):
+                assert _spins(sess)[0] == alone, kwargs
+            stop = "" if kwargs.get("alone_spinning") is True or alone == "0" else "1"
+            assert _spins(be.chain_session.session)[1] == stop, kwargs  # "run": stop at end
+            assert ("spinning off" in be.describe()) == (stages == "0")
+        finally:
+            be.close()
