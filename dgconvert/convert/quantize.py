@@ -46,6 +46,8 @@ PRECISION = "int8"
 #: MinMax ranges only widen with more images, and 4,096 images agreed less than 1,024
 DEFAULT_IMAGES = 1024
 KEEP_FP32 = ("gates", "none")
+#: activation range calibrators of ``onnxruntime.quantization.CalibrationMethod``
+CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
 _BATCH = 64  # rows per calibration batch (ORT's MinMax keeps only each batch's min and max)
 
 
@@ -73,8 +75,13 @@ class QuantizeSettings:
     per_channel: bool = True
     calibration_images: int = DEFAULT_IMAGES
     keep_fp32: str = "gates"  # "gates": gate heads stay float32; "none"
+    calibrate_method: str = "minmax"  # one of CALIBRATE_METHODS
 
     def check(self) -> None:
+        if self.calibrate_method not in CALIBRATE_METHODS:
+            raise QuantizeError(
+                f"calibrate_method is {self.calibrate_method!r}; expected one of "
+                f"{CALIBRATE_METHODS}. Fix: --calibrate-method minmax (default).")
         if self.keep_fp32 not in KEEP_FP32:
             raise QuantizeError(f"keep_fp32 is {self.keep_fp32!r}; expected one of {KEEP_FP32}. "
                                 "Fix: --keep-fp32 gates (default) or none.")
@@ -84,11 +91,17 @@ class QuantizeSettings:
                 f"quantizer needs activations to set ranges). Fix: --calibration-images "
                 f"{DEFAULT_IMAGES}.")
 
+    @property
+    def ort_method(self) -> str:
+        """The name in ``onnxruntime.quantization.CalibrationMethod``."""
+        return {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[
+            self.calibrate_method]
+
     def to_dict(self) -> dict[str, Any]:
         import onnxruntime as ort
 
         return {"format": "QDQ", "activations": "uint8", "weights": "int8",
-                "calibrate_method": "MinMax", "per_channel": self.per_channel,
+                "calibrate_method": self.ort_method, "per_channel": self.per_channel,
                 "keep_fp32": self.keep_fp32, "preprocess": "quant_pre_process",
                 "boundaries": "shared scale (TensorQuantOverrides)",
                 "onnxruntime": ort.__version__}
@@ -226,7 +239,12 @@ def quantize_graph(path: Path, out: Path, batches: Iterator[dict[str, np.ndarray
     quantized ``ModelProto``. ``fp32_head``: leave the gate head in float32;
     ``input_qparams``: the scale and zero point of the gathered input (stage k >= 1)."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="dgconvert-quant-") as tmp:
@@ -249,6 +267,7 @@ def quantize_graph(path: Path, out: Path, batches: Iterator[dict[str, np.ndarray
                 str(pre), str(out), _Reader(batches), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 per_channel=settings.per_channel,
+                calibrate_method=getattr(CalibrationMethod, settings.ort_method),
                 nodes_to_exclude=_head_nodes(model) if fp32_head else [],
                 extra_options=extra)
         except Exception as exc:  # noqa: BLE001 - ORT and onnx raise their own types

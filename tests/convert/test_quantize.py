@@ -166,6 +166,8 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(int8: tuple[Bundle, Bun
         quantize_bundle(src, out, np.zeros((0, 1, 28, 28), np.uint8), settings=FEW)
     with pytest.raises(QuantizeError, match="calibration_images is 0"):
         quantize_bundle(src, out, _pixels(8), settings=QuantizeSettings(calibration_images=0))
+    with pytest.raises(QuantizeError, match="calibrate_method is 'kl'; expected one of"):
+        quantize_bundle(src, out, _pixels(8), settings=QuantizeSettings(calibrate_method="kl"))
     broken = Bundle.load(_copy(src.path, tmp_path / "broken.dg"))
     broken.stage_file(2).write_bytes(b"not an onnx graph")
     broken.record_digests()
@@ -200,3 +202,36 @@ def test_cli_quantize_calibrate_predict(exported_bundle: Callable[..., Any], tmp
     res = cli.invoke(main, ["predict", str(q), "--data", "fashion-mnist:test[:64]"])
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output.lower()
+
+
+def test_percentile_calibration_is_used_and_recorded(exported_bundle: Callable[..., Any],
+                                                     tmp_path: Path,
+                                                     fashion_available: bool) -> None:
+    """--calibrate-method percentile: ONNX Runtime's percentile calibrator sets the ranges
+    (on the same images, stage 0's activation scales differ from MinMax's), the manifest and
+    `info` say so, and the bundle runs torch-free."""
+    if not fashion_available:
+        pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+    src = exported_bundle("resnet").copy_to(tmp_path)
+    out = {}
+    for method in ("minmax", "percentile"):
+        res = CliRunner().invoke(main, [
+            "quantize", str(src.path), "-o", str(tmp_path / f"{method}.dg"), "--data",
+            "fashion-mnist:train[:96]", "--calibration-images", "48", "--calibrate-method",
+            method])
+        assert res.exit_code == 0, res.output
+        out[method] = Bundle.load(tmp_path / f"{method}.dg")
+    q = out["percentile"]
+    assert q.manifest.quantization.settings["calibrate_method"] == "Percentile"
+    assert out["minmax"].manifest.quantization.settings["calibrate_method"] == "MinMax"
+    assert "Percentile" in CliRunner().invoke(main, ["info", str(q.path)]).output
+
+    def scales(b: Bundle) -> dict[str, float]:
+        m = onnx.load(str(b.stage_file(0)))
+        return {t.name: float(numpy_helper.to_array(t).ravel()[0]) for t in m.graph.initializer
+                if t.name.endswith("_scale") and t.data_type == onnx.TensorProto.FLOAT
+                and numpy_helper.to_array(t).size == 1}
+
+    a, b = scales(out["minmax"]), scales(q)
+    assert a.keys() == b.keys() and any(abs(a[n] - b[n]) > 1e-6 * a[n] for n in a)
+    assert GatedRunner(q, backend="onnxruntime").predict(_pixels(16, seed=3)).labels.shape == (16,)
