@@ -76,6 +76,7 @@ class QuantizeSettings:
     calibration_images: int = DEFAULT_IMAGES
     keep_fp32: str = "gates"  # "gates": gate heads stay float32; "none"
     calibrate_method: str = "minmax"  # one of CALIBRATE_METHODS
+    fp32_stem: bool = True  # convolutions on fewer than 4 channels stay float32
 
     def check(self) -> None:
         if self.calibrate_method not in CALIBRATE_METHODS:
@@ -102,7 +103,8 @@ class QuantizeSettings:
 
         return {"format": "QDQ", "activations": "uint8", "weights": "int8",
                 "calibrate_method": self.ort_method, "per_channel": self.per_channel,
-                "keep_fp32": self.keep_fp32, "preprocess": "quant_pre_process",
+                "keep_fp32": self.keep_fp32, "fp32_stem": self.fp32_stem,
+                "preprocess": "quant_pre_process",
                 "boundaries": "shared scale (TensorQuantOverrides)",
                 "onnxruntime": ort.__version__}
 
@@ -211,6 +213,27 @@ def _head_nodes(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if id(n) not in ids]
 
 
+#: convolutions with fewer input channels per group than this stay float32: int8 kernels
+#: gain nothing on a 1- or 3-channel stem (measured 5.7x slower than fp32 on the demo
+#: model's 1-channel stem, docs/quantization.md)
+MIN_INT8_CONV_CHANNELS = 4
+
+
+def _thin_convs(model: Any) -> list[str]:
+    """Names of the ``Conv`` nodes (group 1) whose weight has fewer than
+    :data:`MIN_INT8_CONV_CHANNELS` input channels (a stem on the image)."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in shapes:
+            continue
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        dims = shapes[n.input[1]]
+        if group == 1 and len(dims) >= 2 and dims[1] < MIN_INT8_CONV_CHANNELS:
+            out.append(n.name)
+    return out
+
+
 def _gathered(model: Any) -> str | None:
     """The output of the contract's ``Gather(x, keep)`` (what stage k >= 1 quantizes first)."""
     out = [n.output[0] for n in model.graph.node if n.op_type == "Gather"
@@ -268,7 +291,8 @@ def quantize_graph(path: Path, out: Path, batches: Iterator[dict[str, np.ndarray
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 per_channel=settings.per_channel,
                 calibrate_method=getattr(CalibrationMethod, settings.ort_method),
-                nodes_to_exclude=_head_nodes(model) if fp32_head else [],
+                nodes_to_exclude=(_head_nodes(model) if fp32_head else [])
+                + (_thin_convs(model) if settings.fp32_stem else []),
                 extra_options=extra)
         except Exception as exc:  # noqa: BLE001 - ORT and onnx raise their own types
             raise QuantizeError(

@@ -204,6 +204,22 @@ def test_cli_quantize_calibrate_predict(exported_bundle: Callable[..., Any], tmp
     assert "accuracy" in res.output.lower()
 
 
+def test_a_thin_stem_convolution_stays_float32(int8: tuple[Bundle, Bundle]) -> None:
+    """The stem convolution on the 1-channel image keeps float32 weights (int8 kernels are
+    slower there); every other convolution of stage 0 reads int8 weights through a
+    DequantizeLinear; the manifest records the rule."""
+    _, q = int8
+    assert q.manifest.quantization.settings["fp32_stem"] is True
+    m = onnx.load(str(q.stage_file(0)))
+    inits = {i.name: i for i in m.graph.initializer}
+    dq = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    float_weights = [n for n in convs if n.input[1] in inits
+                     and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+    assert [list(inits[n.input[1]].dims)[1] for n in float_weights] == [1]
+    assert len(convs) > 1 and all(n.input[1] in dq for n in convs if n not in float_weights)
+
+
 def test_percentile_calibration_is_used_and_recorded(exported_bundle: Callable[..., Any],
                                                      tmp_path: Path,
                                                      fashion_available: bool) -> None:
