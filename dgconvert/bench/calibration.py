@@ -1,5 +1,6 @@
-"""Timing for ``dgconvert calibrate``: measured per-exit latency (``--cost latency``) and
-measured ms/image of the calibrated rows (``--measure``), both on the chosen backend.
+"""Timing for ``dgconvert calibrate``: measured stage and gate costs (``--cost latency``:
+:func:`gate_costs_ms`; per-exit latency alone: :func:`latency_exit_costs`) and measured
+ms/image of the calibrated rows (``--measure``), all on the chosen backend.
 
 These live in the bench layer so that :mod:`dgconvert.calibrate` never imports it; the CLI
 passes the measured exit costs into the calibration and times the result afterwards.
@@ -23,6 +24,17 @@ from dgconvert.runtime import GatedRunner
 MEASURE_ROWS = ("ours", "sequential", "shared")
 
 
+def _batch_size(images: np.ndarray, batch_size: int, what: str) -> int:
+    """The batch size to time ``what`` at: ``batch_size``, or every image when fewer."""
+    if len(images) == 0:
+        raise BenchError(
+            f"--cost latency needs at least one image to time {what}; got none. "
+            "Fix: pass labelled data with images, or use --cost flops.")
+    if batch_size < 1:
+        raise BenchError(f"--batch-size must be >= 1, got {batch_size}")
+    return min(batch_size, len(images))
+
+
 def latency_exit_costs(
     bundle: Bundle,
     images: np.ndarray,
@@ -35,14 +47,7 @@ def latency_exit_costs(
     """Cumulative measured ms/image of exiting at each point (each stage timed alone on full
     batches on the chosen backend). Batches hold ``batch_size`` images, or every image
     when fewer are given."""
-    if len(images) == 0:
-        raise BenchError(
-            "--cost latency needs at least one image to time the stages; got none. "
-            "Fix: pass labelled data with images, or use --cost flops."
-        )
-    if batch_size < 1:
-        raise BenchError(f"--batch-size must be >= 1, got {batch_size}")
-    size = min(batch_size, len(images))
+    size = _batch_size(images, batch_size, "the stages")
     runner = GatedRunner(bundle, backend=backend, max_batch=size, **backend_options)
     try:
         probe = StageProbe(runner)
@@ -78,13 +83,7 @@ def gate_costs_ms(
     off), at least 0. The full model's cost is split over the stages by their times alone
     (:class:`~dgconvert.bench.systems.StageProbe`)."""
     k = bundle.num_gates
-    if len(images) == 0:
-        raise BenchError(
-            "--cost latency needs at least one image to time the gates; got none. "
-            "Fix: pass labelled data with images, or use --cost flops.")
-    if batch_size < 1:
-        raise BenchError(f"--batch-size must be >= 1, got {batch_size}")
-    size = min(batch_size, len(images))
+    size = _batch_size(images, batch_size, "the gates")
     x = images[: max(size, min(len(images), 256 if size < 64 else 4 * size)) // size * size]
     batches = [x[s:s + size] for s in range(0, len(x), size)]
     never = 3.0e38  # on (head and compaction run) but no score reaches it
