@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.bench.errors import BenchError
-from dgconvert.bench.harness import BenchConfig, run_benchmark
+from dgconvert.bench.harness import SETTLE_S, BenchConfig, run_benchmark
 from dgconvert.bench.systems import StageProbe
 from dgconvert.calibrate import CalibrationResult
 from dgconvert.calibrate.gates_that_pay import GateCosts
@@ -103,6 +103,8 @@ def gate_costs_ms(
                     runner.predict(xb)
                 if rnd:
                     seconds[name].append((clock() - t0) * 1000.0 / len(x))
+                if name == "off":  # its session may spin: let it go idle before the next
+                    time.sleep(SETTLE_S)
         per_stage = np.array(latency_exit_costs(bundle, images, backend=backend,
                                                 batch_size=size, repeats=2, **backend_options))
     finally:

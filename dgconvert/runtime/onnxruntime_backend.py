@@ -8,7 +8,9 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
   a call (the composed chain and its variants, the ``If`` graphs, ``full.onnx``): they spin
   within a run by default (``"run"``: no sibling pool competes during the run, and none is
   left spinning when the next call takes another session); when only ``spinning`` is
-  given, it applies to both (``benchmarks/results/latency.md``).
+  given, it applies to both (``benchmarks/results/latency.md``). The chain without any
+  gate (every gate off: the one session every call then takes) spins like a default
+  session unless either option is given (``off_spinning``).
 - ``fuse_boundaries``: on the CPU, features cross stage boundaries in ORT's blocked NCHWc
   layout (graph pass :mod:`dgconvert.runtime.passes.boundary_fusion`), self-checked
   against the plain graphs.
@@ -253,6 +255,10 @@ class OnnxRuntimeBackend(Backend):
             )
         self.threads = threads or default_threads()
         self.spinning, self.alone_spinning = spinning_policy(spinning, alone_spinning)
+        #: the chain without any gate is the one session every call then takes, so by default
+        #: it spins like a default ORT session (nothing else of this backend runs beside it)
+        self.off_spinning: bool | str = (True if spinning is None and alone_spinning is None
+                                         else self.alone_spinning)
         self.run_options = ort.RunOptions()
         self._full: tuple[Run, str, Any] | None = None
         n = bundle.num_stages
@@ -442,8 +448,10 @@ class OnnxRuntimeBackend(Backend):
             composed = compose_chain(models, off)
         except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
             raise ChainError(f"composing the stage graphs failed: {exc}") from exc
+        every = len(off) == self.bundle.num_gates
         try:
-            sess = self._extended_session(composed, self.alone_spinning)
+            sess = self._extended_session(composed, self.off_spinning if every
+                                          else self.alone_spinning)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ChainError(f"ONNX Runtime refused the composed graph: {exc}") from exc
         chain = ChainSession(sess, direct_run(sess), self.run_options, self.bundle.num_stages,
@@ -557,7 +565,9 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> str:
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
         alone = ("" if self.alone_spinning == self.spinning else
-                 f" ({_SPIN_WORDS[self.alone_spinning]} in one-session calls)")
+                 f" ({_SPIN_WORDS[self.alone_spinning]} in one-session calls"
+                 + ("" if self.off_spinning == self.alone_spinning else
+                    f", {_SPIN_WORDS[self.off_spinning]} with every gate off") + ")")
         return (
             f"onnxruntime ({', '.join(wanted)}; {self.threads} threads, spinning "
             f"{_SPIN_WORDS[self.spinning]}{alone}; "

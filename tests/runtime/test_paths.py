@@ -126,6 +126,11 @@ def test_spinning_policy_per_path(tiny: Any) -> None:
                 assert _spins(sess)[0] == alone, kwargs
             stop = "" if kwargs.get("alone_spinning") is True or alone == "0" else "1"
             assert _spins(be.chain_session.session)[1] == stop, kwargs  # "run": stop at end
+            # every gate off: the one session every call takes spins like a default one
+            # unless an option was given
+            every_off = be._chain_variant(frozenset(range(tiny.bundle.num_gates)))
+            assert _spins(every_off.session) == (("1", "") if not kwargs else
+                                                 _spins(be.chain_session.session)), kwargs
             assert ("spinning off" in be.describe()) == (stages == "0")
         finally:
             be.close()
