@@ -76,13 +76,25 @@ def main() -> None:
     fs: dict[str, Callable[[np.ndarray], Any]] = {
         "default": lambda x: default.run(None, {default.get_inputs()[0].name: prepare(x)}),
         **{f"alone {k}": r.predict for k, r in runners.items()}}
+    off = [float("inf")] * bundle.num_gates
+    every_off = {  # every gate off: one session for every call
+        "default": fs["default"],
+        "alone off": GatedRunner(bundle, backend="onnxruntime", threads=args.threads,
+                                 alone_spinning=False, thresholds=off).predict,
+        "alone run": GatedRunner(bundle, backend="onnxruntime", threads=args.threads,
+                                 alone_spinning="run", thresholds=off).predict,
+        "alone on": GatedRunner(bundle, backend="onnxruntime", threads=args.threads,
+                                thresholds=off).predict}  # the default policy spins here
     rows = []
     for load in [False, True] if args.load else [False]:
         with busy_core(load):
-            for name, batches in (("single images back to back", singles),
-                                  (f"{sum(map(len, mixed))} images in {len(mixed)} batches of "
-                                   "1-64, mixed", mixed)):
-                us = _rounds(fs, batches, args.rounds)
+            for name, batches, funcs in (
+                    ("single images back to back", singles, fs),
+                    (f"{sum(map(len, mixed))} images in {len(mixed)} batches of 1-64, mixed",
+                     mixed, fs),
+                    ("every gate off, single images", singles, every_off),
+                    ("every gate off, mixed", mixed, every_off)):
+                us = _rounds(funcs, batches, args.rounds)
                 rows.append({"workload": name, "busy_process": load, "us_per_image": us,
                              "speedup_vs_default": {k: us["default"] / v for k, v in us.items()
                                                     if k != "default"}})
@@ -99,7 +111,8 @@ def main() -> None:
     md = header("Spinning of the one-session paths vs a default ONNX Runtime session", [
         f"bundle: {bundle.path.name}, its thresholds {bundle.thresholds}; {args.threads} "
         f"threads (the default session: intra_op_num_threads={args.threads}, else default)",
-        f"{args.rounds} interleaved rounds; medians; the stage sessions never spin",
+        f"{args.rounds} interleaved rounds; medians; the stage sessions never spin; with every "
+        "gate off the default policy spins (the column 'alone on')",
     ]) + "\n" + "\n".join(lines)
     write_results(args.stem, md, {"rows": rows, "threads": args.threads})
 
