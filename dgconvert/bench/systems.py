@@ -36,6 +36,7 @@ from dgconvert.runtime.base import Backend
 from dgconvert.runtime.onnxruntime_backend import default_threads, direct_run, session_options
 from dgconvert.runtime.passes.prefix import prefix_graphs
 from dgconvert.runtime.runner import GatedRunner
+from dgconvert.runtime.thread_pool import new_session_options, shared_threads
 
 
 def _ungated(labels: np.ndarray, last: int) -> GatedResult:
@@ -129,9 +130,11 @@ class OnnxFullDefault(System):
         import onnxruntime as ort
 
         self.runner, self.id, self.label = runner, id, label
-        so = ort.SessionOptions()
+        so = new_session_options()
         threads = getattr(runner.backend, "threads", None)
-        if threads and threads < default_threads():
+        if shared_threads() is not None:
+            self.label = f"{label}, on the process's shared pool of {shared_threads()} threads"
+        elif threads and threads < default_threads():
             so.intra_op_num_threads = threads
             self.label = f"{label}, {threads} thread(s)"
         self._sess = ort.InferenceSession(str(path or runner.bundle.full_file()), so,

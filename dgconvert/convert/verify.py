@@ -36,6 +36,7 @@ from dgconvert.gating.multi_exit import own_exit_outputs
 from dgconvert.gating.network import GatedNetwork
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from dgconvert.runtime.runner import GatedRunner
+from dgconvert.runtime.thread_pool import new_session_options
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def check_stage_graph(
     import onnxruntime as ort
 
     empty_ok = first or _empty_batch_survives(path, x)
-    opts = ort.SessionOptions()
+    opts = new_session_options()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]

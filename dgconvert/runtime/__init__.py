@@ -11,6 +11,7 @@ from dgconvert.runtime.backends import BACKENDS, backend_class, create_backend
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.pool import GatedPool, PoolClosedError, PoolFullError
 from dgconvert.runtime.runner import GatedRunner
+from dgconvert.runtime.thread_pool import share_thread_pool, shared_threads
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +25,6 @@ __all__ = [
     "StageOutput",
     "backend_class",
     "create_backend",
+    "share_thread_pool",
+    "shared_threads",
 ]

@@ -31,7 +31,6 @@ directly (the runner has validated the batch already).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -59,18 +58,11 @@ from dgconvert.runtime.passes.boundary_fusion import (
 )
 from dgconvert.runtime.passes.chain import ChainError, compose_chain
 from dgconvert.runtime.passes.int8_boundary import Int8Output, Int8Stages, keep_int8_boundaries
+from dgconvert.runtime.thread_pool import default_threads, new_session_options, shared_threads
 
 log = logging.getLogger(__name__)
 
 Run = Callable[[Sequence[str], dict[str, Any], Any], list[np.ndarray]]
-
-
-def default_threads() -> int:
-    """Cores this process may use (respects CPU affinity / container limits)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
 
 
 SPINNING = (False, "run", True)
@@ -93,17 +85,19 @@ def session_options(threads: int | None = None, spinning: bool | str = False) ->
             f"spinning={spinning!r} is not a thread-pool setting; expected False, 'run' or True. "
             "Fix: spinning=False (default) or spinning='run' on a machine nobody else loads."
         )
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
+    so = new_session_options()
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if shared_threads() is not None:  # one pool for all: its own size, spinning as ORT's default
+        return so
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
     flag = "1" if spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", flag)
     so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     if spinning == "run":
         so.add_session_config_entry("session.force_spinning_stop", "1")
-    so.log_severity_level = 3
     return so
 
 
@@ -253,7 +247,11 @@ class OnnxRuntimeBackend(Backend):
                 "Fix: pip install onnxruntime-gpu for CUDA/TensorRT providers, or use "
                 "providers=['CPUExecutionProvider']."
             )
-        self.threads = threads or default_threads()
+        #: the process's shared pool (:func:`share_thread_pool`), or None
+        self.shared_pool = shared_threads()
+        if self.shared_pool is not None:
+            _check_shared(self.shared_pool, threads, spinning, alone_spinning)
+        self.threads = self.shared_pool or threads or default_threads()
         self.spinning, self.alone_spinning = spinning_policy(spinning, alone_spinning)
         #: the chain without any gate is the one session every call then takes, so by default
         #: it spins like a default ORT session (nothing else of this backend runs beside it)
@@ -568,15 +566,32 @@ class OnnxRuntimeBackend(Backend):
                  f" ({_SPIN_WORDS[self.alone_spinning]} in one-session calls"
                  + ("" if self.off_spinning == self.alone_spinning else
                     f", {_SPIN_WORDS[self.off_spinning]} with every gate off") + ")")
+        pool = (f"{self.threads} threads, spinning {_SPIN_WORDS[self.spinning]}{alone}"
+                if self.shared_pool is None else
+                f"one shared pool of {self.threads} threads, spinning as ORT's default")
         return (
-            f"onnxruntime ({', '.join(wanted)}; {self.threads} threads, spinning "
-            f"{_SPIN_WORDS[self.spinning]}{alone}; "
+            f"onnxruntime ({', '.join(wanted)}; {pool}; "
             f"fused boundaries {self.fusion}; chain {self.composition}; "
             f"in-graph exits {self.if_graph})"
         )
 
 
 _FUSED, _CHAIN, _IF = "fused boundaries", "chain", "in-graph exits"
+
+
+def _check_shared(pool: int, threads: int | None, spinning: Any, alone_spinning: Any) -> None:
+    """Refuse per-session thread settings in a process that shares one pool."""
+    wrong = [f"{name}={value!r}" for name, value in (("spinning", spinning),
+                                                     ("alone_spinning", alone_spinning))
+             if value is not None]
+    if threads and threads != pool:
+        wrong.insert(0, f"threads={threads}")
+    if wrong:
+        raise BackendOptionError(
+            f"got {', '.join(wrong)}, but this process runs every ONNX Runtime session on one "
+            f"shared pool of {pool} threads (share_thread_pool), which has its own size and "
+            "spins as ORT's default; per-session settings cannot apply. Fix: leave them unset, "
+            "or run without share_thread_pool")
 _NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
 
 

@@ -36,6 +36,7 @@ from dgconvert.core.contract import CONTRACT
 from dgconvert.core.errors import BackendUnavailableError, InputError
 from dgconvert.runtime.base import StageOutput
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from dgconvert.runtime.thread_pool import new_session_options, probe_model
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 FIX = ("Fix: install the onnxruntime-gpu build for your driver's CUDA major, alone "
@@ -87,21 +88,16 @@ def provider_loads(provider: str = "CUDAExecutionProvider", device_id: int = 0) 
     (``get_available_providers()`` alone lists providers whose libraries cannot load.)
     """
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     if provider in GPU_PROVIDERS:
         preload_dlls()
-    x = helper.make_tensor_value_info("probe_in", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("probe_out", TensorProto.FLOAT, [1])
-    node = helper.make_node("Identity", ["probe_in"], ["probe_out"])
-    model = helper.make_model(helper.make_graph([node], "probe", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    so = ort.SessionOptions()
+    model = probe_model()
+    so = new_session_options()
     so.log_severity_level = 3
     opts = {"device_id": device_id} if provider == "CUDAExecutionProvider" else {}
     try:
         fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
-        sess = ort.InferenceSession(model.SerializeToString(), so,
+        sess = ort.InferenceSession(model, so,
                                     providers=[(provider, opts), *fallback])
         check_session_provider(sess, provider, "a one-node test graph")
     except Exception as exc:  # noqa: BLE001 - any failure to load is the answer

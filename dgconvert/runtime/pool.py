@@ -11,8 +11,13 @@ near ``max_batch`` whatever the request size::
                      queue 1 ─► stage 1 (one batch from many requests) ─► ...
 
 One worker thread runs the stages (ONNX Runtime's intra-op threads do the arithmetic). A
-stage runs when its queue holds ``max_batch`` rows or its oldest row has waited
-``max_delay_ms``; deeper stages go first, so started requests finish. Survivors from
+stage is due when its queue holds ``max_batch`` rows or its oldest row has waited
+``max_delay_ms``; due stages run deepest first, so started requests finish. When no stage
+is due the worker does not idle: it runs the shallowest queue that holds rows, so a lone
+request is answered at once and the survivors waiting for a deeper stage are joined by
+those of the batch just taken (batches still grow under load, from the rows that arrive
+while a stage runs). ``wait_when_idle=True`` restores waiting: a stage then runs only
+when due, as in a batcher with a queue delay. Survivors from
 different batches are merged with :meth:`Backend.merge_features` (rows gathered into one
 features handle on the backend's own device); backends that cannot merge run each
 survivor group separately (still correct, less re-batching).
@@ -107,13 +112,14 @@ class GatedPool:
     """Thread-safe continuous batching over a bundle (see the module docstring).
 
     ``full=True`` batches requests through ``full.onnx`` the same way: the baseline.
-    ``runner_options`` go to :class:`GatedRunner` (``backend``, ``thresholds``, ``threads``,
+    ``wait_when_idle``: run a stage only when it is due (full or ``max_delay_ms`` old), even
+    when the worker has nothing else to do. ``runner_options`` go to :class:`GatedRunner` (``backend``, ``thresholds``, ``threads``,
     ...).
     """
 
     def __init__(self, bundle: str | Path | Bundle, max_batch: int = 64,
                  max_delay_ms: float = 2.0, full: bool = False, max_pending: int = 4096,
-                 **runner_options: Any) -> None:
+                 wait_when_idle: bool = False, **runner_options: Any) -> None:
         if max_batch < 1 or max_delay_ms < 0 or max_pending < 1:
             raise ValueError(f"max_batch={max_batch}, max_delay_ms={max_delay_ms}, "
                              f"max_pending={max_pending}; expected >= 1, >= 0, >= 1")
@@ -122,6 +128,7 @@ class GatedPool:
         self.max_batch = min(max_batch, limit) if limit else max_batch
         self.max_delay = max_delay_ms / 1000.0
         self.full = full
+        self.wait_when_idle = wait_when_idle
         self.max_pending = max_pending
         n = 1 if full else self.runner.bundle.num_stages
         self._queues: list[deque[_Segment]] = [deque() for _ in range(n)]
@@ -210,13 +217,18 @@ class GatedPool:
         self._queued[k] += len(seg)
 
     def _pick(self, now: float) -> int | None:
-        """The stage to run now (deepest ready first), or None."""
+        """The stage to run now (the deepest due one, else the shallowest with rows unless
+        ``wait_when_idle``), or None."""
         flush = self._closing
         for k in range(len(self._queues) - 1, -1, -1):
             q = self._queues[k]
             if q and (flush or self._queued[k] >= self.max_batch
                       or now - q[0].since >= self.max_delay):
                 return k
+        if not self.wait_when_idle:
+            for k, q in enumerate(self._queues):
+                if q:
+                    return k
         return None
 
     def _take(self, k: int) -> list[_Segment]:

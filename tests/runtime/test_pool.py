@@ -80,10 +80,28 @@ def test_client_threads_all_complete(setup: dict[str, Any]) -> None:
     assert not errors and not any(th.is_alive() for th in threads)
 
 
+def test_an_idle_pool_does_not_hold_a_lone_request_for_the_delay(
+        setup: dict[str, Any]) -> None:
+    """With nothing else queued the worker runs a request at once (the delay is a minute);
+    with ``wait_when_idle`` it waits for the delay, and close() then finishes it."""
+    px = setup["pixels"]
+    with GatedPool(setup["bundle"], max_batch=64, max_delay_ms=60_000, backend="onnxruntime",
+                   thresholds=setup["t"]) as pool:
+        for i in (0, 3, 7):
+            _check(setup, np.arange(i, i + 3), pool.predict(px[i:i + 3], timeout=30))
+    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=60_000, wait_when_idle=True,
+                     backend="onnxruntime", thresholds=setup["t"])
+    fut = pool.submit(px[:3])
+    time.sleep(0.5)
+    assert not fut.done()
+    pool.close()
+    _check(setup, np.arange(3), fut.result(timeout=0))
+
+
 def test_close_finishes_pending_requests(setup: dict[str, Any]) -> None:
     px = setup["pixels"]
-    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=10_000, backend="onnxruntime",
-                     thresholds=setup["t"])
+    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=10_000, wait_when_idle=True,
+                     backend="onnxruntime", thresholds=setup["t"])
     futures = [pool.submit(px[i:i + 3]) for i in range(0, 30, 3)]  # below max_batch: waiting
     pool.close()
     assert all(f.done() for f in futures)
@@ -95,8 +113,8 @@ def test_close_finishes_pending_requests(setup: dict[str, Any]) -> None:
 
 def test_close_with_cancel_fails_pending_requests_clearly(setup: dict[str, Any]) -> None:
     px = setup["pixels"]
-    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=10_000, backend="onnxruntime",
-                     thresholds=setup["t"])
+    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=10_000, wait_when_idle=True,
+                     backend="onnxruntime", thresholds=setup["t"])
     futures = [pool.submit(px[i:i + 2]) for i in range(0, 10, 2)]
     pool.close(cancel=True)
     done, not_done = wait(futures, timeout=30)
@@ -108,8 +126,8 @@ def test_close_with_cancel_fails_pending_requests_clearly(setup: dict[str, Any])
 
 def test_backpressure(setup: dict[str, Any]) -> None:
     px = setup["pixels"]
-    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=10_000, max_pending=8,
-                     backend="onnxruntime", thresholds=setup["t"])
+    pool = GatedPool(setup["bundle"], max_batch=64, max_delay_ms=10_000, wait_when_idle=True,
+                     max_pending=8, backend="onnxruntime", thresholds=setup["t"])
     try:
         pool.submit(px[:6])
         t0 = time.monotonic()
