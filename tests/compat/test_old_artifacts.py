@@ -1,5 +1,7 @@
 """Checkpoints and a bundle written by an earlier dgconvert (``make_fixtures.py``, run with
-main at commit c2d20c1) load with today's code and give identical outputs."""
+main at commit c2d20c1) load with today's code and give the same outputs: labels and exit
+stages identical, floats equal up to the rounding of another CPU's kernels (the fixtures
+were written on an AMD machine; an Intel one differs in the last bits)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import dgconvert as dg
 from dgconvert.core.preprocess import normalize
 
 DATA = Path(__file__).parent / "data"
+#: float32 kernels of another CPU (AVX-512 vs AVX2 paths) reorder sums: last-bit differences
+CLOSE = {"rtol": 1e-5, "atol": 1e-6}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -29,11 +33,11 @@ def _x(net: torch.nn.Module, expected: dict[str, np.ndarray]) -> torch.Tensor:
 def _same_gated(prefix: str, net: torch.nn.Module, x: torch.Tensor,
                 expected: dict[str, np.ndarray]) -> None:
     with torch.no_grad():
-        np.testing.assert_array_equal(net(x).numpy(), expected[f"{prefix}_logits"])
+        np.testing.assert_allclose(net(x).numpy(), expected[f"{prefix}_logits"], **CLOSE)
         res = net.gated_forward(x, return_scores=True)
     np.testing.assert_array_equal(res.labels, expected[f"{prefix}_labels"])
     np.testing.assert_array_equal(res.exit_stage, expected[f"{prefix}_exit_stage"])
-    np.testing.assert_array_equal(res.scores, expected[f"{prefix}_scores"])
+    np.testing.assert_allclose(res.scores, expected[f"{prefix}_scores"], **CLOSE)
     assert len(np.unique(res.exit_stage)) == net.num_gates + 1  # every stage is exercised
 
 
@@ -77,7 +81,8 @@ def test_gaternet_checkpoint_loads_and_predicts_identically(
     assert net.family == "gaternet"
     assert net.fit_record == {"options": {"sparsity": 2.0}, "accuracy": 0.25}
     with torch.no_grad():
-        np.testing.assert_array_equal(net(_x(net, expected)).numpy(), expected["gaternet_logits"])
+        np.testing.assert_allclose(net(_x(net, expected)).numpy(), expected["gaternet_logits"],
+                                   **CLOSE)
 
 
 def test_gaternet_exits_rebuild_identically(expected: dict[str, np.ndarray]) -> None:
@@ -102,6 +107,6 @@ def test_old_bundle_predicts_identically_torch_free(expected: dict[str, np.ndarr
     res = runner.predict(expected["images"])
     np.testing.assert_array_equal(res.labels, expected["bundle_labels"])
     np.testing.assert_array_equal(res.exit_stage, expected["bundle_exit_stage"])
-    np.testing.assert_array_equal(res.scores, expected["bundle_scores"])
+    np.testing.assert_allclose(res.scores, expected["bundle_scores"], **CLOSE)
     # and the old bundle agrees with the old checkpoint it was exported from
     np.testing.assert_array_equal(res.labels, expected["cut_backbone_labels"])

@@ -57,8 +57,11 @@ class Served:
     def stop(self, signals: int = 1, timeout: float = 90) -> float:
         self.raylets |= raylets(self.proc.pid)
         t = time.monotonic()
+        self.signalled_alive = 0  # signals sent while the process still ran
         for _ in range(signals):
-            self.proc.send_signal(signal.SIGTERM)
+            if self.proc.poll() is None:
+                self.signalled_alive += 1
+                self.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
         self.proc.wait(timeout)
         return time.monotonic() - t
@@ -91,7 +94,10 @@ def test_sigterm_during_ray_start_up_exits_0_and_leaves_nothing(bundle: Path) ->
     assert s.proc.poll() is None
     s.stop(signals=2)  # and once more while it stops
     out = s.check_clean_exit()
-    assert "stopping" in out and "already stopping" in out
+    assert "stopping" in out
+    # a fast machine may finish stopping before the second signal; when it still ran, the
+    # second is noted, and never kills it (Ray's own SIGTERM handler once did: exit 143)
+    assert s.signalled_alive == 1 or "already stopping" in out, out
 
 
 def test_sigterm_the_moment_it_is_ready(bundle: Path) -> None:
