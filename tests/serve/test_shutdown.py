@@ -94,10 +94,10 @@ def test_sigterm_during_ray_start_up_exits_0_and_leaves_nothing(bundle: Path) ->
     assert s.proc.poll() is None
     s.stop(signals=2)  # and once more while it stops
     out = s.check_clean_exit()
-    assert "stopping" in out
-    # a fast machine may finish stopping before the second signal; when it still ran, the
-    # second is noted, and never kills it (Ray's own SIGTERM handler once did: exit 143)
-    assert s.signalled_alive == 1 or "already stopping" in out, out
+    # the second signal never kills it (exit 0 above; Ray's own SIGTERM handler once left
+    # the default behind: exit 143). Whether it is noted as "already stopping" depends on
+    # whether it lands before the stop's last step (0.3 s on a fast machine), so not asserted.
+    assert "stopping" in out and s.signalled_alive >= 1
 
 
 def test_sigterm_the_moment_it_is_ready(bundle: Path) -> None:
