@@ -78,10 +78,6 @@ def ray_init_keeping_signals(stop: StopSignals) -> Iterator[None]:
     finally:
         if original is not None:
             utils.set_sigterm_handler = original
-        # Ray's core worker installs a C-level failure-signal handler for SIGTERM during
-        # init: it chains to ours once, then leaves the default (a second SIGTERM killed
-        # the process with 143). Ours go back on top.
-        stop.reinstall()
         stop.reinstall()
 
 
