@@ -578,6 +578,8 @@ class OnnxRuntimeBackend(Backend):
 
 _FUSED, _CHAIN, _IF = "fused boundaries", "chain", "in-graph exits"
 
+_NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
+
 
 def _check_shared(pool: int, threads: int | None, spinning: Any, alone_spinning: Any) -> None:
     """Refuse per-session thread settings in a process that shares one pool."""
@@ -592,7 +594,6 @@ def _check_shared(pool: int, threads: int | None, spinning: Any, alone_spinning:
             f"shared pool of {pool} threads (share_thread_pool), which has its own size and "
             "spins as ORT's default; per-session settings cannot apply. Fix: leave them unset, "
             "or run without share_thread_pool")
-_NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
 
 
 def _settled(why_not: FastPath | None, wanted: bool | None, option: str,

@@ -113,8 +113,8 @@ class GatedPool:
 
     ``full=True`` batches requests through ``full.onnx`` the same way: the baseline.
     ``wait_when_idle``: run a stage only when it is due (full or ``max_delay_ms`` old), even
-    when the worker has nothing else to do. ``runner_options`` go to :class:`GatedRunner` (``backend``, ``thresholds``, ``threads``,
-    ...).
+    when the worker has nothing else to do. ``runner_options`` go to :class:`GatedRunner`
+    (``backend``, ``thresholds``, ``threads``, ...).
     """
 
     def __init__(self, bundle: str | Path | Bundle, max_batch: int = 64,
