@@ -577,7 +577,6 @@ class OnnxRuntimeBackend(Backend):
 
 
 _FUSED, _CHAIN, _IF = "fused boundaries", "chain", "in-graph exits"
-
 _NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
 
 
