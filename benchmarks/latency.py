@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 from _util import header, write_results
-from limit_sweep import busy_core, mix_thresholds, summary
+from limit_sweep import busy_core, model_spec, summary
 
 from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import ExitRule, GatedResult
-from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
 
 SMALL, LARGE = [1, 2, 4, 8], [64, 256]
@@ -117,17 +116,10 @@ def main() -> None:
     ap.add_argument("--stem", default="latency")
     args = ap.parse_args()
     body, data = [], []
-    for spec in args.models:
-        path, data_name, mix_s = spec.split("=")
-        bundle = Bundle.load(Path(path))
-        ds = load_dataset(data_name, num_classes=bundle.num_classes).subset(slice(0, 1024))
-        if mix_s:  # thresholds for that exit mix on the data
-            mix = [float(v) for v in mix_s.split(",")]
-            thresholds = mix_thresholds(bundle, ds.images, mix)
-            what = f"exit mix {mix} % at the gates"
-        else:  # the bundle's own (calibrated) thresholds
-            mix, thresholds = [], list(bundle.thresholds)
-            what = f"the bundle's thresholds {[round(t, 4) for t in thresholds]}"
+    for arg in args.models:
+        spec = model_spec(arg, 1024)
+        path, data_name, bundle, ds = spec.path, spec.data_name, spec.bundle, spec.data
+        mix, thresholds, what = spec.mix, spec.thresholds, spec.what
         body += [f"## {Path(path).name} ({len(ds.images)} images of {data_name}; {what})", ""]
         for threads in (int(t) for t in args.threads.split(",")):
             for load in [False, True] if args.load else [False]:

@@ -23,6 +23,7 @@ import argparse
 import multiprocessing as mp
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,35 @@ from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
 from dgconvert.runtime.onnxruntime_backend import SPINNING_NAMES
+
+
+@dataclass
+class ModelSpec:
+    """A ``BUNDLE=DATA=MIX`` argument, loaded (see :func:`model_spec`)."""
+
+    path: str
+    data_name: str
+    bundle: Bundle
+    data: Any  # dgconvert.data.Dataset: the first images of DATA
+    mix: list[float]  # percent exiting at each gate; empty: the bundle's thresholds
+    thresholds: list[float]
+    what: str  # the thresholds, in words
+
+
+def model_spec(spec: str, images: int) -> ModelSpec:
+    """``BUNDLE=DATA=MIX``: the bundle, the first ``images`` of DATA and the thresholds at
+    which MIX percent exit at each gate on them (empty MIX: the bundle's own)."""
+    path, data_name, mix_s = spec.split("=")
+    bundle = Bundle.load(Path(path))
+    ds = load_dataset(data_name, num_classes=bundle.num_classes).subset(slice(0, images))
+    if mix_s:
+        mix = [float(v) for v in mix_s.split(",")]
+        thresholds = mix_thresholds(bundle, ds.images, mix)
+        what = f"exit mix {mix} % at the gates"
+    else:
+        mix, thresholds = [], list(bundle.thresholds)
+        what = f"the bundle's thresholds {[round(t, 4) for t in thresholds]}"
+    return ModelSpec(path, data_name, bundle, ds, mix, thresholds, what)
 
 
 def mix_thresholds(bundle: Bundle, images: np.ndarray, mix: Sequence[float]) -> list[float]:

@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 from _util import header, write_results
-from limit_sweep import busy_core, mix_thresholds
+from limit_sweep import busy_core, model_spec
 
 from dgconvert.bench.systems import PrefixProbe
 from dgconvert.core.bundle import Bundle
-from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
 
 SIZES = [1, 2, 4, 8, 64, 256]
@@ -177,26 +176,19 @@ def main() -> None:
     ap.add_argument("--stem", default="shared_pool")
     args = ap.parse_args()
     body, data = [], []
-    for spec in args.models:
-        path, data_name, mix_s = spec.split("=")
-        bundle = Bundle.load(Path(path))
-        ds = load_dataset(data_name, num_classes=bundle.num_classes).subset(slice(0, 2048))
-        if mix_s:
-            mix = [float(v) for v in mix_s.split(",")]
-            thresholds, what = mix_thresholds(bundle, ds.images, mix), f"exit mix {mix} %"
-        else:
-            thresholds = list(bundle.thresholds)
-            what = f"the bundle's thresholds {[round(t, 4) for t in thresholds]}"
+    for arg in args.models:
+        spec = model_spec(arg, 2048)
         for load in [False, True] if args.load else [False]:
             with busy_core(load):
-                res = measure(bundle, ds.images, thresholds, args.threads, args.rounds,
-                              args.small, args.large)
+                res = measure(spec.bundle, spec.data.images, spec.thresholds, args.threads,
+                              args.rounds, args.small, args.large)
             where = "beside one busy process" if load else "no extra process"
-            body += [f"## {Path(path).name}, {args.threads} threads, {where} ({what})", "",
+            body += [f"## {Path(spec.path).name}, {args.threads} threads, {where} ({spec.what})",
+                     "",
                      f"- shared: {res['shared_describe']}",
                      f"- per-session: {res['per_session_describe']}; paths {res['paths']}", "",
                      _table(res), ""]
-            data.append({"bundle": path, "mix": mix_s, "busy_process": load, **res})
+            data.append({"bundle": spec.path, "mix": spec.mix, "busy_process": load, **res})
             print("\n".join(body[-6:]), flush=True)
     md = header("One thread pool for every session vs a pool per session (CPU)", [
         f"{args.rounds} interleaved rounds, medians; X / default = default ORT µs / X µs, "
