@@ -70,4 +70,4 @@ def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     run_server(bundle, options, host=host, port=port, split_stages=split_stages,
-               guard=guard, echo=click.echo)
+               guard=guard, echo=click.echo, ignore_signals_after=True)

@@ -198,13 +198,17 @@ def start_many(apps: list[AppSpec], *, host: str = "127.0.0.1", port: int = 8000
 
 def run_server(bundle: str | Path | Bundle, options: ServeOptions | None = None, *,
                host: str = "127.0.0.1", port: int = 8000, split_stages: bool = False,
-               guard: GuardOptions | None = None, echo: Any = print) -> None:
+               guard: GuardOptions | None = None, echo: Any = print,
+               ignore_signals_after: bool = False) -> None:
     """:func:`start`, print the URL, serve until SIGTERM or SIGINT, then drain: requests
     in flight are answered (within ``options.drain_timeout_s``), new ones refused, Serve
     and the local Ray shut down and any process of Ray's left in this process's group
     killed. A signal at any moment — while Ray starts, while the app deploys, while
     serving, again while stopping — ends the same way; the handlers are installed before
-    Ray starts."""
+    Ray starts. After the stop the previous handlers come back, or with
+    ``ignore_signals_after`` both signals are ignored: for a process that exits next,
+    whose teardown (Python resets its handlers to the default there) a late signal
+    would otherwise turn from exit 0 into death by that signal."""
     options = options or ServeOptions()
     stop = StopSignals(echo).install()
     ray = require_ray()
@@ -237,7 +241,7 @@ def run_server(bundle: str | Path | Bundle, options: ServeOptions | None = None,
         finally:
             if guard.drain_file:
                 Path(guard.drain_file).unlink(missing_ok=True)
-            stop.restore()
+            stop.restore(ignore=ignore_signals_after)
 
 
 def shutdown(started_ray: bool, drain_timeout_s: float, echo: Any = print) -> None:

@@ -6,7 +6,8 @@ between start-up steps and while serving; a second signal while stopping is note
 changes nothing (the drain is already bounded by ``--drain-timeout``). Ray's own SIGTERM
 handlers (``ray.init`` installs two: one exits with the signal number mid-start-up, one
 kills the node's processes and exits 1) are kept out while Ray starts
-(:func:`ray_init_keeping_signals`). After ``ray.shutdown`` the session's processes still
+(:func:`ray_init_keeping_signals`), and so is its C++ failure-signal handler, which
+takes SIGTERM too and leaves SIGTERM's default action behind at ``ray.shutdown``. After ``ray.shutdown`` the session's processes still
 alive — its process group (Ray makes its driver a group leader) and its raylets' workers
 (each in a group of its own) — are killed (:func:`reap_process_group`).
 """
@@ -14,6 +15,7 @@ alive — its process group (Ray makes its driver a group leader) and its raylet
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import threading
@@ -46,9 +48,10 @@ class StopSignals:
             for s in SIGNALS:
                 signal.signal(s, self._handle)
 
-    def restore(self) -> None:
+    def restore(self, ignore: bool = False) -> None:
+        """Put the handlers from before :meth:`install` back (``ignore``: SIG_IGN instead)."""
         for s, h in self._previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if ignore else h)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -68,11 +71,20 @@ def ray_init_keeping_signals(stop: StopSignals) -> Iterator[None]:
     so a SIGTERM during start-up reaches :class:`StopSignals` instead of exiting from
     inside Ray's start-up (which aborted the process and left Ray's agents running)."""
     utils: Any = None
+    constants: Any = None
     with contextlib.suppress(ImportError):
+        import ray._private.ray_constants as constants
         import ray._private.utils as utils
     original = getattr(utils, "set_sigterm_handler", None)
     if original is not None:
         utils.set_sigterm_handler = lambda handler: None
+    if constants is not None:
+        # Ray's C++ failure-signal handler also takes SIGTERM, and ray.shutdown resets
+        # SIGTERM to the default action, so a signal while the server stopped killed it
+        # (exit 143). Kept out of this process only; faulthandler reports crashes instead.
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
     try:
         yield
     finally:
