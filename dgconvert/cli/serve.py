@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, threads_option
+from dgconvert.serve.common import THREAD_POOLS
 
 
 @click.command("serve")
@@ -19,7 +20,8 @@ from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, 
 @click.option("--max-batch", type=int, default=64, show_default=True,
               help="Rows per stage run, batched across concurrent requests.")
 @click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
-              help="Longest a row waits for a batch to fill.")
+              help="Longest a row waits for a batch to fill while the replica is busy (an "
+              "idle replica runs what it holds at once).")
 @click.option("--full", is_flag=True, help="Serve the ungated model (full.onnx), same batching: "
               "the baseline.")
 @click.option("--split-stages", is_flag=True, help="One deployment per stage, replicas sized "
@@ -28,6 +30,9 @@ from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, 
               "(default: the bundle's).")
 @backend_option
 @threads_option
+@click.option("--thread-pool", type=click.Choice(THREAD_POOLS), default="shared",
+              show_default=True, help="shared: all ONNX Runtime sessions of a replica run on "
+              "one pool of --threads (faster, docs/serving.md); per-session: a pool each.")
 @click.option("--replica-cpus", type=float, default=None,
               help="Ray CPUs each replica reserves (default: 1, or a share when the cluster "
               "has fewer CPUs than replicas).")
@@ -46,7 +51,8 @@ from dgconvert.cli.common import backend_option, friendly_errors, parse_floats, 
 @friendly_errors
 def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
               max_delay_ms: float, full: bool, split_stages: bool, thresholds: str | None,
-              backend: str, threads: int | None, replica_cpus: float | None,
+              backend: str, threads: int | None, thread_pool: str,
+              replica_cpus: float | None,
               max_rows: int, max_pending_rows: int | None, drain_timeout: float,
               body_timeout: float, header_timeout: float) -> None:
     """Serve BUNDLE over HTTP (Open Inference Protocol v2, tritonclient-compatible) until
@@ -62,7 +68,7 @@ def serve_cmd(bundle: Path, host: str, port: int, replicas: int, max_batch: int,
         options = ServeOptions(replicas=replicas, max_batch=max_batch,
                                max_delay_ms=max_delay_ms, full=full,
                                thresholds=parse_floats(thresholds), backend=backend,
-                               threads=threads,
+                               threads=threads, thread_pool=thread_pool,
                                replica_cpus=replica_cpus, max_rows=max_rows,
                                max_pending_rows=max_pending_rows,
                                drain_timeout_s=drain_timeout)

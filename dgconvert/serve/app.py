@@ -55,6 +55,7 @@ class GatedModel:
         from dgconvert.runtime import GatedPool
 
         opts = ServeOptions(**options)
+        opts.use_thread_pool()
         b = Bundle.load(bundle)
         self.pool = GatedPool(b, max_batch=opts.max_batch, max_delay_ms=opts.max_delay_ms,
                               full=opts.full, max_pending=opts.pending_rows,
@@ -62,7 +63,8 @@ class GatedModel:
         spec = model_spec(b)
         self.metrics = RayMetrics(spec.name)
         self.server = OIPServer(spec, self._infer, max_rows=opts.max_rows, full=opts.full,
-                                metrics=self.metrics)
+                                metrics=self.metrics,
+                                runtime=self.pool.runner.backend.describe())
         self._seen = 0
 
     async def _infer(self, images: np.ndarray) -> GatedResult:

@@ -32,6 +32,10 @@ def require_ray() -> Any:
     return ray
 
 
+#: ``ServeOptions.thread_pool`` values (``--thread-pool``)
+THREAD_POOLS = ("shared", "per-session")
+
+
 @dataclass
 class ServeOptions:
     """How a bundle is served (every replica gets a copy)."""
@@ -49,6 +53,9 @@ class ServeOptions:
     drain_timeout_s: float = 30.0  # how long a stopping replica finishes its requests
     backend: str = "auto"  # GatedRunner's backend (--split-stages: ONNX Runtime on the CPU)
     runner_options: dict[str, Any] = field(default_factory=dict)
+    #: "shared": every ONNX Runtime session of a replica runs on one pool (the replica's
+    #: process is ours: docs/serving.md); "per-session": a pool per session
+    thread_pool: str = "shared"
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.max_batch < 1 or self.max_delay_ms < 0 or self.max_rows < 1:
@@ -60,6 +67,9 @@ class ServeOptions:
                              f"{self.max_rows}; expected >= max_rows (a full request must fit)")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s={self.drain_timeout_s}; expected >= 0")
+        if self.thread_pool not in THREAD_POOLS:
+            raise ValueError(f"thread_pool={self.thread_pool!r}; expected one of "
+                             f"{', '.join(THREAD_POOLS)}")
 
     @property
     def pending_rows(self) -> int:
@@ -67,6 +77,14 @@ class ServeOptions:
         if self.max_pending_rows is not None:
             return self.max_pending_rows
         return max(4096, 4 * self.max_rows)
+
+    def use_thread_pool(self) -> None:
+        """In a replica's process, before its first session: share one ONNX Runtime pool
+        (of ``threads``, default all cores) when ``thread_pool`` is ``"shared"``."""
+        if self.thread_pool == "shared":
+            from dgconvert.runtime import share_thread_pool
+
+            share_thread_pool(self.threads)
 
     def runner_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"backend": self.backend, "thresholds": self.thresholds,

@@ -84,13 +84,15 @@ class OIPServer:
     """The OIP endpoints of one model; ``infer(images)`` runs it (uint8 or float32 images).
 
     ``full``: the model runs ungated (rows and exits are then counted at the last stage).
-    ``max_rows``: images per request; ``max_body``: bytes per request body.
+    ``max_rows``: images per request; ``max_body``: bytes per request body. ``runtime``:
+    how the model runs (the backend's ``describe()``), shown by ``.../stats``.
     """
 
     def __init__(self, spec: ModelSpec, infer: Infer, *, max_rows: int = 1024,
                  max_body: int | None = None, full: bool = False,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, runtime: str | None = None) -> None:
         self.spec = spec
+        self.runtime = runtime
         self.infer = infer
         self.max_rows = max_rows
         self.max_body = max_body or body_limit(spec.input_shape, max_rows)
@@ -181,6 +183,7 @@ class OIPServer:
             "failures": self.failures, "full": self.full,
             "rows_per_stage": list(self.rows_per_stage),
             "exits_per_stage": list(self.exits_per_stage),
+            **({"runtime": self.runtime} if self.runtime else {}),
         }]}
 
     # -- inference ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class StageWorker:
         from dgconvert.runtime import GatedRunner
 
         opts = ServeOptions(**options)
+        opts.use_thread_pool()
         # features cross deployments as host arrays in the contract's layout
         kw = {**opts.runner_kwargs(), "backend": "onnxruntime", "compose": False,
               "fuse_boundaries": False}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,10 @@ def server(ray_local: Any, case: dict[str, Any]) -> str:
     port = _free_port()
     opts = ServeOptions(max_batch=16, max_delay_ms=2, thresholds=case["t"], threads=1,
                         max_rows=64, replica_cpus=0.1)  # leaves Ray Data a whole CPU
+    # the gated app on one shared ONNX Runtime pool per replica (the default), the split
+    # app's stage workers with a pool per session
+    split = replace(opts, thread_pool="per-session")
     start_many([AppSpec(case["bundle"], opts),
-                AppSpec(case["bundle"], opts, split_stages=True, name="split",
+                AppSpec(case["bundle"], split, split_stages=True, name="split",
                         route_prefix="/split")], host="127.0.0.1", port=port)
     return f"127.0.0.1:{port}"

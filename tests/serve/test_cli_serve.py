@@ -15,7 +15,7 @@ def test_serve_help_lists_the_options() -> None:
     assert res.exit_code == 0
     for opt in ("--host", "--port", "--replicas", "--max-batch", "--max-delay-ms", "--full",
                 "--split-stages", "--backend", "--threads", "--drain-timeout",
-                "--body-timeout", "--header-timeout", "--max-pending-rows"):
+                "--body-timeout", "--header-timeout", "--max-pending-rows", "--thread-pool"):
         assert opt in res.output
     assert "127.0.0.1" in res.output
 
@@ -31,3 +31,5 @@ def test_serve_rejects_bad_options_before_starting(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "body_timeout_s=0" in res.output
     res = CliRunner().invoke(main, ["serve", str(bundle), "--max-pending-rows", "10"])
     assert res.exit_code == 2 and "below max_rows=1024" in res.output
+    res = CliRunner().invoke(main, ["serve", str(bundle), "--thread-pool", "global"])
+    assert res.exit_code == 2 and "'shared', 'per-session'" in res.output

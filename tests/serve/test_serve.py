@@ -105,6 +105,8 @@ def test_concurrent_clients_and_stats(server: str, case: dict[str, Any]) -> None
     rows = np.subtract(after["rows_per_stage"], before["rows_per_stage"])
     assert rows[0] == sum(sent) and all(np.diff(rows) <= 0)
     assert sum(after["exits_per_stage"]) - sum(before["exits_per_stage"]) == sum(sent)
+    # the replica's sessions run on one shared pool of --threads (ServeOptions default)
+    assert "one shared pool of 1 threads" in after["runtime"], after
 
 
 def _post(server: str, path: str, body: bytes, headers: dict[str, str] | None = None
