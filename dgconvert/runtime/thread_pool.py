@@ -57,14 +57,15 @@ def share_thread_pool(threads: int | None = None) -> int:
             return n
         import onnxruntime as ort
 
-        before = _thread_count()
+        before = _thread_ids()
         ort.set_global_thread_pool_sizes(n, 1)
         _probe_session()
-        after = _thread_count()
-        if before is not None and after is not None and after - before < n - 1:
+        after = _thread_ids()
+        started = None if before is None or after is None else len(after - before)
+        if started is not None and started < n - 1:
             raise BackendOptionError(
                 f"ONNX Runtime {ort.__version__} started no global pool of {n} threads (the "
-                f"process has {after - before} new threads, not {n - 1}): its environment was "
+                f"process has {started} new threads, not {n - 1}): its environment was "
                 "probably made before, by a session with its own pool. Fix: call "
                 "dgconvert.runtime.share_thread_pool() first thing, before any ONNX Runtime "
                 "session (dgconvert's or your own) is created")
@@ -105,8 +106,10 @@ def _probe_session() -> None:
     ort.InferenceSession(probe_model(), so, providers=["CPUExecutionProvider"])
 
 
-def _thread_count() -> int | None:
+def _thread_ids() -> set[str] | None:
+    """The process's thread ids (new ones are counted, so threads that end meanwhile, as
+    in a Ray worker, do not hide the pool's)."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        return set(os.listdir("/proc/self/task"))
     except OSError:  # pragma: no cover - not Linux
         return None
