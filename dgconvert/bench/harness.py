@@ -25,6 +25,7 @@ from dgconvert.bench.machine import load_average, machine_info
 from dgconvert.bench.measurements import Measurements
 from dgconvert.bench.memory import PeakMemory
 from dgconvert.bench.report import BenchReport, build_results, stage_ms
+from dgconvert.bench.shared_process import SharedPoolGated
 from dgconvert.bench.systems import (
     OnnxFull,
     OnnxGated,
@@ -37,6 +38,7 @@ from dgconvert.bench.systems import (
 )
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import GatedResult
+from dgconvert.runtime.thread_pool import shared_threads
 
 
 @dataclass
@@ -124,22 +126,27 @@ def measure(
                     bar.update(1)
                     continue
                 item.reset_rows()
-                before = mem.start()
-                clock = time.perf_counter
-                t0 = clock()
-                for xb in mine:
-                    item.predict(xb)
-                dt = clock() - t0
-                peak = mem.peak()
+                if hasattr(item, "timed_pass"):  # it runs (and times) in its own process
+                    before = peak = None
+                    dt = item.timed_pass(mine)
+                else:
+                    before = mem.start()
+                    clock = time.perf_counter
+                    t0 = clock()
+                    for xb in mine:
+                        item.predict(xb)
+                    dt = clock() - t0
+                    peak = mem.peak()
                 if getattr(item, "spins", False):
                     time.sleep(SETTLE_S)  # its spinning workers must not slow the next system
                 if record:
                     m.seconds.setdefault(item.id, {}).setdefault(b, []).append(dt)
                     m.rows.setdefault(item.id, {})[b] = item.rows_per_stage(len(mine) * b,
                                                                              num_stages)
-                    old = m.peak.setdefault(item.id, {}).get(b, (0, 0))
-                    delta = peak - before if before is not None else 0
-                    m.peak[item.id][b] = (max(old[0], peak), max(old[1], delta))
+                    if peak is not None:
+                        old = m.peak.setdefault(item.id, {}).get(b, (0, 0))
+                        delta = peak - before if before is not None else 0
+                        m.peak[item.id][b] = (max(old[0], peak), max(old[1], delta))
                 bar.update(1)
     bar.close()
     m.memory_method = mem.describe()
@@ -203,6 +210,7 @@ def run_benchmark(
     operating_points: Mapping[str, Sequence[float]] | None = None,
     backend_options: Mapping[str, Any] | None = None,
     data_name: str = "",
+    shared_pool: bool = True,
 ) -> BenchReport:
     """Benchmark a bundle against the full model (and PyTorch when ``model`` is given).
 
@@ -210,6 +218,8 @@ def run_benchmark(
     ``[N]``) give accuracies. ``thresholds`` override the bundle's; ``operating_points``
     (name -> thresholds) add one gated system each (``gated[name]``) to the same run.
     ``model``: a GatedNetwork or a checkpoint path for the PyTorch systems.
+    ``shared_pool``: on ONNX Runtime on the CPU, also the gated runner on one shared thread
+    pool in a process of its own (``gated-shared``, :mod:`dgconvert.bench.shared_process`).
     """
     from dgconvert.runtime import GatedRunner, create_backend
 
@@ -230,6 +240,9 @@ def run_benchmark(
     onnx_cpu = be.name == "onnxruntime"
     if onnx_cpu:
         systems += default_sessions(main)
+    if onnx_cpu and shared_pool and shared_threads() is None:
+        systems.append(SharedPoolGated(str(b.path), main.thresholds, be.threads, max_batch,
+                                       opts))
     for name, t in (operating_points or {}).items():
         r = GatedRunner(b, backend=be, thresholds=list(t), max_batch=max_batch)
         systems.append(OnnxGated(r, id=f"gated[{name}]", label=f"gated {name} ({be.name}, ours)"))
@@ -245,6 +258,9 @@ def run_benchmark(
             meas = measure(systems, images, config, b.num_stages, probe, prefix)
             preds = {s.id: predict_all(s, images, max_batch) for s in systems}
     finally:
+        for s in systems:
+            if isinstance(s, SharedPoolGated):
+                s.close()
         be.close()
     results = build_results(b, systems, meas, preds, labels)
     return BenchReport(

@@ -56,13 +56,17 @@ def _backends() -> list[str]:
                    "machine (in-graph exits / one-session chain / stage by stage) and store "
                    "the choice in the bundle's manifest (runners then read it instead of "
                    "measuring at load).")
+@click.option("--shared-pool/--no-shared-pool", default=True, show_default=True,
+              help="On ONNX Runtime on the CPU, also time the gated runner on one shared thread "
+                   "pool (share_thread_pool) in a process of its own: row 'gated-shared'.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @friendly_errors
 def bench_cmd(
     bundle: Path, data: str, batch_sizes: str, backend: str, threads: int | None,
     thresholds: str | None, model: Path | None, no_torch: bool, repeats: int, warmup: int,
     samples: int, torch_samples: int, limit: int | None, json_out: Path | None, plot_out: Path | None,
-    staging_overhead: bool, spinning: str | None, tune: bool, no_progress: bool,
+    staging_overhead: bool, spinning: str | None, tune: bool, shared_pool: bool,
+    no_progress: bool,
 ) -> None:
     """Measure ms/image, images/s, accuracy, exits, memory and efficiency (ideal / measured)
     of the gated runtime against the full model, at several batch sizes, in one run."""
@@ -95,7 +99,7 @@ def bench_cmd(
         b, ds.images, ds.labels, config=config, backend=backend, threads=threads,
         thresholds=parse_floats(thresholds), model=torch_model, data_name=data,
         operating_points=no_exit_point(b) if staging_overhead else None,
-        backend_options=options or None,
+        backend_options=options or None, shared_pool=shared_pool,
     )
     click.echo(report.markdown())
     if json_out:

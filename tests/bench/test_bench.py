@@ -188,7 +188,7 @@ def test_run_benchmark_report(tiny: dict[str, Any], tmp_path: Path) -> None:
                         backend="onnxruntime", threads=1, thresholds=tiny["t"],
                         model=tiny["net"], data_name="random")
     assert rep.skipped_batch_sizes == [64] and rep.batch_sizes == [1, 4]
-    systems = ["full", "gated", "full-default", "torch-full", "torch-masked"]
+    systems = ["full", "gated", "full-default", "gated-shared", "torch-full", "torch-masked"]
     assert [(r.system, r.batch_size) for r in rep.results] == [
         (s, b) for b in (1, 4) for s in systems]
     d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))  # strict JSON
@@ -206,6 +206,12 @@ def test_run_benchmark_report(tiny: dict[str, Any], tmp_path: Path) -> None:
     assert gated["rows_per_stage"] == rows_from_histogram(
         np.bincount(ref.exit_stage[:8], minlength=4))
     assert by[("torch-full", 1)]["images"] == 4 and gated["images"] == 8
+    # the shared-pool runner in its own process: same exits, rows and accuracy; its memory
+    # is not this process's, so none is reported
+    shared = by[("gated-shared", 4)]
+    for key in ("exit_histogram", "accuracy", "rows_per_stage", "images"):
+        assert shared[key] == gated[key], key
+    assert shared["peak_rss_mb"] is None and shared["speedup_vs_default_session"] > 0
     for r in d["results"]:
         assert r["ms_per_image"] > 0 and r["images_per_s"] == pytest.approx(
             r["images"] / (r["images"] * r["ms_per_image"] / 1e3), rel=0.5)
@@ -264,7 +270,7 @@ def test_cli_bench_writes_json_and_plot(tiny: dict[str, Any]) -> None:
     assert "| torch-masked |" in out.output and "### batch size 8" in out.output
     d = json.loads((root / "b.json").read_text())
     assert {r["system"] for r in d["results"]} == {"full", "gated", "full-default", "torch-full",
-                                                   "torch-masked"}
+                                                   "torch-masked", "gated-shared"}
     assert (root / "b.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(main, ["bench", str(tiny["bundle"].path), "--data", str(npz),
                                     "--batch-size", "0", "--no-torch"])
@@ -287,7 +293,7 @@ def test_cli_bench_staging_overhead(tiny: dict[str, Any]) -> None:
         "bench", str(tiny["bundle"].path), "--data", str(npz), "--batch-size", "4",
         "--backend", "onnxruntime", "--threads", "1", "--repeats", "1", "--warmup", "0",
         "--samples", "8", "--no-torch", "--staging-overhead", "--json", str(root / "s.json"),
-        "--spinning", "run", "--no-progress"])
+        "--spinning", "run", "--no-shared-pool", "--no-progress"])
     assert out.exit_code == 0, out.output
     assert "gated[nobody exits]" in out.output
     assert "spinning within runs" in out.output  # --spinning reached every ORT session
@@ -423,3 +429,34 @@ def test_limit_takes_the_faster_spinning(tiny: dict[str, Any]) -> None:
     assert len(probe.seconds) == tiny["bundle"].num_stages
     for k, v in enumerate(probe.seconds):
         assert 0 < v == min(s[k] for s in probe._by_setting)
+
+
+def test_shared_pool_system_equals_the_runner_sample_by_sample(tiny: dict[str, Any]) -> None:
+    """The gated runner on a shared pool in its own process gives the in-process runner's
+    labels, exits and scores, and counts the rows each stage ran in its timed pass."""
+    from dgconvert.bench.shared_process import SharedPoolGated
+
+    ref_runner = GatedRunner(tiny["bundle"], backend="onnxruntime", thresholds=tiny["t"])
+    system = SharedPoolGated(str(tiny["bundle"].path), tiny["t"], threads=1, max_batch=64,
+                             options={"threads": 1, "spinning": False})
+    try:
+        assert "one shared pool of 1 threads" in system.describe
+        for n in (1, 3, 40):
+            x = tiny["pixels"][:n]
+            got, ref = system.predict(x), ref_runner.predict(x)
+            np.testing.assert_array_equal(got.labels, ref.labels)
+            np.testing.assert_array_equal(got.exit_stage, ref.exit_stage)
+            np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6)
+        batches = [tiny["pixels"][i:i + 4] for i in range(0, 40, 4)]
+        ref_runner.reset_stats()
+        for xb in batches:
+            ref_runner.predict(xb)
+        system.reset_rows()
+        assert system.timed_pass(batches) > 0
+        assert system.rows_per_stage(40, 4) == ref_runner.stats
+    finally:
+        system.close()
+    assert not system._proc.is_alive()
+    with pytest.raises(BenchError, match="gated-shared process failed") as exc:
+        SharedPoolGated(str(tiny["bundle"].path), [1.0], threads=1)  # 1 threshold for 3 gates
+    assert "expected 3" in str(exc.value)
