@@ -49,6 +49,9 @@ ALLOWED = {
     "dgconvert/serve/lifecycle.py": {
         # Ray's private set_sigterm_handler replaces ours during ray.init; no public switch
         "import ray._private.utils",
+        # Ray's RAY_DISABLE_FAILURE_SIGNAL_HANDLER is read into this module when ray is
+        # imported (before us); in os.environ it would also reach every worker Ray starts
+        "import ray._private.ray_constants",
     },
 }
 
