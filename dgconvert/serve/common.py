@@ -82,9 +82,15 @@ class ServeOptions:
         """In a replica's process, before its first session: share one ONNX Runtime pool
         (of ``threads``, default all cores) when ``thread_pool`` is ``"shared"``."""
         if self.thread_pool == "shared":
+            from dgconvert.core.errors import BackendOptionError
             from dgconvert.runtime import share_thread_pool
 
-            share_thread_pool(self.threads)
+            try:
+                share_thread_pool(self.threads)
+            except BackendOptionError as exc:
+                raise BackendOptionError(f"{exc}. In dgconvert serve: pass --thread-pool "
+                                         "per-session (ServeOptions(thread_pool="
+                                         "'per-session'))") from exc
 
     def runner_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"backend": self.backend, "thresholds": self.thresholds,

@@ -1,6 +1,7 @@
 """The stop handlers of ``dgconvert serve`` stay in place through Ray's start and
-shutdown, and after the stop a late signal cannot kill the exiting process. Each case
-runs in a fresh interpreter (Ray's driver state and signal dispositions are per process)."""
+shutdown, and after the stop a late signal cannot kill the exiting process; a replica's
+process-wide setup (the shared thread pool). Each case runs in a fresh interpreter (Ray's
+driver state, signal dispositions and ONNX Runtime's pool are per process)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,23 @@ def test_restore_puts_back_the_previous_handlers_or_ignores() -> None:
     out = r.stdout
     assert "REQUESTED True 1" in out and "RESTORED True True" in out, out
     assert "IGNORED True True" in out and "ALIVE" in out, out
+
+
+def test_serve_options_share_the_pool_and_name_the_way_out() -> None:
+    """``ServeOptions.use_thread_pool`` (what each replica calls first) shares one pool of
+    ``threads``; a pool that cannot be had names ``--thread-pool per-session``."""
+    r = _run("""
+        from dgconvert.runtime import shared_threads
+        from dgconvert.serve.common import ServeOptions
+        ServeOptions(thread_pool="per-session").use_thread_pool()
+        print("PER-SESSION", shared_threads())
+        ServeOptions(threads=2).use_thread_pool()
+        print("SHARED", shared_threads())
+        try:
+            ServeOptions(threads=1).use_thread_pool()
+        except Exception as exc:
+            print("REFUSED", type(exc).__name__, exc)
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "PER-SESSION None" in r.stdout and "SHARED 2" in r.stdout, r.stdout
+    assert "REFUSED BackendOptionError" in r.stdout and "--thread-pool per-session" in r.stdout
