@@ -259,8 +259,7 @@ def run_benchmark(
             preds = {s.id: predict_all(s, images, max_batch) for s in systems}
     finally:
         for s in systems:
-            if isinstance(s, SharedPoolGated):
-                s.close()
+            s.close()
         be.close()
     results = build_results(b, systems, meas, preds, labels)
     return BenchReport(

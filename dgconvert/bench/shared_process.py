@@ -78,10 +78,9 @@ class SharedPoolGated(System):
         self._proc.start()
         child.close()
         self._stats: list[int] = []
-        describe = self._reply()
+        self.describe = self._reply()  # the child's backend, as describe() says it
         self.label = (f"gated, compacted, one shared pool of {threads} threads (own process, "
                       "ours)")
-        self.describe = describe
 
     def _reply(self) -> Any:
         if not self._conn.poll(REPLY_TIMEOUT_S):
@@ -91,7 +90,7 @@ class SharedPoolGated(System):
         try:
             status, value = self._conn.recv()
         except EOFError:
-            self._proc.join(5)
+            self.close()
             raise BenchError(f"the {SHARED_GATED} process ended (exit code "
                              f"{self._proc.exitcode}). Fix: rerun with --no-shared-pool") from None
         if status != "ok":

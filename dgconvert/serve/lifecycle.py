@@ -7,9 +7,10 @@ changes nothing (the drain is already bounded by ``--drain-timeout``). Ray's own
 handlers (``ray.init`` installs two: one exits with the signal number mid-start-up, one
 kills the node's processes and exits 1) are kept out while Ray starts
 (:func:`ray_init_keeping_signals`), and so is its C++ failure-signal handler, which
-takes SIGTERM too and leaves SIGTERM's default action behind at ``ray.shutdown``. After ``ray.shutdown`` the session's processes still
-alive — its process group (Ray makes its driver a group leader) and its raylets' workers
-(each in a group of its own) — are killed (:func:`reap_process_group`).
+takes SIGTERM too and leaves SIGTERM's default action behind at ``ray.shutdown``. After
+``ray.shutdown`` the session's processes still alive — its process group (Ray makes its
+driver a group leader) and its raylets' workers (each in a group of its own) — are killed
+(:func:`reap_process_group`).
 """
 
 from __future__ import annotations
