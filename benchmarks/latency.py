@@ -92,15 +92,18 @@ def _if_table(rows: list[dict], k: int) -> str:
 
 
 def _table(rows: list[dict]) -> str:
+    shared = any(r.get("shared_speedup_default") for r in rows)
     lines = ["| batch | default ORT ms | gated ms | gated / default (speed-up) | limit ms | "
-             "efficiency vs limit | every gate off / default |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "efficiency vs limit | every gate off / default |"
+             + (" gated-shared / default |" if shared else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if shared else "")]
     for r in rows:
         off_default = r["default_ms"] * r["nobody_exits_over_full"] / r["full_ms"]
         lines.append(
             f"| {r['batch_size']} | {r['default_ms']:.4f} | {r['gated_ms']:.4f} | "
             f"{r['speedup_default']:.2f}× | {r['limit_ms']:.4f} | {r['efficiency_limit']:.3f} | "
-            f"{off_default:.2f}× |")
+            f"{off_default:.2f}× |"
+            + (f" {r.get('shared_speedup_default') or float('nan'):.2f}× |" if shared else ""))
     return "\n".join(lines)
 
 

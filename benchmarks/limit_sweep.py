@@ -33,6 +33,7 @@ from _util import DEFAULT_BUNDLE, TEST_DATA, header, require, write_results
 from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
 from dgconvert.bench.measurements import FULL_DEFAULT
 from dgconvert.bench.operating import NO_EXIT
+from dgconvert.bench.shared_process import SHARED_GATED
 from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
@@ -119,8 +120,20 @@ def summary(report: Any) -> list[dict[str, Any]]:
             "efficiency_limit": gated.efficiency_prefix.median if gated.efficiency_prefix else None,
             "nobody_exits_over_full": off.speedup.median if off.speedup else None,
             "exits": gated.exit_histogram,
+            **_shared(report, b),
         })
     return rows
+
+
+def _shared(report: Any, b: int) -> dict[str, Any]:
+    """The shared-pool runner's row (``gated-shared``), when the report has one."""
+    try:
+        shared = report.result(SHARED_GATED, b)
+    except KeyError:
+        return {}
+    return {"shared_ms": shared.ms.median,
+            "shared_speedup_default": (shared.speedup_default.median
+                                       if shared.speedup_default else None)}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

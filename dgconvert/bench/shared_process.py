@@ -24,7 +24,7 @@ from dgconvert.core.exits import GatedResult
 
 SHARED_GATED = "gated-shared"
 #: backend options that a shared pool decides for itself (the runner refuses them)
-POOL_OPTIONS = ("threads", "spinning", "alone_spinning", "off_spinning")
+POOL_OPTIONS = ("threads", "spinning", "alone_spinning")
 #: the longest one request to the child may take (a pass of the largest batches included)
 REPLY_TIMEOUT_S = 900.0
 

@@ -76,9 +76,8 @@ class System(abc.ABC):
 
 def _spins(runner: GatedRunner) -> bool:
     """Whether some of the runner's sessions keep spinning after a run."""
-    be = runner.backend
-    off = "off_spinning" if runner.exit_rule.never_exits else "alone_spinning"
-    return any(getattr(be, a, False) is True for a in ("spinning", off))
+    spins = getattr(runner.backend, "spins_after_run", None)
+    return bool(spins and spins(runner.exit_rule.never_exits))
 
 
 class OnnxFull(System):

@@ -5,12 +5,13 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
 - ``threads`` / ``spinning``: intra-op threads per session; the stage sessions' workers do
   not spin by default (idle pools of the stages that are not running would steal the
   running stage's cores). ``alone_spinning``: the spinning of the sessions that run alone in
-  a call (the composed chain and its variants, the ``If`` graphs, ``full.onnx``): they spin
-  within a run by default (``"run"``: no sibling pool competes during the run, and none is
-  left spinning when the next call takes another session); when only ``spinning`` is
-  given, it applies to both (``benchmarks/results/latency.md``). The chain without any
-  gate (every gate off: the one session every call then takes) spins like a default
-  session unless either option is given (``off_spinning``).
+  a call when they are separate sessions (the composed chain, the ``If`` graph,
+  ``full.onnx``): within a run by default (``"run"``: none is left spinning when the next
+  call takes another session); when only ``spinning`` is given, it applies to both
+  (``benchmarks/results/latency.md``). Batch 1 and the chain normally share one session
+  (:mod:`dgconvert.runtime.passes.one_call`), and the chain without any gate (every gate
+  off) is the one session every call takes: those spin like a default session unless
+  either option is given (``one_session_spinning``).
 - ``fuse_boundaries``: on the CPU, features cross stage boundaries in ORT's blocked NCHWc
   layout (graph pass :mod:`dgconvert.runtime.passes.boundary_fusion`), self-checked
   against the plain graphs.
@@ -21,7 +22,8 @@ Options (what they do and why: ``docs/runtime.md``; measurements: ``benchmarks/r
   self-checked; :meth:`OnnxRuntimeBackend.chain` offers it to the runner.
 - ``in_graph_exits``: the same graphs composed for one image, each gate an ONNX ``If``
   (:mod:`dgconvert.runtime.passes.if_graph`), self-checked;
-  :meth:`OnnxRuntimeBackend.single` offers it to the runner.
+  :meth:`OnnxRuntimeBackend.single` offers it to the runner. With the chain, in one
+  session: an outer ``If`` picks the path (:mod:`dgconvert.runtime.passes.one_call`).
 
 A fast path that is not used says why in :meth:`OnnxRuntimeBackend.describe` and, when it
 was wanted and failed, in a logged warning. ``run_stage`` calls the session's C++ ``run``
@@ -57,7 +59,9 @@ from dgconvert.runtime.passes.boundary_fusion import (
     fuse_nchwc_boundaries,
 )
 from dgconvert.runtime.passes.chain import ChainError, compose_chain
+from dgconvert.runtime.passes.if_graph import compose_if
 from dgconvert.runtime.passes.int8_boundary import Int8Output, Int8Stages, keep_int8_boundaries
+from dgconvert.runtime.passes.one_call import ONE_IMAGE, compose_one_call
 from dgconvert.runtime.thread_pool import default_threads, new_session_options, shared_threads
 
 log = logging.getLogger(__name__)
@@ -253,10 +257,11 @@ class OnnxRuntimeBackend(Backend):
             _check_shared(self.shared_pool, threads, spinning, alone_spinning)
         self.threads = self.shared_pool or threads or default_threads()
         self.spinning, self.alone_spinning = spinning_policy(spinning, alone_spinning)
-        #: the chain without any gate is the one session every call then takes, so by default
-        #: it spins like a default ORT session (nothing else of this backend runs beside it)
-        self.off_spinning: bool | str = (True if spinning is None and alone_spinning is None
-                                         else self.alone_spinning)
+        #: a session that is the only one its calls take (batch 1 and the chain in one
+        #: session; the chain with every gate off) spins like a default ORT session by
+        #: default: no pool of this backend is left spinning beside it
+        self.one_session_spinning: bool | str = (
+            True if spinning is None and alone_spinning is None else self.alone_spinning)
         self.run_options = ort.RunOptions()
         self._full: tuple[Run, str, Any] | None = None
         n = bundle.num_stages
@@ -310,6 +315,17 @@ class OnnxRuntimeBackend(Backend):
                         f"fuse_boundaries=True was requested but {exc}. Fix: pass "
                         "fuse_boundaries=None or False."
                     ) from exc
+        #: the optimized (fused) stage graphs the one-call paths are composed from
+        self._graphs = chain_models
+        #: the one-call paths that may be built: "single" (If graph), "chain"
+        self._one_call_kinds: set[str] = set()
+        #: the sessions of the one-call paths by set of off gates and path (or why not)
+        self._one_call: dict[frozenset[int], dict[str, Any]] = {}
+        self._one_call_lock = threading.Lock()
+        #: set when batch 1 and the chain could not share one session
+        self.merge_path: FastPath | None = None
+        if in_graph_exits is not False and n >= 2:
+            self._one_call_kinds.add(_SINGLE)
         self.chain_session: ChainSession | None = None
         #: chains composed without the heads of gates that are off, by the set of those gates
         self.chain_variants: dict[frozenset[int], ChainSession] = {}
@@ -318,6 +334,8 @@ class OnnxRuntimeBackend(Backend):
         self.variants_path: FastPath | None = None
         self.chain_path = self._compose(compose, chain_models, not_optimizable)
         self._chain_models = chain_models if self.chain_session is not None else None
+        if self.chain_session is None:
+            self._one_call_kinds.discard(_CHAIN_KIND)
         self.in_graph_exits: InGraphExits | None = None
         self.if_path = (FastPath.by_choice(_IF, f"({if_option})") if in_graph_exits is False
                         else self._build_if(in_graph_exits, chain_models, not_optimizable))
@@ -405,6 +423,7 @@ class OnnxRuntimeBackend(Backend):
                 "(recorded at export), and the chain runs stages no row reaches")
             log.warning("onnxruntime: the one-session chain is off: %s", why_not.detail)
         if not why_not:
+            self._one_call_kinds.add(_CHAIN_KIND)
             try:
                 self.chain_session = self._build_chain(models)  # type: ignore[arg-type]
             except ChainError as exc:
@@ -421,13 +440,9 @@ class OnnxRuntimeBackend(Backend):
         if not why_not and models is None:
             why_not = FastPath.failed(_IF, _NO_OPTIMIZED)
         if not why_not:
-            def open_session(model: Any) -> tuple[Any, Run]:
-                sess = self._extended_session(model, self.alone_spinning)
-                return sess, direct_run(sess)
-
             try:
                 self.in_graph_exits = InGraphExits(
-                    models, open_session, self.run_stage,  # type: ignore[arg-type]
+                    lambda off: self._one_call_session(off, _SINGLE), self.run_stage,
                     self.run_options, self.bundle.num_stages, self.bundle.input_shape)
             except ChainError as exc:
                 why_not = FastPath.failed(_IF, str(exc))
@@ -441,19 +456,66 @@ class OnnxRuntimeBackend(Backend):
         off (+inf) are left out of the graph (built on first use with a new set of them)."""
         return self.in_graph_exits
 
+    def _one_call_session(self, off: frozenset[int], kind: str) -> tuple[Any, Run, dict]:
+        """``(session, run, feeds)`` of the one-call path ``kind`` (``"single"``: the If
+        graph, ``"chain"``) without the gates in ``off``, opened on first use together with
+        the other path when both may be built (one session,
+        :mod:`dgconvert.runtime.passes.one_call`). Raises :class:`ChainError`."""
+        with self._one_call_lock:
+            entry = self._one_call.setdefault(off, {})
+            if kind not in entry:
+                entry.update(self._open_one_call(off, kind))
+            got = entry[kind]
+        if isinstance(got, ChainError):
+            raise got
+        return got
+
+    def _open_one_call(self, off: frozenset[int], kind: str) -> dict[str, Any]:
+        """Compose and open the one-call paths for ``off``: ``{kind: (session, run, feeds)
+        or ChainError}``, ``kind`` and, when it may be built too, the other path."""
+        every = len(off) == self.bundle.num_gates  # the full model: the chain alone serves
+        kinds = [kind] if every else sorted(self._one_call_kinds | {kind}, reverse=True)
+        out: dict[str, Any] = {}
+        models: dict[str, Any] = {}
+        for k in kinds:
+            try:
+                models[k] = _COMPOSE[k](self._graphs, off)
+            except (ValueError, KeyError, AttributeError, ChainError) as exc:
+                out[k] = ChainError(f"composing the {_WHAT[k]} failed: {exc}")
+        if len(models) == 2:
+            try:
+                merged = compose_one_call(models[_SINGLE], models[_CHAIN_KIND])
+                sess = self._extended_session(merged, self.one_session_spinning)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                self.merge_path = FastPath.failed(
+                    _MERGED, f"gates {sorted(off)} off: {exc}" if off else str(exc))
+                log.warning("onnxruntime: batch 1 and the chain run on separate sessions "
+                            "(each stops spinning after its run): %s", exc)
+            else:
+                run = direct_run(sess)
+                return {_SINGLE: (sess, run, {ONE_IMAGE: np.array([True])}),
+                        _CHAIN_KIND: (sess, run, {ONE_IMAGE: np.array([False])})}
+        for k, model in models.items():
+            spin = self.one_session_spinning if every else self.alone_spinning
+            try:
+                sess = self._extended_session(model, spin)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                out[k] = ChainError(f"ONNX Runtime refused the {_WHAT[k]}: {exc}")
+            else:
+                out[k] = (sess, direct_run(sess), {})
+        return out
+
+    @property
+    def one_session(self) -> bool:
+        """Whether batch 1 and the chain run on one session (spinning
+        :attr:`one_session_spinning`)."""
+        single, chain = self.in_graph_exits, self.chain_session
+        return (single is not None and chain is not None
+                and single.full.session is chain.session)
+
     def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
-        try:
-            composed = compose_chain(models, off)
-        except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
-            raise ChainError(f"composing the stage graphs failed: {exc}") from exc
-        every = len(off) == self.bundle.num_gates
-        try:
-            sess = self._extended_session(composed, self.off_spinning if every
-                                          else self.alone_spinning)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise ChainError(f"ONNX Runtime refused the composed graph: {exc}") from exc
-        chain = ChainSession(sess, direct_run(sess), self.run_options, self.bundle.num_stages,
-                             off)
+        sess, run, feeds = self._one_call_session(off, _CHAIN_KIND)
+        chain = ChainSession(sess, run, self.run_options, self.bundle.num_stages, off, feeds)
         rng = np.random.default_rng(1)
         x = rng.standard_normal((16, *self.bundle.input_shape)).astype(np.float32)
         check_chain(chain, self.run_stage, x)
@@ -492,6 +554,8 @@ class OnnxRuntimeBackend(Backend):
 
     def fast_paths(self) -> list[FastPath]:
         paths = [self.fusion_path, self.chain_path, self.if_path]
+        if self.merge_path is not None:
+            paths.append(self.merge_path)
         if self.variants_path is not None:
             paths.append(self.variants_path)
         if self.in_graph_exits is not None and self.in_graph_exits.variants_path is not None:
@@ -562,21 +626,38 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
-        alone = ("" if self.alone_spinning == self.spinning else
-                 f" ({_SPIN_WORDS[self.alone_spinning]} in one-session calls"
-                 + ("" if self.off_spinning == self.alone_spinning else
-                    f", {_SPIN_WORDS[self.off_spinning]} with every gate off") + ")")
-        pool = (f"{self.threads} threads, spinning {_SPIN_WORDS[self.spinning]}{alone}"
-                if self.shared_pool is None else
+        one = self.one_session
+        calls = self.one_session_spinning if one else self.alone_spinning
+        spins = [(calls, "in the session of batch 1 and the chain" if one
+                  else "in one-session calls")]
+        if self.one_session_spinning != calls:
+            spins.append((self.one_session_spinning, "with every gate off"))
+        alone = ", ".join(f"{_SPIN_WORDS[v]} {where}" for v, where in spins
+                          if v != self.spinning)
+        pool = (f"{self.threads} threads, spinning {_SPIN_WORDS[self.spinning]}"
+                + (f" ({alone})" if alone else "") if self.shared_pool is None else
                 f"one shared pool of {self.threads} threads, spinning as ORT's default")
+        single = "on (batch 1), in the chain's session" if one else self.if_graph
         return (
             f"onnxruntime ({', '.join(wanted)}; {pool}; "
             f"fused boundaries {self.fusion}; chain {self.composition}; "
-            f"in-graph exits {self.if_graph})"
+            f"in-graph exits {single})"
         )
+
+    def spins_after_run(self, every_gate_off: bool) -> bool:
+        """Whether the sessions a call takes keep spinning after it (ORT's default): with
+        every gate off, the chain without gates; else batch 1 and the chain."""
+        calls = (self.one_session_spinning if every_gate_off or self.one_session
+                 else self.alone_spinning)
+        return self.spinning is True or calls is True
 
 
 _FUSED, _CHAIN, _IF = "fused boundaries", "chain", "in-graph exits"
+_MERGED = "one session for batch 1 and the chain"
+#: the one-call paths, as :meth:`OnnxRuntimeBackend._one_call_session` names them
+_SINGLE, _CHAIN_KIND = "single", "chain"
+_COMPOSE = {_SINGLE: compose_if, _CHAIN_KIND: compose_chain}
+_WHAT = {_SINGLE: "If graph", _CHAIN_KIND: "composed graph"}
 _NO_OPTIMIZED = "ONNX Runtime wrote no optimized stage graphs"
 
 

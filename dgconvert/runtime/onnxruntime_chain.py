@@ -14,18 +14,22 @@ from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError, output_names
 
 class ChainSession:
     """Runs a composed chain: ``run(images, thresholds) -> [(score_k, label_k), ...]``;
-    ``None`` for the stages whose gate is in ``off`` (composed without it)."""
+    ``None`` for the stages whose gate is in ``off`` (composed without it). ``feeds``: more
+    inputs of the session's graph (the branch of a one-call graph,
+    :mod:`dgconvert.runtime.passes.one_call`)."""
 
     def __init__(self, session: Any, run: Any, run_options: Any, num_stages: int,
-                 off: frozenset[int] = frozenset()) -> None:
+                 off: frozenset[int] = frozenset(),
+                 feeds: dict[str, np.ndarray] | None = None) -> None:
         self.session, self.num_stages, self.off = session, num_stages, off
         self._run, self._options = run, run_options
         self._input = session.get_inputs()[0].name
+        self._feeds = dict(feeds or {})
         self._names = [n for k in range(num_stages) if k not in off for n in output_names(k)]
 
     def run(self, images: np.ndarray, thresholds: np.ndarray) -> list[tuple[np.ndarray, ...] | None]:
-        outs = iter(self._run(self._names, {self._input: images, THRESHOLDS: thresholds},
-                              self._options))
+        outs = iter(self._run(self._names, {self._input: images, THRESHOLDS: thresholds,
+                                            **self._feeds}, self._options))
         return [None if k in self.off else (next(outs), next(outs))
                 for k in range(self.num_stages)]
 

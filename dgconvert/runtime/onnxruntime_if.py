@@ -16,7 +16,7 @@ from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.checks import close_to_reference
 from dgconvert.runtime.fast_paths import FastPath
 from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError
-from dgconvert.runtime.passes.if_graph import OUTPUTS, compose_if
+from dgconvert.runtime.passes.if_graph import OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,22 @@ Single = Callable[[np.ndarray, np.ndarray], tuple[np.float32, np.int64, int]]
 
 
 class IfSession:
-    """One composed ``If`` graph: ``run(image, thresholds) -> (score, label, exit stage)``."""
+    """One composed ``If`` graph: ``run(image, thresholds) -> (score, label, exit stage)``.
+    ``feeds``: more inputs of the session's graph (the branch of a one-call graph,
+    :mod:`dgconvert.runtime.passes.one_call`)."""
 
     def __init__(self, session: Any, run: Any, run_options: Any,
-                 off: frozenset[int] = frozenset()) -> None:
+                 off: frozenset[int] = frozenset(),
+                 feeds: dict[str, np.ndarray] | None = None) -> None:
         self.session, self.off = session, off
         self._run, self._options = run, run_options
         self._input = session.get_inputs()[0].name
+        self._feeds = dict(feeds or {})
         self._names = list(OUTPUTS)
 
     def run(self, image: np.ndarray, thresholds: np.ndarray) -> tuple[Any, Any, int]:
-        score, label, stage = self._run(self._names, {self._input: image, THRESHOLDS: thresholds},
-                                        self._options)
+        score, label, stage = self._run(self._names, {self._input: image, THRESHOLDS: thresholds,
+                                                      **self._feeds}, self._options)
         return score[0], label[0], int(stage[0])
 
 
@@ -89,16 +93,20 @@ def check_if(session: IfSession, run_stage: Any, images: np.ndarray, num_stages:
                     raise ChainError(f"image {i} {name} {why} from the stage chain with {what}")
 
 
+#: ``open_graph(off) -> (session, run, feeds)``: the session of the If graph without the
+#: gates in ``off``; raises :class:`ChainError` when it cannot be composed or loaded
+OpenGraph = Callable[[frozenset[int]], tuple[Any, Any, dict[str, np.ndarray]]]
+
+
 class InGraphExits:
     """The backend's batch-1 path: :class:`IfSession` per set of off gates (the set read
     from the thresholds: +inf or NaN), built and checked on first use; a set whose graph
     cannot be built uses the full one (off gates then computed), with a warning.
-    ``open_session(model) -> (session, run)`` loads a graph the way the backend does."""
+    ``open_graph`` composes and loads the graph for a set of off gates, the backend's way."""
 
-    def __init__(self, models: Sequence[Any], open_session: Callable[[Any], tuple[Any, Any]],
-                 run_stage: Any, run_options: Any, num_stages: int,
-                 sample_shape: Sequence[int]) -> None:
-        self._models, self._open, self._run_stage = list(models), open_session, run_stage
+    def __init__(self, open_graph: OpenGraph, run_stage: Any, run_options: Any,
+                 num_stages: int, sample_shape: Sequence[int]) -> None:
+        self._open, self._run_stage = open_graph, run_stage
         self._options, self.num_stages = run_options, num_stages
         rng = np.random.default_rng(2)
         self._check_images = rng.standard_normal((4, *sample_shape)).astype(np.float32)
@@ -109,15 +117,8 @@ class InGraphExits:
         self.full = self._build(frozenset())  # raises ChainError
 
     def _build(self, off: frozenset[int]) -> IfSession:
-        try:
-            model = compose_if(self._models, off)
-        except (ValueError, KeyError, AttributeError) as exc:  # onnx on an unexpected graph
-            raise ChainError(f"composing the If graph failed: {exc}") from exc
-        try:
-            sess, run = self._open(model)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise ChainError(f"ONNX Runtime refused the If graph: {exc}") from exc
-        ifs = IfSession(sess, run, self._options, off)
+        sess, run, feeds = self._open(off)
+        ifs = IfSession(sess, run, self._options, off, feeds)
         check_if(ifs, self._run_stage, self._check_images, self.num_stages)
         self.variants[off] = ifs
         return ifs

@@ -134,7 +134,7 @@ def test_self_check_catches_a_wrong_graph(tiny: dict[str, Any]) -> None:
     """An If graph whose exit goes one stage too far is refused by the check."""
     be = OnnxRuntimeBackend(tiny["bundle"], threads=1)
     good = be.single().full
-    models = be.in_graph_exits._models
+    models = be._graphs
     wrong = compose_if(models)
     first_if = next(n for n in wrong.graph.node if n.op_type == "If")
     then_b = next(a for a in first_if.attribute if a.name == "then_branch")

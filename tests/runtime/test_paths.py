@@ -105,9 +105,11 @@ def _spins(session: Any) -> tuple[str, ...]:
 
 
 def test_spinning_policy_per_path(tiny: Any) -> None:
-    """By default the stage sessions do not spin and the sessions that run alone in a call
-    (chain, If graph, full.onnx) spin within a run; ``spinning`` alone sets both;
-    ``alone_spinning`` sets the one-session paths only; bad values are refused."""
+    """By default the stage sessions do not spin; batch 1 and the chain share one session,
+    which spins like a default session, as does the chain with every gate off; a one-call
+    session that is not the only one (``full.onnx``; the chain without the If graph) spins
+    within a run. ``spinning`` alone sets every session; ``alone_spinning`` the one-call
+    sessions only; bad values are refused."""
     from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend, spinning_policy
 
     assert spinning_policy(None, None) == (False, "run")
@@ -115,22 +117,30 @@ def test_spinning_policy_per_path(tiny: Any) -> None:
     assert spinning_policy(True, False) == (True, False)
     with pytest.raises(DGConvertError, match="not a thread-pool setting"):
         spinning_policy(None, "fast")
-    for kwargs, stages, alone in (({}, "0", "1"), ({"spinning": False}, "0", "0"),
-                                  ({"alone_spinning": True}, "0", "1")):
+    on, run, off = ("1", ""), ("1", "1"), ("0", "")
+    for kwargs, stages, one, full in (({}, off, on, run), ({"spinning": False}, off, off, off),
+                                      ({"alone_spinning": True}, off, on, on),
+                                      ({"alone_spinning": "run"}, off, run, run),
+                                      ({"in_graph_exits": False}, off, run, run)):
         be = OnnxRuntimeBackend(tiny.bundle, threads=2, **kwargs)
         try:
-            assert {_spins(s)[0] for s in be.sessions} == {stages}, kwargs
-            assert be.chain_session is not None and be.in_graph_exits is not None
-            for sess in (be.chain_session.session, be.in_graph_exits.full.session,
-                         be.full_session):
-                assert _spins(sess)[0] == alone, kwargs
-            stop = "" if kwargs.get("alone_spinning") is True or alone == "0" else "1"
-            assert _spins(be.chain_session.session)[1] == stop, kwargs  # "run": stop at end
+            assert {_spins(s) for s in be.sessions} == {stages}, kwargs
+            assert be.chain_session is not None
+            merged = "in_graph_exits" not in kwargs
+            assert be.one_session == merged, kwargs
+            if merged:
+                assert be.in_graph_exits.full.session is be.chain_session.session
+            assert _spins(be.chain_session.session) == one, kwargs
+            assert _spins(be.full_session) == full, kwargs
             # every gate off: the one session every call takes spins like a default one
             # unless an option was given
             every_off = be._chain_variant(frozenset(range(tiny.bundle.num_gates)))
-            assert _spins(every_off.session) == (("1", "") if not kwargs else
-                                                 _spins(be.chain_session.session)), kwargs
-            assert ("spinning off" in be.describe()) == (stages == "0")
+            assert every_off.session is not be.chain_session.session
+            want = on if not kwargs or "in_graph_exits" in kwargs else one
+            assert _spins(every_off.session) == want, kwargs
+            assert be.spins_after_run(True) == (want == on), kwargs
+            assert be.spins_after_run(False) == (one == on), kwargs
+            assert ("spinning off" in be.describe()) == (stages == off)
+            assert ("in the chain's session" in be.describe()) == merged
         finally:
             be.close()

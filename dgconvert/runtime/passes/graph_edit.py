@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 
@@ -23,10 +23,9 @@ def remove_gather(nodes: Any, x: str) -> str | None:
 def _reads(node: Any) -> Iterator[str]:
     """The value names ``node`` reads, those of its subgraphs included."""
     yield from (v for v in node.input if v)
-    for attr in node.attribute:
-        for g in (attr.g, *attr.graphs):
-            for sub in g.node:
-                yield from _reads(sub)
+    for g in _subgraphs(node):
+        for sub in g.node:
+            yield from _reads(sub)
 
 
 def live_nodes(nodes: Sequence[Any], outputs: Sequence[str]) -> tuple[list[Any], set[str]]:
@@ -42,3 +41,40 @@ def live_nodes(nodes: Sequence[Any], outputs: Sequence[str]) -> tuple[list[Any],
         used.update(reads)
         todo.extend(reads)
     return [nd for nd in nodes if id(nd) in seen], used
+
+
+def _subgraphs(node: Any) -> Iterator[Any]:
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def prefix_names(graph: Any, prefix: str, keep: Collection[str] = ()) -> None:
+    """Prefix every value, initializer and node name defined in ``graph`` and its subgraphs
+    with ``prefix`` (in place), except the names in ``keep`` (values read from outside)."""
+    names: dict[str, str] = {}
+
+    def collect(g: Any) -> None:
+        for v in (*g.input, *g.initializer, *g.value_info):
+            names[v.name] = prefix + v.name
+        for nd in g.node:
+            names.update((o, prefix + o) for o in nd.output if o)
+            for sub in _subgraphs(nd):
+                collect(sub)
+
+    def rename(g: Any) -> None:
+        for v in (*g.input, *g.output, *g.initializer, *g.value_info):
+            v.name = names.get(v.name, v.name)
+        for nd in g.node:
+            nd.input[:] = [names.get(v, v) for v in nd.input]
+            nd.output[:] = [names.get(v, v) for v in nd.output]
+            if nd.name:
+                nd.name = prefix + nd.name
+            for sub in _subgraphs(nd):
+                rename(sub)
+
+    collect(graph)
+    for name in keep:
+        names.pop(name, None)
+    rename(graph)
