@@ -51,8 +51,11 @@ def _interleaved_us(fs: dict[str, Any], calls: int) -> dict[str, float]:
 def if_cost(bundle: Bundle, images: np.ndarray, threads: int, calls: int) -> list[dict]:
     """Batch 1, one image: µs of the If graph, the stage sessions and the composed chain
     with the exit forced at each gate, and with the image continuing through every gate
-    (thresholds above every score: every If and head runs, nobody exits)."""
-    r = GatedRunner(bundle, backend="onnxruntime", threads=threads, paths="default")
+    (thresholds above every score: every If and head runs, nobody exits). The paths take
+    turns call by call, so every session spins within a run only: two sessions that keep
+    spinning after their runs would slow each other down here."""
+    r = GatedRunner(bundle, backend="onnxruntime", threads=threads, paths="default",
+                    alone_spinning="run")
     be = r.backend
     x = r.prepare(images[:1])
     k = bundle.num_gates
