@@ -9,7 +9,7 @@ sensible number of images per pass. Then the ``If`` cost: the batch-1 ``If`` gra
 stage sessions and the composed chain, at every exit, and with every image continuing.
 
     python benchmarks/latency.py BUNDLE=DATA=MIX [BUNDLE=DATA=MIX ...] [--threads 1,2]
-        [--load] [--repeats 3]
+        [--load] [--repeats 3] [--large 64,256]
 
 ``MIX``: percentages exiting at each gate (thresholds set on DATA, e.g. ``25,25,25``).
 Writes ``results/latency.{md,json}``.
@@ -31,7 +31,7 @@ from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import ExitRule, GatedResult
 from dgconvert.runtime import GatedRunner
 
-SMALL, LARGE = [1, 2, 4, 8], [64, 256]
+SMALL = [1, 2, 4, 8]
 
 
 def _interleaved_us(fs: dict[str, Any], calls: int) -> dict[str, float]:
@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--small-samples", type=int, default=128,
                     help="images per timed pass at batch 1-8 (batch 64 and 256: 256)")
     ap.add_argument("--if-calls", type=int, default=50)
+    ap.add_argument("--large", default="64,256",
+                    help="the large batch sizes (e.g. 64 where 256 does not fit in memory)")
     ap.add_argument("--stem", default="latency")
     args = ap.parse_args()
     body, data = [], []
@@ -130,7 +132,8 @@ def main() -> None:
         for threads in (int(t) for t in args.threads.split(",")):
             for load in [False, True] if args.load else [False]:
                 rows, describe, loads = [], "", []
-                for sizes, samples in ((SMALL, args.small_samples), (LARGE, 256)):
+                large = [int(v) for v in args.large.split(",") if v]
+                for sizes, samples in ((SMALL, args.small_samples), (large, max([256, *large]))):
                     config = BenchConfig(batch_sizes=sizes, repeats=args.repeats,
                                          samples=samples, progress=False)
                     with busy_core(load):
