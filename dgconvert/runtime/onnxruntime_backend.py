@@ -60,7 +60,12 @@ from dgconvert.runtime.passes.boundary_fusion import (
 )
 from dgconvert.runtime.passes.chain import ChainError, compose_chain
 from dgconvert.runtime.passes.if_graph import compose_if
-from dgconvert.runtime.passes.int8_boundary import Int8Output, Int8Stages, keep_int8_boundaries
+from dgconvert.runtime.passes.int8_boundary import (
+    Int8Output,
+    Int8Stages,
+    keep_int8_boundaries,
+    sum_pooled_heads,
+)
 from dgconvert.runtime.passes.one_call import ONE_IMAGE, compose_one_call
 from dgconvert.runtime.thread_pool import default_threads, new_session_options, shared_threads
 
@@ -297,8 +302,7 @@ class OnnxRuntimeBackend(Backend):
         if models is not None and not why_not:
             try:
                 if bundle.manifest.precision == "int8":
-                    int8 = keep_int8_boundaries([_copy(m) for m in models])
-                    self.paths = self._check_int8(int8)
+                    int8 = self._int8_stages(keep_int8_boundaries([_copy(m) for m in models]))
                     self.fusion_path, chain_models = FastPath.on(_FUSED, int8.describe()), int8.models
                 else:
                     fused = fuse_nchwc_boundaries([_copy(m) for m in models])
@@ -384,6 +388,38 @@ class OnnxRuntimeBackend(Backend):
         return [StagePath(runs[k], fused.blocked_input[k], blocks[k],
                           o.channels if (o := fused.blocked_output[k]) else 0)
                 for k in range(len(runs))]
+
+    def _int8_stages(self, int8: Int8Stages) -> Int8Stages:
+        """The int8-boundary graphs checked and in use (:attr:`paths` set), their gate heads
+        pooling the int8 features where that checks too (else as they were, with a
+        warning)."""
+        pooled = sum_pooled_heads(
+            Int8Stages([_copy(m) for m in int8.models], int8.int8_input, int8.int8_output),
+            self._feature_shapes())
+        if pooled.pooled_heads:
+            try:
+                self.paths = self._check_int8(pooled)
+                return pooled
+            except FusionError as exc:
+                log.warning("onnxruntime: gate heads dequantize the int8 features before "
+                            "pooling them (the integer pooling failed its check): %s", exc)
+        self.paths = self._check_int8(int8)
+        return int8
+
+    def _feature_shapes(self) -> list[tuple[int, ...] | None]:
+        """Each stage's contract ``features`` shape for one zero image (None: the last)."""
+        n = self.bundle.num_stages
+        x = np.zeros((1, *self.bundle.input_shape), np.float32)
+        shapes: list[tuple[int, ...] | None] = []
+        out = self.run_contract(0, {self.stage_io[0].inputs[0]: x})
+        for k in range(n - 1):
+            feats = out[CONTRACT.features]
+            shapes.append(tuple(feats.shape))
+            if k + 1 < n - 1:
+                out = self.run_contract(k + 1, dict(zip(self.stage_io[k + 1].inputs,
+                                                        (feats, np.zeros(1, np.int64)),
+                                                        strict=True)))
+        return [*shapes, None]
 
     def _check_int8(self, int8: Int8Stages) -> list[StagePath]:
         """Load the int8-boundary graphs; check them against the plain ones; their paths."""

@@ -104,6 +104,9 @@ def test_int8_boundaries_match_the_contract_graphs_sample_by_sample(
                         compose=False) as ref, \
             GatedRunner(q, backend="onnxruntime", thresholds=t) as chain:
         assert "int8 (" in fast.backend.describe() and fast.backend.fast_paths_off() == []
+        assert "heads pool int8" in fast.backend.describe()  # checked like the boundaries
+        ops = {n.op_type for m in fast.backend._graphs for n in m.graph.node}
+        assert "MatMulInteger" in ops
         want = ref.predict(px)
         assert len(set(want.exit_stage.tolist())) > 1
         for runner in (fast, chain):
@@ -122,6 +125,41 @@ def test_int8_boundaries_match_the_contract_graphs_sample_by_sample(
         out = fast.backend.run_stage(0, fast.prepare(px[:4]), None)
         contract = ref.backend.run_stage(0, ref.prepare(px[:4]), None)
         np.testing.assert_allclose(np.asarray(out.features), contract.features, atol=1e-6)
+
+
+def test_integer_pooling_that_disagrees_is_refused_and_the_heads_stay_float(
+        int8: tuple[Bundle, Bundle], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Fault injection: the integer pooling scales the sums twice over. The backend's check
+    against the contract graphs refuses it, warns, and keeps the int8 boundaries with the
+    heads as quantized (results still equal the contract graphs)."""
+    import logging
+
+    from dgconvert.runtime import onnxruntime_backend as backend_module
+    from dgconvert.runtime.passes.int8_boundary import sum_pooled_heads
+
+    def doubled(stages: Any, shapes: Any) -> Any:
+        out = sum_pooled_heads(stages, shapes)
+        for m in out.models:
+            for init in m.graph.initializer:
+                if init.name.endswith("/sum_pool/scale"):
+                    init.CopyFrom(numpy_helper.from_array(
+                        numpy_helper.to_array(init) * np.float32(2), init.name))
+        return out
+
+    monkeypatch.setattr(backend_module, "sum_pooled_heads", doubled)
+    _, q = int8
+    px = _pixels(24, seed=7)
+    with caplog.at_level(logging.WARNING, logger="dgconvert.runtime.onnxruntime_backend"), \
+            GatedRunner(q, backend="onnxruntime", thresholds=[0.5] * q.num_gates) as fast, \
+            GatedRunner(q, backend="onnxruntime", thresholds=[0.5] * q.num_gates,
+                        fuse_boundaries=False, compose=False) as ref:
+        assert "integer pooling failed its check" in caplog.text
+        assert "int8 (" in fast.backend.describe()
+        assert "heads pool int8" not in fast.backend.describe()
+        got, want = fast.predict(px), ref.predict(px)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_array_equal(got.exit_stage, want.exit_stage)
 
 
 def test_verification_catches_a_corrupted_stage(int8: tuple[Bundle, Bundle],

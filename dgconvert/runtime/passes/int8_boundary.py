@@ -15,7 +15,7 @@ before using it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,10 +51,13 @@ class Int8Stages:
     models: list[Any]
     int8_input: list[bool]
     int8_output: list[Int8Output | None]
+    #: gate heads that pool the int8 features directly (:func:`sum_pooled_heads`)
+    pooled_heads: int = 0
 
     def describe(self) -> str:
         n = sum(o is not None for o in self.int8_output)
-        return f"int8 ({n} of {len(self.models) - 1} boundaries)"
+        pooled = f"; {self.pooled_heads} heads pool int8" if self.pooled_heads else ""
+        return f"int8 ({n} of {len(self.models) - 1} boundaries{pooled})"
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -202,4 +205,65 @@ def keep_int8_boundaries(models: Sequence[Any]) -> Int8Stages:
     return Int8Stages(list(models), int8_in, int8_out)
 
 
-__all__ = ["FusionError", "Int8Output", "Int8Stages", "keep_int8_boundaries"]
+def _sum_pool(graph: Any, shape: Sequence[int]) -> bool:
+    """Rewrite ``DequantizeLinear(features) -> ReduceMean(space, keepdims=0)`` of one stage
+    graph (``shape``: its contract features ``[M, C, H, W]``); False when it has none."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"
+           and n.input[0] == CONTRACT.features]
+    if len(dqs) != 1 or (q := _qparams(graph, dqs[0])) is None or len(shape) != 4:
+        return False
+    dq, (scale, zp) = dqs[0], q
+    means = _users(graph, dq.output[0])
+    if len(means) != 1 or means[0].op_type != "ReduceMean" or len(means[0].input) != 2 \
+            or _attr(means[0], "keepdims", 1) != 0 or dq.output[0] in {o.name for o in graph.output}:
+        return False
+    mean = means[0]
+    axes = _init(graph, mean.input[1])
+    spatial = None if axes is None else sorted(int(v) % 4 for v in axes.ravel())
+    if spatial not in ([2, 3], [1, 2]):
+        return False
+    channels, hw = int(shape[1]), int(shape[2]) * int(shape[3])
+    nchw, p = spatial == [2, 3], f"{dq.output[0]}/sum_pool/"
+    ones = np.ones((hw, 1) if nchw else (1, hw), zp.dtype)
+    graph.initializer.extend([
+        numpy_helper.from_array(ones, p + "ones"),
+        numpy_helper.from_array(np.zeros((), zp.dtype), p + "zero"),
+        numpy_helper.from_array(np.array([0, channels, hw] if nchw else [0, hw, channels],
+                                         np.int64), p + "rows"),
+        numpy_helper.from_array(np.array([0, channels], np.int64), p + "pooled_shape"),
+        numpy_helper.from_array(np.array(float(scale) / hw, np.float32), p + "scale")])
+    # sum over space of (x - zero point), exact in int32, then * scale / (H * W)
+    mm = ([p + "rows_x", p + "ones", dq.input[2], p + "zero"] if nchw
+          else [p + "ones", p + "rows_x", p + "zero", dq.input[2]])
+    nodes = [helper.make_node("Reshape", [CONTRACT.features, p + "rows"], [p + "rows_x"]),
+             helper.make_node("MatMulInteger", mm, [p + "sum"]),
+             helper.make_node("Reshape", [p + "sum", p + "pooled_shape"], [p + "sum2"]),
+             helper.make_node("Cast", [p + "sum2"], [p + "sumf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", [p + "sumf", p + "scale"], [mean.output[0]])]
+    at = list(graph.node).index(dq)
+    graph.node.remove(dq)
+    graph.node.remove(mean)
+    for i, node in enumerate(nodes):
+        graph.node.insert(at + i, node)
+    _forget_types(graph, dq.output[0])
+    return True
+
+
+def sum_pooled_heads(stages: Int8Stages, feature_shapes: Sequence[Sequence[int] | None]
+                     ) -> Int8Stages:
+    """Gate heads that read a stage's int8 ``features`` as ``DequantizeLinear ->
+    ReduceMean`` over space sum the int8 values instead (``MatMulInteger`` with a ones
+    vector: exact in int32), then scale: no float copy of the whole feature map.
+    ``feature_shapes``: each stage's contract ``features`` shape (None: leave it). Edits
+    ``stages.models`` in place."""
+    pooled = 0
+    for k, shape in enumerate(feature_shapes):
+        if stages.int8_output[k] is not None and shape is not None:
+            pooled += _sum_pool(stages.models[k].graph, shape)
+    return replace(stages, pooled_heads=pooled)
+
+
+__all__ = ["FusionError", "Int8Output", "Int8Stages", "keep_int8_boundaries",
+           "sum_pooled_heads"]
