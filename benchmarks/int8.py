@@ -90,7 +90,7 @@ def gated_profile(runner: GatedRunner, x: np.ndarray) -> dict[str, float]:
     """Op-type shares of the time over the stages as the runner runs them (its fast-path
     graphs; every row through every stage)."""
     be = runner.backend
-    models = [m for m in getattr(be, "_chain_models", None) or []]
+    models = [m for m in getattr(be, "_graphs", None) or []]
     if not models:
         return {}
     times: Counter[str] = Counter()

@@ -337,7 +337,6 @@ class OnnxRuntimeBackend(Backend):
         #: set when a chain without the off gates could not be built
         self.variants_path: FastPath | None = None
         self.chain_path = self._compose(compose, chain_models, not_optimizable)
-        self._chain_models = chain_models if self.chain_session is not None else None
         if self.chain_session is None:
             self._one_call_kinds.discard(_CHAIN_KIND)
         self.in_graph_exits: InGraphExits | None = None
@@ -461,7 +460,7 @@ class OnnxRuntimeBackend(Backend):
         if not why_not:
             self._one_call_kinds.add(_CHAIN_KIND)
             try:
-                self.chain_session = self._build_chain(models)  # type: ignore[arg-type]
+                self.chain_session = self._build_chain()
             except ChainError as exc:
                 why_not = FastPath.failed(_CHAIN, str(exc))
                 log.warning("onnxruntime: the one-session chain is off: %s", exc)
@@ -549,7 +548,7 @@ class OnnxRuntimeBackend(Backend):
         return (single is not None and chain is not None
                 and single.full.session is chain.session)
 
-    def _build_chain(self, models: list[Any], off: frozenset[int] = frozenset()) -> ChainSession:
+    def _build_chain(self, off: frozenset[int] = frozenset()) -> ChainSession:
         sess, run, feeds = self._one_call_session(off, _CHAIN_KIND)
         chain = ChainSession(sess, run, self.run_options, self.bundle.num_stages, off, feeds)
         rng = np.random.default_rng(1)
@@ -578,7 +577,7 @@ class OnnxRuntimeBackend(Backend):
         with self._variant_lock:
             if off not in self.chain_variants:
                 try:
-                    chain = self._build_chain(self._chain_models, off)  # type: ignore[arg-type]
+                    chain = self._build_chain(off)
                 except ChainError as exc:
                     chain = self.chain_session  # type: ignore[assignment]
                     self.variants_path = FastPath.failed("chain without off gates",
@@ -662,8 +661,7 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
-        one = self.one_session
-        calls = self.one_session_spinning if one else self.alone_spinning
+        one, calls = self.one_session, self._calls_spinning
         spins = [(calls, "in the session of batch 1 and the chain" if one
                   else "in one-session calls")]
         if self.one_session_spinning != calls:
@@ -680,11 +678,15 @@ class OnnxRuntimeBackend(Backend):
             f"in-graph exits {single})"
         )
 
+    @property
+    def _calls_spinning(self) -> bool | str:
+        """The spinning of the sessions batch 1 and the chain run on."""
+        return self.one_session_spinning if self.one_session else self.alone_spinning
+
     def spins_after_run(self, every_gate_off: bool) -> bool:
         """Whether the sessions a call takes keep spinning after it (ORT's default): with
         every gate off, the chain without gates; else batch 1 and the chain."""
-        calls = (self.one_session_spinning if every_gate_off or self.one_session
-                 else self.alone_spinning)
+        calls = self.one_session_spinning if every_gate_off else self._calls_spinning
         return self.spinning is True or calls is True
 
 

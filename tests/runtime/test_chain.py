@@ -102,7 +102,7 @@ def test_a_chain_that_cannot_leave_gates_out_says_so(tiny: dict[str, Any]) -> No
     r = GatedRunner(tiny["bundle"], backend="onnxruntime", thresholds=[np.inf] * 3)
     staged = GatedRunner(tiny["bundle"], backend="onnxruntime", compose=False,
                          thresholds=[np.inf] * 3)
-    stage1 = r.backend._chain_models[1]  # its features gathered twice: which is compaction?
+    stage1 = r.backend._graphs[1]  # its features gathered twice: which is compaction?
     gather = next(n for n in stage1.graph.node if n.op_type == "Gather" and n.input[0] == "x")
     stage1.graph.node.append(onnx.helper.make_node("Gather", list(gather.input), ["x2"]))
     res = r.predict(tiny["pixels"])

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.contract import CONTRACT
-from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
+from dgconvert.runtime.passes.graph_edit import live_nodes, model_of, remove_gather
 
 THRESHOLDS = "thresholds"
 
@@ -94,7 +94,6 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
 
     n = len(models)
     off = checked_off(n, off, "a chain")
-    opsets: dict[str, int] = {}
     unused: list[str] = []
     nodes: list[Any] = []
     inits: list[Any] = []
@@ -106,8 +105,6 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
             num_outputs=n - 1))
     inits.append(numpy_helper.from_array(np.array([0], np.int64), "chain/axis0"))
     for k, model in enumerate(models):
-        for o in model.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         graph = onnx.compose.add_prefix(model, f"s{k}/").graph
         names = stage_inputs(model, k, n)
         rename: dict[str, str] = {}
@@ -150,8 +147,4 @@ def compose_chain(models: Sequence[Any], off: Collection[int] = ()) -> Any:
         raise ChainError(f"{read} still read once the compaction Gather is removed; expected "
                          "the stage graph to read keep only through that Gather")
     inits = [i for i in inits if i.name in used]
-    graph = helper.make_graph(nodes, "dgconvert_chain", inputs, outputs, inits)
-    ir = max(m.ir_version for m in models)
-    return helper.make_model(
-        graph, ir_version=ir, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()]
-    )
+    return model_of(helper.make_graph(nodes, "dgconvert_chain", inputs, outputs, inits), models)

@@ -78,3 +78,17 @@ def prefix_names(graph: Any, prefix: str, keep: Collection[str] = ()) -> None:
     for name in keep:
         names.pop(name, None)
     rename(graph)
+
+
+def model_of(graph: Any, models: Sequence[Any], opsets: dict[str, int] | None = None) -> Any:
+    """An ``onnx.ModelProto`` of ``graph`` composed from ``models``: their highest IR
+    version and, per domain, their highest opset (at least ``opsets``)."""
+    from onnx import helper
+
+    versions = dict(opsets or {})
+    for m in models:
+        for o in m.opset_import:
+            versions[o.domain] = max(versions.get(o.domain, 0), o.version)
+    return helper.make_model(
+        graph, ir_version=max(m.ir_version for m in models),
+        opset_imports=[helper.make_opsetid(d, v) for d, v in versions.items()])

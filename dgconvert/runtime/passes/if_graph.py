@@ -36,7 +36,7 @@ from dgconvert.runtime.passes.chain import (
     checked_off,
     stage_inputs,
 )
-from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
+from dgconvert.runtime.passes.graph_edit import live_nodes, model_of, remove_gather
 
 #: the graph's outputs, one element each
 SCORE, LABEL, EXIT_STAGE = CONTRACT.score, CONTRACT.label, "exit_stage"
@@ -93,10 +93,6 @@ def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
 
     n = len(models)
     off = checked_off(n, off, "an If graph")
-    opsets: dict[str, int] = {"": 11}
-    for m in models:
-        for o in m.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
     stages = [_Stage(m, k, n, gathered=k > 0) for k, m in enumerate(models)]
     unused = {s.keep for s in stages if s.keep}
 
@@ -151,7 +147,4 @@ def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
     inputs = [stages[0].image_input,
               helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [n - 1])]
     graph = helper.make_graph(nodes, "dgconvert_if", inputs, _value_infos(OUTPUTS), inits)
-    ir = max(m.ir_version for m in models)
-    return helper.make_model(
-        graph, ir_version=ir, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()]
-    )
+    return model_of(graph, models, {"": 11})  # If needs opset 11

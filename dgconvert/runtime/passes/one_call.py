@@ -26,23 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError
-from dgconvert.runtime.passes.graph_edit import prefix_names
+from dgconvert.runtime.passes.chain import THRESHOLDS, ChainError, graph_inputs
+from dgconvert.runtime.passes.graph_edit import model_of, prefix_names
 from dgconvert.runtime.passes.if_graph import OUTPUTS
 
 #: the input that picks the branch: True for the If graph (one image), False for the chain
 ONE_IMAGE = "one_image"
 
 
-def _inputs(model: Any) -> list[str]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
-
-
-def _branch(model: Any, prefix: str, keep: set[str], empties: list[Any], name: str) -> Any:
-    """``model``'s graph, renamed under ``prefix``, as a branch whose outputs are
-    ``empties`` (value infos of the other branch's outputs, given as empty constants) and
-    then its own, or its own and then ``empties`` (``prefix == "many/"``)."""
+def _branch(model: Any, prefix: str, keep: set[str], empties: list[Any], name: str,
+            empties_first: bool) -> Any:
+    """``model``'s graph, renamed under ``prefix``, as a branch whose outputs are its own
+    and ``empties`` (value infos of the other branch's outputs, given as empty constants),
+    in that order or, with ``empties_first``, the other way round."""
     from onnx import GraphProto, helper, numpy_helper
 
     g = GraphProto()
@@ -57,7 +53,7 @@ def _branch(model: Any, prefix: str, keep: set[str], empties: list[Any], name: s
         outs.append(helper.make_tensor_value_info(const, v.type.tensor_type.elem_type, None))
     own = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None)
            for o in g.output]
-    outs = outs + own if prefix == "many/" else own + outs
+    outs = outs + own if empties_first else own + outs
     return helper.make_graph(nodes, name, [], outs, list(g.initializer))
 
 
@@ -68,17 +64,17 @@ def compose_one_call(single: Any, chain: Any) -> Any:
     ``chain``'s (the branch not taken gives them empty)."""
     from onnx import TensorProto, helper
 
-    names = _inputs(single)
-    if names != _inputs(chain) or len(names) != 2 or names[1] != THRESHOLDS:
-        raise ChainError(f"the If graph reads {names} and the chain {_inputs(chain)}; "
+    names = graph_inputs(single.graph)
+    if names != graph_inputs(chain.graph) or len(names) != 2 or names[1] != THRESHOLDS:
+        raise ChainError(f"the If graph reads {names} and the chain {graph_inputs(chain.graph)}; "
                          f"expected both to read the same images and {THRESHOLDS!r}")
     if [o.name for o in single.graph.output] != list(OUTPUTS):
         raise ChainError(f"the If graph's outputs are {[o.name for o in single.graph.output]}; "
                          f"expected {list(OUTPUTS)}")
     keep = set(names)
     single_outs, chain_outs = list(single.graph.output), list(chain.graph.output)
-    then_g = _branch(single, "one/", keep, chain_outs, "one_image")
-    else_g = _branch(chain, "many/", keep, single_outs, "batch")
+    then_g = _branch(single, "one/", keep, chain_outs, "one_image", empties_first=False)
+    else_g = _branch(chain, "many/", keep, single_outs, "batch", empties_first=True)
     outputs = [o.name for o in (*single_outs, *chain_outs)]
     node = helper.make_node("If", [ONE_IMAGE], outputs, then_branch=then_g, else_branch=else_g)
     inputs = [next(i for i in single.graph.input if i.name == names[0]),
@@ -89,10 +85,4 @@ def compose_one_call(single: Any, chain: Any) -> Any:
                                               [f"rows_{j}"])
                 for j, o in enumerate((*single_outs, *chain_outs))]
     graph = helper.make_graph([node], "dgconvert_one_call", inputs, declared)
-    opsets: dict[str, int] = {}
-    for m in (single, chain):
-        for o in m.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
-    return helper.make_model(
-        graph, ir_version=max(single.ir_version, chain.ir_version),
-        opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    return model_of(graph, (single, chain))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dgconvert.core.contract import CONTRACT
-from dgconvert.runtime.passes.graph_edit import live_nodes, remove_gather
+from dgconvert.runtime.passes.graph_edit import live_nodes, model_of, remove_gather
 
 
 class PrefixError(Exception):
@@ -53,10 +53,8 @@ def chain_bodies(bodies: Sequence[Any]) -> Any:
     import onnx
     from onnx import helper
 
-    nodes, inits, opsets = [], [], {}
+    nodes, inits = [], []
     for k, body in enumerate(bodies):
-        for o in body.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         g = onnx.compose.add_prefix(body, f"p{k}/").graph
         rename = {f"p{k}/{CONTRACT.inputs(k)[0]}": (CONTRACT.images if k == 0 else
                                                     f"p{k - 1}/{CONTRACT.features}")}
@@ -67,8 +65,7 @@ def chain_bodies(bodies: Sequence[Any]) -> Any:
     first = bodies[0].graph.input[0]
     last = onnx.compose.add_prefix(bodies[-1], f"p{len(bodies) - 1}/").graph.output[0]
     graph = helper.make_graph(nodes, "prefix", [first], [last], inits)
-    return helper.make_model(graph, ir_version=max(b.ir_version for b in bodies),
-                             opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    return model_of(graph, bodies)
 
 
 def prefix_graphs(stage_models: Sequence[Any], full_model: Any) -> list[Any]:
