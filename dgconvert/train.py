@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -157,6 +158,25 @@ def build_model(recipe: Recipe = DEFAULT_RECIPE, num_classes: int = 10) -> nn.Mo
     return resnet(**recipe.arch_kwargs(num_classes))
 
 
+#: the narrowest convolution trained channels-last; oneDNN's channels-last backward crashes
+#: (SIGSEGV/SIGBUS) on narrower ones on some CPUs (torch 2.13, AMD EPYC with AVX2)
+MIN_CHANNELS_LAST_WIDTH = 8
+
+
+def training_memory_format(model: nn.Module) -> torch.memory_format:
+    """``channels_last`` (faster on the CPU), or the default layout, with a warning, when a
+    convolution of ``model`` has fewer than :data:`MIN_CHANNELS_LAST_WIDTH` channels."""
+    narrow = min((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)),
+                 default=MIN_CHANNELS_LAST_WIDTH)
+    if narrow >= MIN_CHANNELS_LAST_WIDTH:
+        return torch.channels_last
+    logging.getLogger(__name__).warning(
+        "training in the default memory layout, not channels-last: a convolution has %d "
+        "channels (< %d), where oneDNN's channels-last backward can crash on this kind of "
+        "CPU; training is slower", narrow, MIN_CHANNELS_LAST_WIDTH)
+    return torch.contiguous_format
+
+
 def normalize_batch(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels ``[B, C, H, W]`` -> float32 network input ``((x / 255) - MEAN) / STD``."""
     return (x.float() / SCALE - MEAN) / STD
@@ -185,7 +205,8 @@ def fit(
     if recipe.max_steps is not None:
         total = min(total, recipe.max_steps)
     gen = torch.Generator().manual_seed(recipe.seed)
-    model.to(memory_format=torch.channels_last).train()
+    layout = training_memory_format(model)
+    model.to(memory_format=layout).train()
     opt = torch.optim.SGD(
         model.parameters(),
         lr=recipe.lr,
@@ -214,7 +235,7 @@ def fit(
                     break
                 idx = perm[i * bs : (i + 1) * bs]
                 xb = random_crop_flip(x_all[idx], recipe.crop_pad, recipe.hflip, gen)
-                xb = normalize_batch(xb).contiguous(memory_format=torch.channels_last)
+                xb = normalize_batch(xb).contiguous(memory_format=layout)
                 loss = nn.functional.cross_entropy(model(xb), y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -197,3 +197,15 @@ def test_reference_checkpoint_trains_once(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert torch.load(p1, weights_only=True)["metrics"]["train_steps"] == 3
     other = reference_checkpoint(tmp_path / "x", **kw)
     assert other.parent == tmp_path / "x" and len(calls) == 2
+
+
+def test_narrow_convolutions_train_in_the_default_layout(caplog: pytest.LogCaptureFixture) -> None:
+    """Channels-last only where every convolution has at least 8 channels (oneDNN's
+    channels-last backward crashes on narrower ones on AVX2 EPYCs); the user is told."""
+    wide = build_model(Recipe(widths=(8, 16, 24, 32)))
+    narrow = build_model(Recipe(widths=(4, 8, 16, 32)))
+    with caplog.at_level("WARNING", logger="dgconvert.train"):
+        assert dgtrain.training_memory_format(wide) is torch.channels_last
+        assert not caplog.records
+        assert dgtrain.training_memory_format(narrow) is torch.contiguous_format
+    assert "4 channels" in caplog.text and "channels-last" in caplog.text

@@ -25,13 +25,17 @@ from dgconvert.cli.common import friendly_errors, write_json
 @click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy"]),
               default="minmax", show_default=True,
               help="How ONNX Runtime sets the activation ranges from the calibration images.")
+@click.option("--weights", type=click.Choice(["auto", "int8", "uint8"]), default="auto",
+              show_default=True,
+              help="Weight type: int8 (ORT's default), uint8 (no saturation on x86 CPUs "
+                   "without VNNI), auto: uint8 exactly there.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the check against the fp32 source as JSON.")
 @click.option("--force", is_flag=True, help="Replace --output if it exists.")
 @friendly_errors
 def quantize_cmd(bundle: Path, output: Path, data: str, per_channel: bool,
                  calibration_images: int | None, keep_fp32: str, calibrate_method: str,
-                 json_out: Path | None, force: bool) -> None:
+                 weights: str, json_out: Path | None, force: bool) -> None:
     """Quantize every stage graph and full.onnx to int8 (ONNX Runtime static quantization,
     QDQ), calibrated stage by stage on --data through the bundle's preprocessing; check the
     result against BUNDLE (label agreement, score correlation, accuracy) and write it only
@@ -43,7 +47,8 @@ def quantize_cmd(bundle: Path, output: Path, data: str, per_channel: bool,
     src = Bundle.load(bundle)
     ds = load_dataset(data, num_classes=src.num_classes)
     settings = QuantizeSettings(per_channel, DEFAULT_IMAGES if calibration_images is None
-                                else calibration_images, keep_fp32, calibrate_method)
+                                else calibration_images, keep_fp32, calibrate_method,
+                                weights=weights)
     out, report = quantize_bundle(src, output, ds.images, ds.labels, data=data,
                                   settings=settings, force=force,
                                   log=lambda msg: click.echo(msg, err=True))

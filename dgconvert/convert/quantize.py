@@ -2,7 +2,8 @@
 source. Torch-free (numpy, onnx, onnxruntime).
 
 Every stage graph and ``full.onnx`` go through ONNX Runtime's own static quantization
-(``onnxruntime.quantization.quantize_static``: QDQ format, uint8 activations, int8 weights,
+(``onnxruntime.quantization.quantize_static``: QDQ format, uint8 activations, int8 weights
+(uint8 on x86 CPUs without VNNI, where ORT's u8s8 kernels saturate: :func:`weights_for_cpu`),
 MinMax calibration; ``quant_pre_process`` first), calibrated on images put through the
 bundle's own preprocessing (:func:`~dgconvert.core.preprocess.prepare_images`):
 
@@ -39,6 +40,7 @@ from dgconvert.core.errors import BundleError, DGConvertError, InputError
 from dgconvert.core.io import atomic_directory
 from dgconvert.core.manifest import Manifest, QuantizationInfo, portable
 from dgconvert.core.preprocess import prepare_images
+from dgconvert.runtime.cpu_features import u8s8_saturates
 from dgconvert.runtime.passes.graph_edit import live_nodes
 
 PRECISION = "int8"
@@ -68,6 +70,14 @@ class QuantizationMismatch(DGConvertError, AssertionError):
         )
 
 
+#: weight types: ``auto`` picks by this CPU (:func:`weights_for_cpu`)
+WEIGHT_TYPES = ("auto", "int8", "uint8")
+def weights_for_cpu(cpuinfo: str | None = None) -> str:
+    """``uint8`` where ``u8s8_saturates`` (:mod:`dgconvert.runtime.cpu_features`: ORT's u8u8 kernels widen to int16 first and
+    do not), else ``int8`` (ORT's default, the faster kernels with VNNI)."""
+    return "uint8" if u8s8_saturates(cpuinfo) else "int8"
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     """How to quantize (recorded in the manifest with ONNX Runtime's version)."""
@@ -77,8 +87,17 @@ class QuantizeSettings:
     keep_fp32: str = "gates"  # "gates": gate heads stay float32; "none"
     calibrate_method: str = "minmax"  # one of CALIBRATE_METHODS
     fp32_stem: bool = True  # convolutions on fewer than 4 channels stay float32
+    weights: str = "auto"  # one of WEIGHT_TYPES
+
+    @property
+    def weight_type(self) -> str:
+        """``int8`` or ``uint8``: :attr:`weights`, or for ``auto`` this CPU's choice."""
+        return weights_for_cpu() if self.weights == "auto" else self.weights
 
     def check(self) -> None:
+        if self.weights not in WEIGHT_TYPES:
+            raise QuantizeError(f"weights is {self.weights!r}; expected one of {WEIGHT_TYPES}. "
+                                "Fix: --weights auto (default).")
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise QuantizeError(
                 f"calibrate_method is {self.calibrate_method!r}; expected one of "
@@ -101,7 +120,8 @@ class QuantizeSettings:
     def to_dict(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        return {"format": "QDQ", "activations": "uint8", "weights": "int8",
+        return {"format": "QDQ", "activations": "uint8", "weights": self.weight_type,
+                "weights_choice": self.weights,
                 "calibrate_method": self.ort_method, "per_channel": self.per_channel,
                 "keep_fp32": self.keep_fp32, "fp32_stem": self.fp32_stem,
                 "preprocess": "quant_pre_process",
@@ -288,7 +308,8 @@ def quantize_graph(path: Path, out: Path, batches: Iterator[dict[str, np.ndarray
                     {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zp)}]}
             quantize_static(
                 str(pre), str(out), _Reader(batches), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QUInt8 if settings.weight_type == "uint8" else QuantType.QInt8,
                 per_channel=settings.per_channel,
                 calibrate_method=getattr(CalibrationMethod, settings.ort_method),
                 nodes_to_exclude=(_head_nodes(model) if fp32_head else [])
@@ -352,6 +373,9 @@ def quantize_bundle(
     src = source if isinstance(source, Bundle) else Bundle.load(source)
     settings, bounds = settings or QuantizeSettings(), bounds or Bounds()
     settings.check()
+    if settings.weights == "auto" and settings.weight_type == "uint8":
+        log("weights uint8: this x86 CPU has no VNNI, where ONNX Runtime's uint8 x int8 "
+            "kernels saturate (--weights int8 to force them)")
     if src.manifest.quantization is not None:
         q = src.manifest.quantization
         raise QuantizeError(

@@ -49,6 +49,7 @@ from dgconvert.core.errors import BackendOptionError, BackendUnavailableError, I
 from dgconvert.core.exits import ExitRule
 from dgconvert.runtime.base import Backend, StageOutput
 from dgconvert.runtime.checks import close_to_reference
+from dgconvert.runtime.cpu_features import u8s8_saturates
 from dgconvert.runtime.fast_paths import FastPath
 from dgconvert.runtime.onnxruntime_chain import ChainSession, check_chain
 from dgconvert.runtime.onnxruntime_if import InGraphExits
@@ -256,6 +257,12 @@ class OnnxRuntimeBackend(Backend):
                 "Fix: pip install onnxruntime-gpu for CUDA/TensorRT providers, or use "
                 "providers=['CPUExecutionProvider']."
             )
+        quant = bundle.manifest.quantization
+        if (quant is not None and quant.settings.get("weights", "int8") == "int8"
+                and "CPUExecutionProvider" in wanted and u8s8_saturates()):
+            log.warning("onnxruntime: %s has int8 weights and this x86 CPU has no VNNI, where "
+                        "ONNX Runtime's uint8 x int8 kernels can saturate (wrong labels); fix: "
+                        "quantize it again here (dgconvert quantize --weights auto)", bundle.path)
         #: the process's shared pool (:func:`share_thread_pool`), or None
         self.shared_pool = shared_threads()
         if self.shared_pool is not None:

@@ -25,8 +25,8 @@ Single = Callable[[np.ndarray, np.ndarray], tuple[np.float32, np.int64, int]]
 
 
 class IfSession:
-    """One composed ``If`` graph: ``run(image, thresholds) -> (score, label, exit stage)``.
-    ``feeds``: more inputs of the session's graph (the branch of a one-call graph,
+    """One composed ``If`` graph: ``run(image, exit_at) -> (score, label, exit stage)``
+    (``exit_at``: :attr:`ExitRule.exit_at`, NaN where a gate is off). ``feeds``: more inputs of the session's graph (the branch of a one-call graph,
     :mod:`dgconvert.runtime.passes.one_call`)."""
 
     def __init__(self, session: Any, run: Any, run_options: Any,
@@ -77,10 +77,11 @@ def check_if(session: IfSession, run_stage: Any, images: np.ndarray, num_stages:
         median[on] = np.median(scores, axis=0)
         cases.append(("thresholds at the median score", median))
     for what, t in cases:
+        exit_at = ExitRule.from_thresholds(t).exit_at  # the graph's input: NaN where off
         for i in range(len(images)):
             image = images[i:i + 1]
             try:
-                got = session.run(image, t)
+                got = session.run(image, exit_at)
             except Exception as exc:  # noqa: BLE001 - ORT's own exception types
                 raise ChainError(f"the If graph failed with {what}: {exc}") from exc
             want = stage_chain_single(run_stage, image, t, num_stages)

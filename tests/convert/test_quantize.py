@@ -167,11 +167,20 @@ def test_verification_catches_a_corrupted_stage(int8: tuple[Bundle, Bundle],
     src, q = int8
     bad = Bundle.load(_copy(q.path, tmp_path / "bad.dg"))
     model = onnx.load(str(bad.stage_file(1)))
-    for init in model.graph.initializer:  # every int8 weight flips sign: stage 1 is broken
-        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4:
-            w = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array((-w.astype(np.int16)).clip(-127, 127)
-                                                  .astype(np.int8), init.name))
+    flipped = 0
+    for init in model.graph.initializer:  # every weight flips sign: stage 1 is broken
+        if len(init.dims) != 4:
+            continue
+        w = numpy_helper.to_array(init)
+        if init.data_type == onnx.TensorProto.INT8:
+            w = (-w.astype(np.int16)).clip(-127, 127).astype(np.int8)
+        elif init.data_type == onnx.TensorProto.UINT8:  # uint8 weights (no VNNI): mirrored
+            w = (255 - w.astype(np.int16)).astype(np.uint8)
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+        flipped += 1
+    assert flipped
     onnx.save(model, str(bad.stage_file(1)))
     bad.record_digests()
     px = _pixels(64, seed=9)

@@ -17,7 +17,7 @@ import dgconvert as dg
 from dgconvert.core.errors import DGConvertError
 from dgconvert.runtime import GatedRunner
 from dgconvert.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from dgconvert.runtime.onnxruntime_if import IfSession, check_if
+from dgconvert.runtime.onnxruntime_if import IfSession, check_if, stage_chain_single
 from dgconvert.runtime.passes.chain import ChainError
 from dgconvert.runtime.passes.if_graph import compose_if
 from tests.models import build
@@ -56,6 +56,51 @@ def test_composition_has_an_if_per_gate_that_is_on(tiny: dict[str, Any]) -> None
         compose_if(models, [7])
     with pytest.raises(ChainError, match="at least 2 stage graphs"):
         compose_if(models[:1])
+
+
+def _branch(node: Any, name: str) -> Any:
+    return next(a.g for a in node.attribute if a.name == name)
+
+
+@pytest.fixture(scope="module")
+def margin(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The test ResNet with margin d-gates (score: largest minus second-largest)."""
+    net = build("resnet", gate={"type": "dgate", "score": "margin"})
+    return dg.export(net, Path(tmp_path_factory.mktemp("margin")) / "m.dg", verify=False)
+
+
+@pytest.mark.parametrize("score", ["max", "margin"])
+def test_gate_heads_are_lean_and_exact(tiny: dict[str, Any], margin: Any, score: str) -> None:
+    """Each label is computed in its exit branch only, a margin head is one MatMul, and the
+    first If writes the graph's outputs; scores stay bit-identical to the stage graphs'."""
+    bundle = tiny["bundle"] if score == "max" else margin
+    k = bundle.num_gates
+    be = OnnxRuntimeBackend(bundle, threads=1)
+    contract = [onnx.load(str(bundle.stage_file(j))) for j in range(bundle.num_stages)]
+    matmuls = int(score == "margin")
+    for models in (contract, be._graphs):
+        graph = compose_if(models).graph
+        top = [n.op_type for n in graph.node]
+        assert top.count("MatMul") == matmuls and top.count("If") == 1
+        assert not {"ArgMax", "Sub", "Identity", "Less", "Where"} & set(top)
+        first_if = next(n for n in graph.node if n.op_type == "If")
+        assert list(first_if.output) == ["score", "label", "exit_stage"]
+        exit_ops = [n.op_type for n in _branch(first_if, "then_branch").node]
+        assert exit_ops == ["Reshape" if matmuls else "Identity", "ArgMax", "Constant"]
+        deeper = [n.op_type for n in _branch(first_if, "else_branch").node]
+        assert "ArgMax" not in deeper and deeper.count("MatMul") == matmuls
+    pixels = tiny["pixels"][:8]
+    x = GatedRunner(bundle, backend="onnxruntime", compose=False).prepare(pixels)
+    single = be.single()
+    for j in range(k + 1):
+        t = np.full(k, np.inf, np.float32)
+        if j < k:
+            t[j] = -np.inf
+        for i in range(len(x)):
+            got = single(x[i:i + 1], t)
+            want = stage_chain_single(be.run_stage, x[i:i + 1], t, bundle.num_stages)
+            assert (got[2], got[1]) == (want[2], want[1]) and got[2] == j
+            assert np.float32(got[0]).tobytes() == np.float32(want[0]).tobytes()
 
 
 def _per_image(runner: GatedRunner, pixels: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -20,12 +20,12 @@ def remove_gather(nodes: Any, x: str) -> str | None:
     return None
 
 
-def _reads(node: Any) -> Iterator[str]:
+def reads(node: Any) -> Iterator[str]:
     """The value names ``node`` reads, those of its subgraphs included."""
     yield from (v for v in node.input if v)
     for g in _subgraphs(node):
         for sub in g.node:
-            yield from _reads(sub)
+            yield from reads(sub)
 
 
 def live_nodes(nodes: Sequence[Any], outputs: Sequence[str]) -> tuple[list[Any], set[str]]:
@@ -37,9 +37,9 @@ def live_nodes(nodes: Sequence[Any], outputs: Sequence[str]) -> tuple[list[Any],
         if nd is None or id(nd) in seen:
             continue
         seen.add(id(nd))
-        reads = list(_reads(nd))
-        used.update(reads)
-        todo.extend(reads)
+        names = list(reads(nd))
+        used.update(names)
+        todo.extend(names)
     return [nd for nd in nodes if id(nd) in seen], used
 
 

@@ -11,10 +11,17 @@ before them, so they simply do not run when the image exits::
             If(score1 >= t1) then ... else ... stage K ─► (scoreK, labelK, exit K)
 
 Inputs: stage 0's image input (same name, one row) and ``thresholds`` (float32 ``[K]``,
-one per gate, so calibration rebuilds nothing). A threshold of +inf is off and never exits,
-whatever the score; a NaN score never exits (``score >= t`` is false): the rule of
+one per gate, so calibration rebuilds nothing): the exit rule's ``exit_at``
+(:class:`~dgconvert.core.exits.ExitRule`), NaN where a gate is off, so that it never exits,
+whatever the score; a NaN score never exits either (``score >= t`` is false): the rule of
 :mod:`dgconvert.core.exits`. Outputs (one element each): ``score``, ``label`` and
 ``exit_stage``. Gates in ``off`` are composed straight through (no head, no ``If``).
+
+At one row every operator costs ONNX Runtime its dispatch (microseconds, more than the
+arithmetic of a gate head), so the composition runs as few as it can: a gate's label is
+computed in its exit branch only, a margin score (``top1 - top2`` of a ``TopK``) is one
+``MatMul`` with ``[1, -1]`` (the same float, rounded once), and the outermost ``If`` writes
+the graph's outputs itself.
 
 Why: a chain of stage sessions pays a session call per stage reached; the composed chain
 (:mod:`dgconvert.runtime.passes.chain`) pays one call but runs every deeper operator on an
@@ -36,7 +43,7 @@ from dgconvert.runtime.passes.chain import (
     checked_off,
     stage_inputs,
 )
-from dgconvert.runtime.passes.graph_edit import live_nodes, model_of, remove_gather
+from dgconvert.runtime.passes.graph_edit import live_nodes, model_of, reads, remove_gather
 
 #: the graph's outputs, one element each
 SCORE, LABEL, EXIT_STAGE = CONTRACT.score, CONTRACT.label, "exit_stage"
@@ -68,6 +75,60 @@ class _Stage:
             node.input[:] = [rename.get(v, v) for v in node.input]
         self.inits = list(graph.initializer)
         self.score, self.label = f"s{k}/{CONTRACT.score}", f"s{k}/{CONTRACT.label}"
+        self.features = f"s{k}/{CONTRACT.features}"
+
+    def split_label(self) -> list[Any]:
+        """Remove and return the nodes that only compute the label (for the exit branch)."""
+        label_nodes, _ = live_nodes(self.nodes, [self.label])
+        _, rest = live_nodes(self.nodes, [self.score, self.features])
+        only = [nd for nd in label_nodes if not set(nd.output) & rest]
+        ids = {id(nd) for nd in only}
+        self.nodes = [nd for nd in self.nodes if id(nd) not in ids]
+        return only
+
+    def margin_as_matmul(self) -> bool:
+        """Rewrite ``score = Gather(v, 0) - Gather(v, 1)`` over ``v = TopK(.., k=2)`` values
+        (axis 1) as ``MatMul(v, [[1], [-1]])`` (score ``[N, 1]``); False when the head is
+        not of that shape."""
+        from onnx import numpy_helper
+
+        producer = {o: nd for nd in self.nodes for o in nd.output}
+        consts = {i.name: numpy_helper.to_array(i) for i in self.inits}
+        sub = producer.get(self.score)
+        if sub is None or sub.op_type != "Sub":
+            return False
+        gathers = [producer.get(v) for v in sub.input]
+        if any(g is None or g.op_type != "Gather" or _attr(g, "axis", 0) != 1 for g in gathers):
+            return False
+        values = {g.input[0] for g in gathers}
+        topk = producer.get(gathers[0].input[0])
+        picked = [consts.get(g.input[1]) for g in gathers]
+        if (len(values) != 1 or topk is None or topk.op_type != "TopK"
+                or topk.output[0] != gathers[0].input[0] or _attr(topk, "axis", -1) not in (1, -1)
+                or _attr(topk, "largest", 1) != 1 or consts.get(topk.input[1]) is None
+                or consts[topk.input[1]].tolist() != [2]
+                or any(p is None or p.shape != () for p in picked)
+                or [int(p) for p in picked] != [0, 1]):  # type: ignore[union-attr]
+            return False
+        readers = [v for nd in self.nodes for v in nd.input]
+        if any(readers.count(g.output[0]) != 1 for g in gathers):
+            return False
+        weights = f"{self.score}/plus_minus"
+        self.inits.append(numpy_helper.from_array(np.array([[1.0], [-1.0]], np.float32), weights))
+        keep = [nd for nd in self.nodes if nd is not sub and all(nd is not g for g in gathers)]
+        from onnx import helper
+
+        keep.insert(keep.index(topk) + 1,
+                    helper.make_node("MatMul", [topk.output[0], weights], [self.score]))
+        self.nodes = keep
+        return True
+
+
+def _attr(node: Any, name: str, default: int) -> int:
+    from onnx import helper
+
+    return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == name),
+                default)
 
 
 def _stage_constant(name: str, k: int) -> Any:
@@ -85,9 +146,10 @@ def _value_infos(names: Sequence[str]) -> list[Any]:
             for nm, kind in zip(names, kinds, strict=True)]
 
 
-def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
+def compose_if(models: Sequence[Any], off: Collection[int] = (), lean: bool = True) -> Any:
     """One ``onnx.ModelProto`` running ``models`` (the stage graphs, in order) on one image
     with an ``If`` per gate that is on (see the module doc); gate ``k`` follows stage ``k``.
+    ``lean=False``: the heads as exported and ``Identity`` outputs (for comparisons).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -95,51 +157,51 @@ def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
     off = checked_off(n, off, "an If graph")
     stages = [_Stage(m, k, n, gathered=k > 0) for k, m in enumerate(models)]
     unused = {s.keep for s in stages if s.keep}
-
+    one = "if/one"  # the shape [1]: a margin score [1, 1] leaves its exit branch as [1]
+    top_inits = [numpy_helper.from_array(np.array([1], np.int64), one)]
     top: list[Any] = []
-    top_inits: list[Any] = [numpy_helper.from_array(np.array([np.inf], np.float32), "if/inf"),
-                            numpy_helper.from_array(np.array([np.nan], np.float32), "if/nan")]
-    # +inf is off: compare against NaN instead (score >= NaN is false for every score)
-    top += [helper.make_node("Less", [THRESHOLDS, "if/inf"], ["if/on"]),
-            helper.make_node("Where", ["if/on", THRESHOLDS, "if/nan"], ["if/exit_at"])]
     if n > 2:
-        top.append(helper.make_node("Split", ["if/exit_at"],
+        top.append(helper.make_node("Split", [THRESHOLDS],
                                     [f"if/t{k}" for k in range(n - 1)], axis=0,
                                     num_outputs=n - 1))
-    else:
-        top.append(helper.make_node("Identity", ["if/exit_at"], ["if/t0"]))
 
     def level(k: int) -> tuple[list[Any], list[Any], tuple[str, str, str]]:
         """Nodes and initializers running stage ``k`` on, and the names of their outputs."""
         s = stages[k]
-        nodes, inits = list(s.nodes), list(s.inits)
         if k == n - 1:
             const = f"if/exit{k}"
-            return [*nodes, _stage_constant(const, k)], inits, (s.score, s.label, const)
+            return [*s.nodes, _stage_constant(const, k)], list(s.inits), (s.score, s.label, const)
         if k in off:
             deeper, deeper_inits, outs = level(k + 1)
-            return nodes + deeper, inits + deeper_inits, outs
+            return s.nodes + deeper, s.inits + deeper_inits, outs
         p = f"if{k}/"
         then_outs = (f"{p}then/score", f"{p}then/label", f"{p}then/exit")
-        then_nodes = [helper.make_node("Identity", [s.score], [then_outs[0]]),
-                      helper.make_node("Identity", [s.label], [then_outs[1]]),
-                      _stage_constant(then_outs[2], k)]
+        margin = lean and s.margin_as_matmul()
+        label_nodes = s.split_label() if lean else []
+        for nd in label_nodes:
+            nd.output[:] = [then_outs[1] if v == s.label else v for v in nd.output]
+        then_nodes = [helper.make_node("Reshape", [s.score, one], [then_outs[0]]) if margin
+                      else helper.make_node("Identity", [s.score], [then_outs[0]])]
+        then_nodes += label_nodes or [helper.make_node("Identity", [s.label], [then_outs[1]])]
+        then_nodes.append(_stage_constant(then_outs[2], k))
         deeper, deeper_inits, else_outs = level(k + 1)
         deeper, read = live_nodes(deeper, list(else_outs))
         deeper_inits = [i for i in deeper_inits if i.name in read]
         then_graph = helper.make_graph(then_nodes, f"exit{k}", [], _value_infos(then_outs))
         else_graph = helper.make_graph(deeper, f"continue{k}", [], _value_infos(else_outs),
                                        deeper_inits)
+        threshold = f"if/t{k}" if n > 2 else THRESHOLDS
         outs = (f"{p}{SCORE}", f"{p}{LABEL}", f"{p}exit")
-        nodes += [helper.make_node("GreaterOrEqual", [s.score, f"if/t{k}"], [f"{p}exits"]),
-                  helper.make_node("If", [f"{p}exits"], list(outs), then_branch=then_graph,
-                                   else_branch=else_graph)]
-        return nodes, inits, outs
+        nodes = s.nodes + [
+            helper.make_node("GreaterOrEqual", [s.score, threshold], [f"{p}exits"]),
+            helper.make_node("If", [f"{p}exits"], list(outs), then_branch=then_graph,
+                             else_branch=else_graph)]
+        return nodes, list(s.inits), outs
 
     nodes, inits, outs = level(0)
-    finals = [helper.make_node("Identity", [v], [name])
-              for v, name in zip(outs, OUTPUTS, strict=True)]
-    nodes, used = live_nodes(top + nodes + finals, list(OUTPUTS))
+    nodes = top + nodes
+    nodes, used = live_nodes(nodes, list(outs))
+    _name_outputs(nodes, outs, lean)
     if read := sorted(unused & used):
         raise ChainError(f"{read} still read once the compaction Gather is removed; expected "
                          "the stage graph to read keep only through that Gather")
@@ -148,3 +210,19 @@ def compose_if(models: Sequence[Any], off: Collection[int] = ()) -> Any:
               helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [n - 1])]
     graph = helper.make_graph(nodes, "dgconvert_if", inputs, _value_infos(OUTPUTS), inits)
     return model_of(graph, models, {"": 11})  # If needs opset 11
+
+
+def _name_outputs(nodes: list[Any], outs: Sequence[str], rename: bool = True) -> None:
+    """Give the values ``outs`` (produced by ``nodes`` of the top graph) the graph's output
+    names, or (not ``rename``, or one is also read in the graph) copy them out with an
+    ``Identity``."""
+    from onnx import helper
+
+    read = {v for nd in nodes for v in reads(nd)}
+    for value, name in zip(outs, OUTPUTS, strict=True):
+        producer = next((nd for nd in nodes if value in nd.output), None)
+        if not rename or producer is None or value in read:
+            nodes.append(helper.make_node("Identity", [value], [name]))
+        else:
+            producer.output[:] = [name if v == value else v for v in producer.output]
+
