@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,21 @@ def require(path: Path, what: str) -> Path:
         sys.exit(f"{what} {path} not found; expected the output of `make demo` "
                  f"(or pass its path). Fix: run `make demo` first.")
     return path
+
+
+def interleaved_rounds(fs: dict[str, Callable[[], object]], rounds: int,
+                       burst: int = 1) -> dict[str, list[float]]:
+    """µs per call of each function, one value per round: the functions take turns, ``burst``
+    calls each per round, after ``burst`` warm-up calls each."""
+    for f in fs.values():
+        for _ in range(burst):
+            f()
+    out: dict[str, list[float]] = {name: [] for name in fs}
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for name, f in fs.items():
+            t0 = clock()
+            for _ in range(burst):
+                f()
+            out[name].append((clock() - t0) / burst * 1e6)
+    return out

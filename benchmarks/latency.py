@@ -18,12 +18,11 @@ Writes ``results/latency.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _util import header, write_results
+from _util import header, interleaved_rounds, write_results
 from limit_sweep import busy_core, model_spec, summary
 
 from dgconvert.bench import BenchConfig, no_exit_point, run_benchmark
@@ -36,16 +35,7 @@ SMALL = [1, 2, 4, 8]
 
 def _interleaved_us(fs: dict[str, Any], calls: int) -> dict[str, float]:
     """Median µs per call of each function, the functions called in turn (one warm-up)."""
-    for f in fs.values():
-        f()
-    ts: dict[str, list[float]] = {name: [] for name in fs}
-    clock = time.perf_counter
-    for _ in range(calls):
-        for name, f in fs.items():
-            t0 = clock()
-            f()
-            ts[name].append(clock() - t0)
-    return {name: float(np.median(v)) * 1e6 for name, v in ts.items()}
+    return {name: float(np.median(v)) for name, v in interleaved_rounds(fs, calls).items()}
 
 
 def if_cost(bundle: Bundle, images: np.ndarray, threads: int, calls: int) -> list[dict]:

@@ -12,14 +12,12 @@ Writes ``results/lean_heads.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _util import DEFAULT_BUNDLE, header, require, write_results
+from _util import DEFAULT_BUNDLE, header, interleaved_rounds, require, write_results
 
 from dgconvert.core.bundle import Bundle
 from dgconvert.core.exits import ExitRule
@@ -38,22 +36,6 @@ def _session(model: onnx.ModelProto, threads: int, level: ort.GraphOptimizationL
     so.add_session_config_entry("session.force_spinning_stop", "1")  # spin within a run only
     return ort.InferenceSession(model.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
-
-
-def _rounds(fs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """µs per call of each function, per round (the functions take turns, BURST calls each)."""
-    for f in fs.values():
-        for _ in range(BURST):
-            f()
-    out: dict[str, list[float]] = {name: [] for name in fs}
-    clock = time.perf_counter
-    for _ in range(rounds):
-        for name, f in fs.items():
-            t0 = clock()
-            for _ in range(BURST):
-                f()
-            out[name].append((clock() - t0) / BURST * 1e6)
-    return out
 
 
 def measure(bundle: Bundle, threads: int, rounds: int) -> list[dict]:
@@ -80,7 +62,7 @@ def measure(bundle: Bundle, threads: int, rounds: int) -> list[dict]:
         fs = {"prefix": lambda p=p: p.run(None, {p.get_inputs()[0].name: x}),
               "plain": lambda f=feeds: plain.run(list(OUTPUTS), f),
               "lean": lambda f=feeds: lean.run(list(OUTPUTS), f)}
-        us = _rounds(fs, rounds)
+        us = interleaved_rounds(fs, rounds, BURST)
         med = {n: float(np.median(v)) for n, v in us.items()}
         ratio = float(np.median(np.array(us["lean"]) / np.array(us["plain"])))
         rows.append({"threads": threads, "exit": j, **{f"{n}_us": v for n, v in med.items()},

@@ -72,9 +72,12 @@ class QuantizationMismatch(DGConvertError, AssertionError):
 
 #: weight types: ``auto`` picks by this CPU (:func:`weights_for_cpu`)
 WEIGHT_TYPES = ("auto", "int8", "uint8")
+
+
 def weights_for_cpu(cpuinfo: str | None = None) -> str:
-    """``uint8`` where ``u8s8_saturates`` (:mod:`dgconvert.runtime.cpu_features`: ORT's u8u8 kernels widen to int16 first and
-    do not), else ``int8`` (ORT's default, the faster kernels with VNNI)."""
+    """``uint8`` where ONNX Runtime's u8s8 kernels saturate
+    (:func:`~dgconvert.runtime.cpu_features.u8s8_saturates`; its u8u8 ones widen to int16
+    first and do not), else ``int8`` (ORT's default, the faster kernels with VNNI)."""
     return "uint8" if u8s8_saturates(cpuinfo) else "int8"
 
 
@@ -309,7 +312,8 @@ def quantize_graph(path: Path, out: Path, batches: Iterator[dict[str, np.ndarray
             quantize_static(
                 str(pre), str(out), _Reader(batches), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QUInt8 if settings.weight_type == "uint8" else QuantType.QInt8,
+                weight_type=(QuantType.QUInt8 if settings.weight_type == "uint8"
+                             else QuantType.QInt8),
                 per_channel=settings.per_channel,
                 calibrate_method=getattr(CalibrationMethod, settings.ort_method),
                 nodes_to_exclude=(_head_nodes(model) if fp32_head else [])

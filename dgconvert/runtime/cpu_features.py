@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -9,17 +10,22 @@ from pathlib import Path
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+@functools.lru_cache(maxsize=1)
+def _host_cpuinfo() -> str:
+    """This machine's ``/proc/cpuinfo`` (read once), or "" where there is none to read."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return ""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
-    """The CPU's flags (``cpuinfo``: the text of ``/proc/cpuinfo``, default: read it), or
-    None where there are none to read (not Linux, not x86)."""
-    if cpuinfo is None:
-        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-            return None
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
-    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
+    """The CPU's flags (``cpuinfo``: the text of ``/proc/cpuinfo``, default: this
+    machine's), or None where there are none to read (not Linux, not x86)."""
+    text = _host_cpuinfo() if cpuinfo is None else cpuinfo
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
     return None if line is None else set(line.split(":", 1)[1].split())
 
 

@@ -26,7 +26,8 @@ Single = Callable[[np.ndarray, np.ndarray], tuple[np.float32, np.int64, int]]
 
 class IfSession:
     """One composed ``If`` graph: ``run(image, exit_at) -> (score, label, exit stage)``
-    (``exit_at``: :attr:`ExitRule.exit_at`, NaN where a gate is off). ``feeds``: more inputs of the session's graph (the branch of a one-call graph,
+    (``exit_at``: :attr:`ExitRule.exit_at`, NaN where a gate is off). ``feeds``: more
+    inputs of the session's graph (the branch of a one-call graph,
     :mod:`dgconvert.runtime.passes.one_call`)."""
 
     def __init__(self, session: Any, run: Any, run_options: Any,

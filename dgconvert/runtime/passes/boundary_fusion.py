@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.contract import CONTRACT
+from dgconvert.runtime.passes.graph_edit import attr
 
 NCHWC = "com.microsoft.nchwc"
 _NCHW = "features_nchw"  # the plain copy of the features, while gates still read it
@@ -84,15 +85,6 @@ def fuse_nchwc_boundaries(models: Sequence[Any]) -> FusedStages:
 
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _consumers(graph: Any, tensor: str) -> list[Any]:
     return [n for n in graph.node if tensor in n.input]
 
@@ -103,24 +95,24 @@ def _output_side(graph: Any) -> tuple[Any, int, int] | None:
     if len(prod) != 1 or prod[0].op_type != "ReorderOutput" or prod[0].domain != NCHWC:
         return None
     node = prod[0]
-    if _attr(node, "channels_last", 0):
+    if attr(node, "channels_last", 0):
         return None
     src = [n for n in graph.node if node.input[0] in n.output]
     inits = {i.name: list(i.dims) for i in graph.initializer}
     padded = 0
     if len(src) == 1 and src[0].op_type == "Conv" and src[0].domain == NCHWC:
         padded = int((inits.get(src[0].input[1]) or [0])[0])
-    return node, int(_attr(node, "channels")), padded
+    return node, int(attr(node, "channels")), padded
 
 
 def _input_side(graph: Any) -> tuple[Any, list[Any]] | None:
     """``(Gather node, ReorderInput nodes after it)`` at the start of a stage, if any."""
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == CONTRACT.x]
-    if len(gathers) != 1 or _attr(gathers[0], "axis", 0) != 0:
+    if len(gathers) != 1 or attr(gathers[0], "axis", 0) != 0:
         return None
     users = _consumers(graph, gathers[0].output[0])
     if not users or any(u.op_type != "ReorderInput" or u.domain != NCHWC
-                        or _attr(u, "channels_last", 0) for u in users):
+                        or attr(u, "channels_last", 0) for u in users):
         return None
     return gathers[0], users
 
@@ -129,9 +121,9 @@ def _is_spatial_mean(graph: Any, node: Any) -> bool:
     """ReduceMean over axes (2, 3) of a 4-D tensor, keepdims=0."""
     if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
         return False
-    if _attr(node, "keepdims", 1) != 0:
+    if attr(node, "keepdims", 1) != 0:
         return False
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     if axes is None and len(node.input) > 1:
         from onnx import numpy_helper
 

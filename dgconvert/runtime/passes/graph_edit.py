@@ -20,6 +20,16 @@ def remove_gather(nodes: Any, x: str) -> str | None:
     return None
 
 
+def attr(node: Any, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
 def reads(node: Any) -> Iterator[str]:
     """The value names ``node`` reads, those of its subgraphs included."""
     yield from (v for v in node.input if v)

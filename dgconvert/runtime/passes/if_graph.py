@@ -43,7 +43,13 @@ from dgconvert.runtime.passes.chain import (
     checked_off,
     stage_inputs,
 )
-from dgconvert.runtime.passes.graph_edit import live_nodes, model_of, reads, remove_gather
+from dgconvert.runtime.passes.graph_edit import (
+    attr,
+    live_nodes,
+    model_of,
+    reads,
+    remove_gather,
+)
 
 #: the graph's outputs, one element each
 SCORE, LABEL, EXIT_STAGE = CONTRACT.score, CONTRACT.label, "exit_stage"
@@ -90,45 +96,38 @@ class _Stage:
         """Rewrite ``score = Gather(v, 0) - Gather(v, 1)`` over ``v = TopK(.., k=2)`` values
         (axis 1) as ``MatMul(v, [[1], [-1]])`` (score ``[N, 1]``); False when the head is
         not of that shape."""
-        from onnx import numpy_helper
+        from onnx import helper, numpy_helper
 
         producer = {o: nd for nd in self.nodes for o in nd.output}
-        consts = {i.name: numpy_helper.to_array(i) for i in self.inits}
+        inits = {i.name: i for i in self.inits}
+
+        def const(name: str) -> list[Any] | None:  # a small initializer's values
+            return numpy_helper.to_array(inits[name]).tolist() if name in inits else None
+
         sub = producer.get(self.score)
         if sub is None or sub.op_type != "Sub":
             return False
         gathers = [producer.get(v) for v in sub.input]
-        if any(g is None or g.op_type != "Gather" or _attr(g, "axis", 0) != 1 for g in gathers):
+        if any(g is None or g.op_type != "Gather" or attr(g, "axis", 0) != 1 for g in gathers):
             return False
-        values = {g.input[0] for g in gathers}
-        topk = producer.get(gathers[0].input[0])
-        picked = [consts.get(g.input[1]) for g in gathers]
-        if (len(values) != 1 or topk is None or topk.op_type != "TopK"
-                or topk.output[0] != gathers[0].input[0] or _attr(topk, "axis", -1) not in (1, -1)
-                or _attr(topk, "largest", 1) != 1 or consts.get(topk.input[1]) is None
-                or consts[topk.input[1]].tolist() != [2]
-                or any(p is None or p.shape != () for p in picked)
-                or [int(p) for p in picked] != [0, 1]):  # type: ignore[union-attr]
+        values = gathers[0].input[0]  # type: ignore[union-attr]
+        topk = producer.get(values)
+        if (topk is None or topk.op_type != "TopK" or topk.output[0] != values
+                or any(g.input[0] != values for g in gathers)  # type: ignore[union-attr]
+                or attr(topk, "axis", -1) not in (1, -1) or attr(topk, "largest", 1) != 1
+                or const(topk.input[1]) != [2]
+                or [const(g.input[1]) for g in gathers] != [0, 1]):  # type: ignore[union-attr]
             return False
         readers = [v for nd in self.nodes for v in nd.input]
-        if any(readers.count(g.output[0]) != 1 for g in gathers):
+        if any(readers.count(g.output[0]) != 1 for g in gathers):  # type: ignore[union-attr]
             return False
         weights = f"{self.score}/plus_minus"
         self.inits.append(numpy_helper.from_array(np.array([[1.0], [-1.0]], np.float32), weights))
         keep = [nd for nd in self.nodes if nd is not sub and all(nd is not g for g in gathers)]
-        from onnx import helper
-
         keep.insert(keep.index(topk) + 1,
-                    helper.make_node("MatMul", [topk.output[0], weights], [self.score]))
+                    helper.make_node("MatMul", [values, weights], [self.score]))
         self.nodes = keep
         return True
-
-
-def _attr(node: Any, name: str, default: int) -> int:
-    from onnx import helper
-
-    return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == name),
-                default)
 
 
 def _stage_constant(name: str, k: int) -> Any:
@@ -170,7 +169,8 @@ def compose_if(models: Sequence[Any], off: Collection[int] = (), lean: bool = Tr
         s = stages[k]
         if k == n - 1:
             const = f"if/exit{k}"
-            return [*s.nodes, _stage_constant(const, k)], list(s.inits), (s.score, s.label, const)
+            outs = (s.score, s.label, const)
+            return [*s.nodes, _stage_constant(const, k)], list(s.inits), outs
         if k in off:
             deeper, deeper_inits, outs = level(k + 1)
             return s.nodes + deeper, s.inits + deeper_inits, outs
@@ -225,4 +225,3 @@ def _name_outputs(nodes: list[Any], outs: Sequence[str], rename: bool = True) ->
             nodes.append(helper.make_node("Identity", [value], [name]))
         else:
             producer.output[:] = [name if v == value else v for v in producer.output]
-

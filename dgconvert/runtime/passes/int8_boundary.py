@@ -22,6 +22,7 @@ import numpy as np
 
 from dgconvert.core.contract import CONTRACT
 from dgconvert.runtime.passes.boundary_fusion import FusionError, NothingToFuse
+from dgconvert.runtime.passes.graph_edit import attr
 
 _TO_NCHW = [0, 3, 1, 2]
 _TO_NHWC = [0, 2, 3, 1]
@@ -60,15 +61,6 @@ class Int8Stages:
         return f"int8 ({n} of {len(self.models) - 1} boundaries{pooled})"
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _init(graph: Any, name: str) -> np.ndarray | None:
     from onnx import numpy_helper
 
@@ -99,7 +91,7 @@ def _output_side(graph: Any) -> tuple[Any, Any | None, tuple[np.ndarray, np.ndar
     if dq is None or dq.op_type != "DequantizeLinear" or (q := _qparams(graph, dq)) is None:
         return None
     tr = _producer(graph, dq.input[0])
-    if tr is not None and tr.op_type == "Transpose" and list(_attr(tr, "perm", [])) == _TO_NCHW:
+    if tr is not None and tr.op_type == "Transpose" and list(attr(tr, "perm", [])) == _TO_NCHW:
         return dq, tr, q
     return dq, None, q
 
@@ -107,7 +99,7 @@ def _output_side(graph: Any) -> tuple[Any, Any | None, tuple[np.ndarray, np.ndar
 def _input_side(graph: Any, channels_last: bool) -> tuple[Any, Any, Any | None] | None:
     """``(Gather of x, QuantizeLinear after it, Transpose to NHWC after that or None)``."""
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == CONTRACT.x]
-    if len(gathers) != 1 or _attr(gathers[0], "axis", 0) != 0:
+    if len(gathers) != 1 or attr(gathers[0], "axis", 0) != 0:
         return None
     users = _users(graph, gathers[0].output[0])
     if len(users) != 1 or users[0].op_type != "QuantizeLinear":
@@ -117,7 +109,7 @@ def _input_side(graph: Any, channels_last: bool) -> tuple[Any, Any, Any | None] 
     if not channels_last:
         return gathers[0], q, None
     if len(after) == 1 and after[0].op_type == "Transpose" and \
-            list(_attr(after[0], "perm", [])) == _TO_NHWC:
+            list(attr(after[0], "perm", [])) == _TO_NHWC:
         return gathers[0], q, after[0]
     return None
 
@@ -141,7 +133,7 @@ def _pool_channels_last(graph: Any, tr: Any) -> None:
     for dq in _users(graph, tr.output[0]):
         means = _users(graph, dq.output[0])
         if dq.op_type != "DequantizeLinear" or not means or any(
-                m.op_type != "ReduceMean" or _attr(m, "keepdims", 1) != 0 or len(m.input) != 2
+                m.op_type != "ReduceMean" or attr(m, "keepdims", 1) != 0 or len(m.input) != 2
                 or (a := _init(graph, m.input[1])) is None
                 or sorted(int(v) % 4 for v in a.ravel()) != [2, 3] for m in means):
             continue
@@ -217,7 +209,7 @@ def _sum_pool(graph: Any, shape: Sequence[int]) -> bool:
     dq, (scale, zp) = dqs[0], q
     means = _users(graph, dq.output[0])
     if len(means) != 1 or means[0].op_type != "ReduceMean" or len(means[0].input) != 2 \
-            or _attr(means[0], "keepdims", 1) != 0 or dq.output[0] in {o.name for o in graph.output}:
+            or attr(means[0], "keepdims", 1) != 0 or dq.output[0] in {o.name for o in graph.output}:
         return False
     mean = means[0]
     axes = _init(graph, mean.input[1])
