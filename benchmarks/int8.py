@@ -47,13 +47,13 @@ from dgconvert.convert.quantize import Bounds, QuantizeSettings, quantize_bundle
 from dgconvert.core.bundle import Bundle
 from dgconvert.data import load_dataset
 from dgconvert.runtime import GatedRunner
+from dgconvert.runtime.cpu_features import cpu_flags
 from dgconvert.runtime.onnxruntime_backend import session_options
 
 
-def cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
+def int8_flags() -> list[str]:
+    """This CPU's flags that decide MLAS's u8s8 kernels (VNNI, AMX, AVX-512 BW)."""
+    flags = cpu_flags() or set()
     return sorted(f for f in flags if "vnni" in f or f.startswith("amx") or f == "avx512bw")
 
 
@@ -253,7 +253,7 @@ def main() -> None:
         data.append(d)
         print("\n".join(lines), flush=True)
     md = header("INT8 on the CPU: gated int8 against ONNX Runtime's own quantization", [
-        f"CPU flags: {', '.join(cpu_flags()) or 'no VNNI/AMX flag'} (MLAS picks its u8s8 "
+        f"CPU flags: {', '.join(int8_flags()) or 'no VNNI/AMX flag'} (MLAS picks its u8s8 "
         "kernels by CPUID: with avx512_vnni the QLinearConv/QGemm/MatMulInteger kernels are "
         "the VNNI ones; ORT's profile names the ops, not the ISA)",
         "one interleaved run per model; ratios paired per round (median); every system "
