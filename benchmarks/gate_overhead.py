@@ -27,6 +27,7 @@ from dgconvert.runtime.runner import GatedRunner
 
 SETTLE_S = 0.05
 NEVER = 1e30  # a threshold no score reaches: the gate is on, nobody exits
+ON_UINT8 = "runner.predict (uint8 images)"  # the one system timed on the raw images
 
 
 def timed(fn: Callable[[np.ndarray], object], batches: list[np.ndarray]) -> float:
@@ -86,27 +87,28 @@ def main() -> None:
         count = len(images) // n * n
         raw = [images[i:i + n] for i in range(0, count, n)]
         batches = [prepared[i:i + n] for i in range(0, count, n)]
-        timers = systems(runner, n)
-        timers["runner.predict (uint8 images)"] = runner.predict
+        timers = {name: (fn, batches) for name, fn in systems(runner, n).items()}
+        timers[ON_UINT8] = (runner.predict, raw)
         res: dict[str, list[float]] = {name: [] for name in timers}
         limit: list[list[float]] = []
         for _ in range(args.rounds):
-            for name, fn in timers.items():
-                res[name].append(timed(fn, raw if "uint8" in name else batches))
+            for name, (fn, inputs) in timers.items():
+                res[name].append(timed(fn, inputs))
             prefixes.reset()
             time.sleep(SETTLE_S)  # the runner's one session spins after its last call
             prefixes.run_all(raw, SETTLE_S)
             limit.append([s / count * 1e6 for s in prefixes.seconds])
         med = {name: float(np.median(v)) for name, v in res.items()}
-        for k, v in enumerate(np.median(np.array(limit), axis=0)):
+        prefix = np.median(np.array(limit), axis=0)
+        for k, v in enumerate(prefix):
             med[f"ungated prefix up to exit {k} (limit's session)"] = float(v)
-        python = np.median(np.array(res["runner.predict (uint8 images)"])
-                           - np.array(res["runner.predict_prepared"]))
-        med["predict on uint8 minus predict_prepared (preparing, splitting), paired"] = float(python)
+        preparing = np.median(np.array(res[ON_UINT8]) - np.array(res["runner.predict_prepared"]))
+        med["predict on uint8 minus predict_prepared (preparing, splitting), paired"] = float(
+            preparing)
         share = runner.predict(images[:count]).exit_histogram(runner.bundle.num_stages) / count
-        med["limit (exit mix x prefixes)"] = float(share @ np.median(np.array(limit), axis=0))
+        med["limit (exit mix x prefixes)"] = float(share @ prefix)
         med["efficiency vs the limit (runner.predict)"] = (
-            med["limit (exit mix x prefixes)"] / med["runner.predict (uint8 images)"])
+            med["limit (exit mix x prefixes)"] / med[ON_UINT8])
         data[str(n)] = med
         lines += [f"## batch {n} (exits per stage {np.round(share * 100, 1).tolist()} %)", "",
                   "| system | µs per image |", "|---|---:|"]
