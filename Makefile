@@ -34,11 +34,12 @@ lint: $(STAMP)
 
 # The main job end to end on the CPU. The backbone is trained on train[:50000] (cached);
 # gates are fitted on the same part; thresholds are calibrated on train[50000:], which
-# neither the backbone nor the gates saw; predict and bench use the test set.
+# neither the backbone nor the gates saw; predict and bench use the test set. The gates pool
+# each map over a 2x2 grid (--pool grid2): measured in benchmarks/results/gate_pooling.md.
 DG := $(BIN)/dgconvert
 demo: $(STAMP) data
 	$(DG) train-reference --data 'fashion-mnist:train[:50000]' -o $(OUT)/backbone.pt
-	$(DG) gates fit $(OUT)/backbone.pt --cut layer1,layer2,layer3 \
+	$(DG) gates fit $(OUT)/backbone.pt --cut layer1,layer2,layer3 --pool grid2 \
 	    --data 'fashion-mnist:train[:50000]' -o $(OUT)/gated.pt --force
 	$(DG) export $(OUT)/gated.pt -o $(OUT)/reference.dg --force --data 'fashion-mnist:test[:512]'
 	$(DG) calibrate $(OUT)/reference.dg --data 'fashion-mnist:train[50000:]' --max-drop 0.3 \

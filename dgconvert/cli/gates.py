@@ -79,6 +79,11 @@ def parse_cuts(text: str) -> tuple[list[str] | int, list[float] | None]:
 @click.option("--token-pool", type=click.Choice(POOLS["tokens"]), default=None,
               help="How gates pool token sequences: the class token or the mean of the tokens "
                    "(default: cls when the model has a class token).")
+@click.option("--pool", "map_pool", type=click.Choice(POOLS["nchw"]), default="mean",
+              show_default=True,
+              help="How gates pool NCHW feature maps: the global mean, or the mean over each "
+                   "cell of a 2x2 / 4x4 grid (G² values per channel: an early gate sees where "
+                   "a pattern is, not only whether it is there).")
 @click.option("--allow-near-chance", is_flag=True,
               help="Fit even when the backbone scores near chance on --data (normally a sign "
                    "of a wrong --normalization).")
@@ -117,7 +122,7 @@ def parse_cuts(text: str) -> tuple[list[str] | int, list[float] | None]:
 @friendly_errors
 def fit_cmd(
     backbone: Path, data: str, output: Path, arch: str | None, arch_kwargs: str | None,
-    normalization: str | None, cuts: str, layout: str, token_pool: str | None,
+    normalization: str | None, cuts: str, layout: str, token_pool: str | None, map_pool: str,
     allow_near_chance: bool, gate: str, score: str | None, hinge: str,
     standardize: bool, paper: bool, l2: float | None, epochs: int, batch_size: int, lr: float | None, holdout: float,
     joint: bool, joint_epochs: int, joint_lr: float, cost_weight: float, seed: int, trust_pickle: bool,
@@ -146,7 +151,7 @@ def fit_cmd(
     result = family("cut-backbone").fit(FitConfig(
         backbone=backbone, data=data, cuts=cut_list, **options, shares=shares,
         layout=None if layout == "auto" else layout, token_pool=token_pool,
-        check_accuracy=not allow_near_chance, l2=l2, epochs=epochs, batch_size=batch_size,
+        pool=None if map_pool == "mean" else map_pool, check_accuracy=not allow_near_chance, l2=l2, epochs=epochs, batch_size=batch_size,
         lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
         cost_weight=cost_weight, arch=arch_spec, trust_pickle=trust_pickle, seed=seed,
         normalization=parse_json_object(normalization, "--normalization"), progress=True,

@@ -28,7 +28,9 @@ def describe_bundle(path: Path) -> str:
     ]
     for k, s in enumerate(m.stages):
         g = s.gate
-        gate = f"{g.type} (score {g.score}, {g.flops} FLOPs)" if g else "final"
+        pool = (g.extra.get("pool") if g else None) or "mean"
+        pooled = "" if pool in ("mean", "cls", "none") else f", pool {pool}"
+        gate = f"{g.type} (score {g.score}{pooled}, {g.flops} FLOPs)" if g else "final"
         thr = f"{b.thresholds[k]:.4g}" if k < b.num_gates else "-"
         lines.append(
             f"{k:5d}  {s.file:<13s}  {s.flops / 1e6:6.2f}  {100 * costs[k] / full:8.1f} %  "

@@ -127,8 +127,10 @@ DEFAULT_HINGE = "crammer-singer"
 #: sequences [N, T, D] (ViT), or vectors [N, D].
 LAYOUTS: tuple[str, ...] = ("nchw", "nhwc", "tokens", "vector")
 #: How each layout may be pooled to one vector per sample (the first is the default, except
-#: for tokens: the class token when the model has one, else the mean).
-POOLS: dict[str, tuple[str, ...]] = {"nchw": ("mean",), "nhwc": ("mean",),
+#: for tokens: the class token when the model has one, else the mean). ``gridG`` (NCHW maps):
+#: the mean over each cell of a G x G grid, G² values per channel (:data:`GRID_POOLS`).
+GRID_POOLS: tuple[str, ...] = ("grid2", "grid4")
+POOLS: dict[str, tuple[str, ...]] = {"nchw": ("mean", *GRID_POOLS), "nhwc": ("mean",),
                                      "tokens": ("cls", "mean"), "vector": ("none",)}
 
 

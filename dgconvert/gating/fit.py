@@ -453,7 +453,8 @@ class FitConfig(BackboneFitConfig):
     coverage/accuracy report and the initial thresholds.
 
     ``cuts`` may be an int K (K automatic cut points at about equal FLOPs shares, or at
-    ``shares``); ``layout`` / ``token_pool`` as in :meth:`GatedNetwork.from_backbone`.
+    ``shares``); ``layout`` / ``token_pool`` as in :meth:`GatedNetwork.from_backbone`;
+    ``pool`` how every gate pools NCHW maps (``mean``, ``grid2``, ``grid4``: ``POOLS``).
     ``check_accuracy``: stop with :class:`NearChanceError` when the backbone's own accuracy
     on ``data`` is near chance (usually a wrong input normalization).
     """
@@ -475,6 +476,7 @@ class FitConfig(BackboneFitConfig):
     shares: Sequence[float] | None = None
     layout: str | None = None
     token_pool: str | None = None
+    pool: str | None = None
 
 
 def fit_gates(
@@ -534,7 +536,7 @@ def _prepare(cfg: FitConfig, score: str) -> _Prepared:
         torch.manual_seed(cfg.seed)
         net = GatedNetwork.from_backbone(
             model, cfg.cuts if isinstance(cfg.cuts, int) else list(cfg.cuts),
-            gate={"type": cfg.gate, "score": score}, input_shape=input_shape,
+            gate={"type": cfg.gate, "score": score, "pool": cfg.pool}, input_shape=input_shape,
             normalization=normalization, classes=classes or None, arch=arch_spec,
             shares=cfg.shares, layout=cfg.layout, token_pool=cfg.token_pool,
         )  # fmt: skip

@@ -5,7 +5,10 @@ Every head first pools its stage's features to one vector per sample, by their l
 (:data:`LAYOUTS`): ``nchw`` maps ``[N, C, H, W]`` (CNNs) and ``nhwc`` maps ``[N, H, W, C]``
 (Swin, some ConvNeXt blocks) are averaged over their spatial axes; ``tokens`` ``[N, T, D]``
 (ViT) take the class token (``pool="cls"``, token 0) or the mean of the tokens
-(``pool="mean"``); ``vector`` ``[N, C]`` is used as is. The pooled vector feeds the same
+(``pool="mean"``); ``vector`` ``[N, C]`` is used as is. ``nchw`` maps may instead keep a
+coarse spatial layout (``pool="grid2"`` / ``"grid4"``): the mean over each cell of a G x G
+grid (cells of ``ceil(H / G)`` rows and columns, the last ones smaller), flattened channel
+by channel, so an early gate sees where a pattern is and not only whether it is there. The pooled vector feeds the same
 linear heads whatever the layout; an input that is already pooled (2-D) passes through, so
 gate fitting can train the heads on cached pooled vectors.
 
@@ -25,15 +28,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from dgconvert.core.gates import LAYOUTS, POOLS, gate_kind
+from dgconvert.core.gates import GRID_POOLS, LAYOUTS, POOLS, gate_kind
+
+
+def grid_cell(size: int, pool: str) -> int:
+    """Side of a ``gridG`` pool's cells along an axis of ``size``: ``ceil(size / G)``."""
+    return -(-int(size) // int(pool.removeprefix("grid")))
 
 
 def pool_features(features: torch.Tensor, layout: str = "nchw", pool: str = "mean") -> torch.Tensor:
     """One vector per sample: ``[N, C, ...]`` (nchw) / ``[N, ..., C]`` (nhwc) averaged over
-    the spatial axes, ``[N, T, D]`` (tokens) its token 0 (``cls``) or mean over T; 2-D
-    input (already pooled) is returned as is."""
+    the spatial axes (``gridG``: over each cell of a G x G grid of a ``[N, C, H, W]`` map),
+    ``[N, T, D]`` (tokens) its token 0 (``cls``) or mean over T; 2-D input (already pooled)
+    is returned as is."""
     if features.dim() <= 2:
         return features
+    if pool in GRID_POOLS:
+        kernel = (grid_cell(features.shape[2], pool), grid_cell(features.shape[3], pool))
+        cells = torch.nn.functional.avg_pool2d(features, kernel, kernel, ceil_mode=True)
+        return cells.flatten(1)
     if layout == "nhwc":
         return features.mean(dim=tuple(range(1, features.dim() - 1)))
     if layout == "tokens":
@@ -41,8 +54,11 @@ def pool_features(features: torch.Tensor, layout: str = "nchw", pool: str = "mea
     return features.mean(dim=tuple(range(2, features.dim())))
 
 
-def feature_size(shape: tuple[int, ...] | list[int], layout: str) -> int:
+def feature_size(shape: tuple[int, ...] | list[int], layout: str, pool: str | None = None) -> int:
     """Length of the pooled vector of features of ``shape`` (batch dim included)."""
+    if pool in GRID_POOLS:
+        h, w = int(shape[2]), int(shape[3])
+        return int(shape[1]) * -(-h // grid_cell(h, pool)) * -(-w // grid_cell(w, pool))
     return int(shape[-1] if layout in ("nhwc", "tokens") else shape[1])
 
 
@@ -57,6 +73,11 @@ def check_layout(layout: str, pool: str | None, shape: tuple[int, ...] | list[in
         )
     if shape is not None:
         rank = {"nchw": (3, 4, 5), "nhwc": (4,), "tokens": (3,), "vector": (2,)}[layout]
+        if pool in GRID_POOLS and len(shape) != 4:
+            raise ValueError(
+                f"pool {pool!r} averages cells of 2-D maps [N, C, H, W]; these features have "
+                f"shape {list(shape)}. Fix: pool 'mean' for this cut."
+            )
         if len(shape) not in rank:
             raise ValueError(
                 f"features of shape {list(shape)} do not fit layout {layout!r} (expected "

@@ -189,7 +189,7 @@ class GatedNetwork(nn.Module):
                 f"the backbone outputs {logits.shape[1]} logits, but num_classes={num_classes}"
             )
         heads = [
-            make_gate(s, feature_size(shp, s["layout"]), num_classes)
+            make_gate(s, feature_size(shp, s["layout"], s.get("pool")), num_classes)
             for s, shp in zip(specs, shapes, strict=True)
         ]
         net = cls(stages, heads, num_classes, input_shape=input_shape,

@@ -243,17 +243,98 @@ def _sum_pool(graph: Any, shape: Sequence[int]) -> bool:
     return True
 
 
+def _grid_cells(size: int, kernel: int, ceil_mode: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each pooling window along an axis (stride = kernel, no pads)."""
+    n = -(-size // kernel) if ceil_mode else size // kernel
+    return [(i * kernel, min(size, (i + 1) * kernel)) for i in range(n)]
+
+
+def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
+    """Rewrite ``DequantizeLinear(features) -> AveragePool`` (a ``gridG`` gate pool: stride
+    = kernel, no pads), reading the features as they leave (NCHW or, behind a Transpose,
+    channels-last), into an integer sum over each cell (``MatMulInteger`` with a 0/1 cell
+    matrix: exact in int32) scaled by ``scale / cell size``; False when it has none."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if len(shape) != 4:
+        return False
+    src, tr = CONTRACT.features, None
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == src]
+    if not dqs:
+        trs = [n for n in _users(graph, src) if n.op_type == "Transpose"
+               and list(attr(n, "perm", [])) == _TO_NCHW]
+        if len(trs) != 1:
+            return False
+        tr = trs[0]
+        dqs = [n for n in _users(graph, tr.output[0]) if n.op_type == "DequantizeLinear"]
+        if len(_users(graph, tr.output[0])) != 1:
+            return False
+    if len(dqs) != 1 or (q := _qparams(graph, dqs[0])) is None:
+        return False
+    dq, (scale, zp) = dqs[0], q
+    pools = _users(graph, dq.output[0])
+    if len(pools) != 1 or pools[0].op_type != "AveragePool" \
+            or dq.output[0] in {o.name for o in graph.output}:
+        return False
+    pool = pools[0]
+    kernel = [int(v) for v in attr(pool, "kernel_shape", [])]
+    strides = [int(v) for v in attr(pool, "strides", kernel) or kernel]
+    pads = [int(v) for v in attr(pool, "pads", []) or [0, 0, 0, 0]]
+    auto_pad = attr(pool, "auto_pad", b"NOTSET")
+    if len(kernel) != 2 or strides != kernel or any(pads) or auto_pad not in (b"NOTSET", "NOTSET"):
+        return False
+    ceil_mode = int(attr(pool, "ceil_mode", 0))
+    channels, h, w = int(shape[1]), int(shape[2]), int(shape[3])
+    rows, cols = _grid_cells(h, kernel[0], ceil_mode), _grid_cells(w, kernel[1], ceil_mode)
+    cells = np.zeros((h, w, len(rows) * len(cols)), zp.dtype)
+    size = np.zeros(len(rows) * len(cols), np.float32)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            cells[r0:r1, c0:c1, i * len(cols) + j] = 1
+            size[i * len(cols) + j] = (r1 - r0) * (c1 - c0)
+    n_cells, p = len(size), f"{dq.output[0]}/grid_pool/"
+    nchw = tr is None
+    matrix = cells.reshape(h * w, n_cells) if nchw else cells.reshape(h * w, n_cells).T.copy()
+    graph.initializer.extend([
+        numpy_helper.from_array(matrix, p + "cells"),
+        numpy_helper.from_array(np.zeros((), zp.dtype), p + "zero"),
+        numpy_helper.from_array(np.array([0, channels, h * w] if nchw else [0, h * w, channels],
+                                         np.int64), p + "rows"),
+        numpy_helper.from_array(np.array([0, channels, len(rows), len(cols)], np.int64),
+                                p + "grid_shape"),
+        numpy_helper.from_array((np.float32(scale) / size).astype(np.float32), p + "scale")])
+    # per cell, the sum of (x - zero point), exact in int32, then * scale / cell size
+    mm = ([p + "rows_x", p + "cells", dq.input[2], p + "zero"] if nchw
+          else [p + "cells", p + "rows_x", p + "zero", dq.input[2]])
+    nodes = [helper.make_node("Reshape", [src, p + "rows"], [p + "rows_x"]),
+             helper.make_node("MatMulInteger", mm, [p + "sum"])]
+    if not nchw:  # [M, cells, C] -> [M, C, cells]
+        nodes.append(helper.make_node("Transpose", [p + "sum"], [p + "sum_t"], perm=[0, 2, 1]))
+    nodes += [helper.make_node("Cast", [nodes[-1].output[0]], [p + "sumf"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", [p + "sumf", p + "scale"], [p + "mean"]),
+              helper.make_node("Reshape", [p + "mean", p + "grid_shape"], [pool.output[0]])]
+    at = list(graph.node).index(tr if tr is not None else dq)
+    for node in (n for n in (tr, dq, pool) if n is not None):
+        graph.node.remove(node)
+    for i, node in enumerate(nodes):
+        graph.node.insert(at + i, node)
+    _forget_types(graph, dq.output[0], pool.output[0])
+    return True
+
+
 def sum_pooled_heads(stages: Int8Stages, feature_shapes: Sequence[Sequence[int] | None]
                      ) -> Int8Stages:
     """Gate heads that read a stage's int8 ``features`` as ``DequantizeLinear ->
-    ReduceMean`` over space sum the int8 values instead (``MatMulInteger`` with a ones
-    vector: exact in int32), then scale: no float copy of the whole feature map.
+    ReduceMean`` over space (or ``AveragePool`` over grid cells) sum the int8 values instead
+    (``MatMulInteger`` with a ones vector or a 0/1 cell matrix: exact in int32), then scale:
+    no float copy of the whole feature map.
     ``feature_shapes``: each stage's contract ``features`` shape (None: leave it). Edits
     ``stages.models`` in place."""
     pooled = 0
     for k, shape in enumerate(feature_shapes):
         if stages.int8_output[k] is not None and shape is not None:
-            pooled += _sum_pool(stages.models[k].graph, shape)
+            graph = stages.models[k].graph
+            pooled += _sum_pool(graph, shape) or _grid_pool(graph, shape)
     return replace(stages, pooled_heads=pooled)
 
 
