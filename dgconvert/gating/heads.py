@@ -44,8 +44,10 @@ def pool_features(features: torch.Tensor, layout: str = "nchw", pool: str = "mea
     if features.dim() <= 2:
         return features
     if pool in GRID_POOLS:
-        kernel = (grid_cell(features.shape[2], pool), grid_cell(features.shape[3], pool))
-        cells = torch.nn.functional.avg_pool2d(features, kernel, kernel, ceil_mode=True)
+        h, w = int(features.shape[2]), int(features.shape[3])
+        kernel = (grid_cell(h, pool), grid_cell(w, pool))
+        partial = h % kernel[0] != 0 or w % kernel[1] != 0  # ceil_mode only where it matters
+        cells = torch.nn.functional.avg_pool2d(features, kernel, kernel, ceil_mode=partial)
         return cells.flatten(1)
     if layout == "nhwc":
         return features.mean(dim=tuple(range(1, features.dim() - 1)))

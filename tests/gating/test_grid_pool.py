@@ -94,6 +94,14 @@ def test_grid_gates_export_and_run_like_torch(grid_bundle, tmp_path: Path) -> No
             np.testing.assert_array_equal(res.labels[ok[:bs]], ref.labels[:bs][ok[:bs]])
             np.testing.assert_array_equal(res.exit_stage[ok[:bs]], ref.exit_stage[:bs][ok[:bs]])
     assert len(set(ref.exit_stage.tolist())) > 1
+    import onnx
+
+    ceil = []  # ceil_mode only where the cells do not tile the map (28: no; 14 and 7: yes)
+    for k in range(3):
+        graph = onnx.load(str(bundle.path / bundle.manifest.stages[k].file)).graph
+        pool = next(n for n in graph.node if n.op_type == "AveragePool")
+        ceil.append(next((a.i for a in pool.attribute if a.name == "ceil_mode"), 0))
+    assert ceil == [0, 1, 1]
     info = CliRunner().invoke(main, ["info", str(bundle.path)])
     assert info.exit_code == 0 and info.output.count("pool grid4") == 3
     back = dg.load(dg.save(net, tmp_path / "grid.pt"))

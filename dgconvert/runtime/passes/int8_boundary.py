@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dgconvert.core.contract import CONTRACT
-from dgconvert.runtime.passes.boundary_fusion import FusionError, NothingToFuse
+from dgconvert.runtime.passes.boundary_fusion import NCHWC, FusionError, NothingToFuse
 from dgconvert.runtime.passes.graph_edit import attr
 
 _TO_NCHW = [0, 3, 1, 2]
@@ -249,9 +249,29 @@ def _grid_cells(size: int, kernel: int, ceil_mode: int) -> list[tuple[int, int]]
     return [(i * kernel, min(size, (i + 1) * kernel)) for i in range(n)]
 
 
+def _cell_pool(graph: Any, dq: Any) -> list[Any] | None:
+    """The nodes pooling ``dq``'s output into grid cells: ``[AveragePool]``, or ORT's
+    blocked form ``[ReorderInput, AveragePool (NCHWc), ReorderOutput]``; None otherwise."""
+    users = _users(graph, dq.output[0])
+    if len(users) != 1:
+        return None
+    first = users[0]
+    if first.op_type == "AveragePool" and first.domain in ("", "ai.onnx"):
+        return [first]
+    if first.op_type != "ReorderInput" or first.domain != NCHWC or attr(first, "channels_last", 0):
+        return None
+    pools = _users(graph, first.output[0])
+    if len(pools) != 1 or pools[0].op_type != "AveragePool" or pools[0].domain != NCHWC:
+        return None
+    back = _users(graph, pools[0].output[0])
+    if len(back) != 1 or back[0].op_type != "ReorderOutput" or attr(back[0], "channels_last", 0):
+        return None
+    return [first, pools[0], back[0]]
+
+
 def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
     """Rewrite ``DequantizeLinear(features) -> AveragePool`` (a ``gridG`` gate pool: stride
-    = kernel, no pads), reading the features as they leave (NCHW or, behind a Transpose,
+    = kernel, no pads; plain or in ORT's blocked form, :func:`_cell_pool`), reading the features as they leave (NCHW or, behind a Transpose,
     channels-last), into an integer sum over each cell (``MatMulInteger`` with a 0/1 cell
     matrix: exact in int32) scaled by ``scale / cell size``; False when it has none."""
     from onnx import TensorProto, helper, numpy_helper
@@ -272,11 +292,9 @@ def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
     if len(dqs) != 1 or (q := _qparams(graph, dqs[0])) is None:
         return False
     dq, (scale, zp) = dqs[0], q
-    pools = _users(graph, dq.output[0])
-    if len(pools) != 1 or pools[0].op_type != "AveragePool" \
-            or dq.output[0] in {o.name for o in graph.output}:
+    if dq.output[0] in {o.name for o in graph.output} or (chain := _cell_pool(graph, dq)) is None:
         return False
-    pool = pools[0]
+    pool = next(n for n in chain if n.op_type == "AveragePool")
     kernel = [int(v) for v in attr(pool, "kernel_shape", [])]
     strides = [int(v) for v in attr(pool, "strides", kernel) or kernel]
     pads = [int(v) for v in attr(pool, "pads", []) or [0, 0, 0, 0]]
@@ -312,13 +330,13 @@ def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
         nodes.append(helper.make_node("Transpose", [p + "sum"], [p + "sum_t"], perm=[0, 2, 1]))
     nodes += [helper.make_node("Cast", [nodes[-1].output[0]], [p + "sumf"], to=TensorProto.FLOAT),
               helper.make_node("Mul", [p + "sumf", p + "scale"], [p + "mean"]),
-              helper.make_node("Reshape", [p + "mean", p + "grid_shape"], [pool.output[0]])]
+              helper.make_node("Reshape", [p + "mean", p + "grid_shape"], [chain[-1].output[0]])]
     at = list(graph.node).index(tr if tr is not None else dq)
-    for node in (n for n in (tr, dq, pool) if n is not None):
+    for node in (n for n in (tr, dq, *chain) if n is not None):
         graph.node.remove(node)
     for i, node in enumerate(nodes):
         graph.node.insert(at + i, node)
-    _forget_types(graph, dq.output[0], pool.output[0])
+    _forget_types(graph, dq.output[0], *(n.output[0] for n in chain))
     return True
 
 
