@@ -151,8 +151,8 @@ def fit_cmd(
     result = family("cut-backbone").fit(FitConfig(
         backbone=backbone, data=data, cuts=cut_list, **options, shares=shares,
         layout=None if layout == "auto" else layout, token_pool=token_pool,
-        pool=None if map_pool == "mean" else map_pool, check_accuracy=not allow_near_chance, l2=l2, epochs=epochs, batch_size=batch_size,
-        lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
+        pool=None if map_pool == "mean" else map_pool, check_accuracy=not allow_near_chance,
+        l2=l2, epochs=epochs, batch_size=batch_size, lr=lr, holdout=holdout, joint=joint, joint_epochs=joint_epochs, joint_lr=joint_lr,
         cost_weight=cost_weight, arch=arch_spec, trust_pickle=trust_pickle, seed=seed,
         normalization=parse_json_object(normalization, "--normalization"), progress=True,
     ))  # fmt: skip

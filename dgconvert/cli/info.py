@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dgconvert.cli.common import friendly_errors
+from dgconvert.core.gates import GRID_POOLS
 
 
 def describe_bundle(path: Path) -> str:
@@ -28,8 +29,8 @@ def describe_bundle(path: Path) -> str:
     ]
     for k, s in enumerate(m.stages):
         g = s.gate
-        pool = (g.extra.get("pool") if g else None) or "mean"
-        pooled = "" if pool in ("mean", "cls", "none") else f", pool {pool}"
+        pool = g.extra.get("pool") if g else None
+        pooled = f", pool {pool}" if pool in GRID_POOLS else ""
         gate = f"{g.type} (score {g.score}{pooled}, {g.flops} FLOPs)" if g else "final"
         thr = f"{b.thresholds[k]:.4g}" if k < b.num_gates else "-"
         lines.append(

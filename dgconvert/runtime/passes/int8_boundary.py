@@ -197,16 +197,50 @@ def keep_int8_boundaries(models: Sequence[Any]) -> Int8Stages:
     return Int8Stages(list(models), int8_in, int8_out)
 
 
+def _integer_pool(graph: Any, dq: Any, replaced: Sequence[Any], cells: np.ndarray,
+                  channels: int, channels_last: bool, out: str, out_shape: Sequence[int]) -> None:
+    """Replace ``replaced`` (``DequantizeLinear`` of the uint8 ``features`` and the pooling
+    after it) by the mean over each cell: ``MatMulInteger`` of the features against the 0/1
+    matrix ``cells`` ``[H*W, n]`` (the zero point subtracted by the op: exact in int32), cast
+    and scaled by ``scale / cell size``, reshaped to ``out_shape`` as ``out``. The features
+    are NCHW ``[M, C, H, W]`` or ``channels_last`` ``[M, H, W, C]``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    (scale, zp), (hw, n) = _qparams(graph, dq), cells.shape  # type: ignore[misc]
+    p = f"{dq.output[0]}/{'sum' if n == 1 else 'grid'}_pool/"
+    graph.initializer.extend([
+        numpy_helper.from_array((cells.T if channels_last else cells).astype(zp.dtype), p + "cells"),
+        numpy_helper.from_array(np.zeros((), zp.dtype), p + "zero"),
+        numpy_helper.from_array(np.array([0, hw, channels] if channels_last else [0, channels, hw],
+                                         np.int64), p + "rows"),
+        numpy_helper.from_array(np.array(out_shape, np.int64), p + "shape"),
+        numpy_helper.from_array((float(scale) / cells.sum(axis=0, dtype=np.float64))
+                                .astype(np.float32), p + "scale")])
+    mm = ([p + "cells", p + "rows_x", p + "zero", dq.input[2]] if channels_last
+          else [p + "rows_x", p + "cells", dq.input[2], p + "zero"])
+    nodes = [helper.make_node("Reshape", [CONTRACT.features, p + "rows"], [p + "rows_x"]),
+             helper.make_node("MatMulInteger", mm, [p + "sum"])]
+    if channels_last and n > 1:  # [M, cells, C] -> [M, C, cells]
+        nodes.append(helper.make_node("Transpose", [p + "sum"], [p + "sum_t"], perm=[0, 2, 1]))
+    nodes += [helper.make_node("Cast", [nodes[-1].output[0]], [p + "sumf"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", [p + "sumf", p + "scale"], [p + "mean"]),
+              helper.make_node("Reshape", [p + "mean", p + "shape"], [out])]
+    at = list(graph.node).index(replaced[0])
+    for node in replaced:
+        graph.node.remove(node)
+    for i, node in enumerate(nodes):
+        graph.node.insert(at + i, node)
+    _forget_types(graph, *(node.output[0] for node in replaced))
+
+
 def _sum_pool(graph: Any, shape: Sequence[int]) -> bool:
     """Rewrite ``DequantizeLinear(features) -> ReduceMean(space, keepdims=0)`` of one stage
     graph (``shape``: its contract features ``[M, C, H, W]``); False when it has none."""
-    from onnx import TensorProto, helper, numpy_helper
-
     dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"
            and n.input[0] == CONTRACT.features]
-    if len(dqs) != 1 or (q := _qparams(graph, dqs[0])) is None or len(shape) != 4:
+    if len(dqs) != 1 or _qparams(graph, dqs[0]) is None or len(shape) != 4:
         return False
-    dq, (scale, zp) = dqs[0], q
+    dq = dqs[0]
     means = _users(graph, dq.output[0])
     if len(means) != 1 or means[0].op_type != "ReduceMean" or len(means[0].input) != 2 \
             or attr(means[0], "keepdims", 1) != 0 or dq.output[0] in {o.name for o in graph.output}:
@@ -217,29 +251,8 @@ def _sum_pool(graph: Any, shape: Sequence[int]) -> bool:
     if spatial not in ([2, 3], [1, 2]):
         return False
     channels, hw = int(shape[1]), int(shape[2]) * int(shape[3])
-    nchw, p = spatial == [2, 3], f"{dq.output[0]}/sum_pool/"
-    ones = np.ones((hw, 1) if nchw else (1, hw), zp.dtype)
-    graph.initializer.extend([
-        numpy_helper.from_array(ones, p + "ones"),
-        numpy_helper.from_array(np.zeros((), zp.dtype), p + "zero"),
-        numpy_helper.from_array(np.array([0, channels, hw] if nchw else [0, hw, channels],
-                                         np.int64), p + "rows"),
-        numpy_helper.from_array(np.array([0, channels], np.int64), p + "pooled_shape"),
-        numpy_helper.from_array(np.array(float(scale) / hw, np.float32), p + "scale")])
-    # sum over space of (x - zero point), exact in int32, then * scale / (H * W)
-    mm = ([p + "rows_x", p + "ones", dq.input[2], p + "zero"] if nchw
-          else [p + "ones", p + "rows_x", p + "zero", dq.input[2]])
-    nodes = [helper.make_node("Reshape", [CONTRACT.features, p + "rows"], [p + "rows_x"]),
-             helper.make_node("MatMulInteger", mm, [p + "sum"]),
-             helper.make_node("Reshape", [p + "sum", p + "pooled_shape"], [p + "sum2"]),
-             helper.make_node("Cast", [p + "sum2"], [p + "sumf"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", [p + "sumf", p + "scale"], [mean.output[0]])]
-    at = list(graph.node).index(dq)
-    graph.node.remove(dq)
-    graph.node.remove(mean)
-    for i, node in enumerate(nodes):
-        graph.node.insert(at + i, node)
-    _forget_types(graph, dq.output[0])
+    _integer_pool(graph, dq, [dq, mean], np.ones((hw, 1)), channels, spatial == [1, 2],
+                  mean.output[0], [0, channels])
     return True
 
 
@@ -271,11 +284,9 @@ def _cell_pool(graph: Any, dq: Any) -> list[Any] | None:
 
 def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
     """Rewrite ``DequantizeLinear(features) -> AveragePool`` (a ``gridG`` gate pool: stride
-    = kernel, no pads; plain or in ORT's blocked form, :func:`_cell_pool`), reading the features as they leave (NCHW or, behind a Transpose,
-    channels-last), into an integer sum over each cell (``MatMulInteger`` with a 0/1 cell
-    matrix: exact in int32) scaled by ``scale / cell size``; False when it has none."""
-    from onnx import TensorProto, helper, numpy_helper
-
+    = kernel, no pads; plain or in ORT's blocked form, :func:`_cell_pool`), reading the
+    features as they leave (NCHW or, behind a Transpose, channels-last), into the integer
+    mean of each cell (:func:`_integer_pool`); False when it has none."""
     if len(shape) != 4:
         return False
     src, tr = CONTRACT.features, None
@@ -289,9 +300,9 @@ def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
         dqs = [n for n in _users(graph, tr.output[0]) if n.op_type == "DequantizeLinear"]
         if len(_users(graph, tr.output[0])) != 1:
             return False
-    if len(dqs) != 1 or (q := _qparams(graph, dqs[0])) is None:
+    if len(dqs) != 1 or _qparams(graph, dqs[0]) is None:
         return False
-    dq, (scale, zp) = dqs[0], q
+    dq = dqs[0]
     if dq.output[0] in {o.name for o in graph.output} or (chain := _cell_pool(graph, dq)) is None:
         return False
     pool = next(n for n in chain if n.op_type == "AveragePool")
@@ -304,39 +315,13 @@ def _grid_pool(graph: Any, shape: Sequence[int]) -> bool:
     ceil_mode = int(attr(pool, "ceil_mode", 0))
     channels, h, w = int(shape[1]), int(shape[2]), int(shape[3])
     rows, cols = _grid_cells(h, kernel[0], ceil_mode), _grid_cells(w, kernel[1], ceil_mode)
-    cells = np.zeros((h, w, len(rows) * len(cols)), zp.dtype)
-    size = np.zeros(len(rows) * len(cols), np.float32)
+    cells = np.zeros((h, w, len(rows), len(cols)))
     for i, (r0, r1) in enumerate(rows):
         for j, (c0, c1) in enumerate(cols):
-            cells[r0:r1, c0:c1, i * len(cols) + j] = 1
-            size[i * len(cols) + j] = (r1 - r0) * (c1 - c0)
-    n_cells, p = len(size), f"{dq.output[0]}/grid_pool/"
-    nchw = tr is None
-    matrix = cells.reshape(h * w, n_cells) if nchw else cells.reshape(h * w, n_cells).T.copy()
-    graph.initializer.extend([
-        numpy_helper.from_array(matrix, p + "cells"),
-        numpy_helper.from_array(np.zeros((), zp.dtype), p + "zero"),
-        numpy_helper.from_array(np.array([0, channels, h * w] if nchw else [0, h * w, channels],
-                                         np.int64), p + "rows"),
-        numpy_helper.from_array(np.array([0, channels, len(rows), len(cols)], np.int64),
-                                p + "grid_shape"),
-        numpy_helper.from_array((np.float32(scale) / size).astype(np.float32), p + "scale")])
-    # per cell, the sum of (x - zero point), exact in int32, then * scale / cell size
-    mm = ([p + "rows_x", p + "cells", dq.input[2], p + "zero"] if nchw
-          else [p + "cells", p + "rows_x", p + "zero", dq.input[2]])
-    nodes = [helper.make_node("Reshape", [src, p + "rows"], [p + "rows_x"]),
-             helper.make_node("MatMulInteger", mm, [p + "sum"])]
-    if not nchw:  # [M, cells, C] -> [M, C, cells]
-        nodes.append(helper.make_node("Transpose", [p + "sum"], [p + "sum_t"], perm=[0, 2, 1]))
-    nodes += [helper.make_node("Cast", [nodes[-1].output[0]], [p + "sumf"], to=TensorProto.FLOAT),
-              helper.make_node("Mul", [p + "sumf", p + "scale"], [p + "mean"]),
-              helper.make_node("Reshape", [p + "mean", p + "grid_shape"], [chain[-1].output[0]])]
-    at = list(graph.node).index(tr if tr is not None else dq)
-    for node in (n for n in (tr, dq, *chain) if n is not None):
-        graph.node.remove(node)
-    for i, node in enumerate(nodes):
-        graph.node.insert(at + i, node)
-    _forget_types(graph, dq.output[0], *(n.output[0] for n in chain))
+            cells[r0:r1, c0:c1, i, j] = 1
+    _integer_pool(graph, dq, [n for n in (tr, dq, *chain) if n is not None],
+                  cells.reshape(h * w, -1), channels, tr is not None, chain[-1].output[0],
+                  [0, channels, len(rows), len(cols)])
     return True
 
 
